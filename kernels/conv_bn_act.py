@@ -1,0 +1,253 @@
+"""Fused conv -> eval BatchNorm -> (+ residual) -> activation, as one Triton kernel.
+
+Formula (per output element, n, k = output channel, p/q = output row/col)::
+
+    z[n,k,p,q]  = sum_{c,r,s} x[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw] * w[k, c, r, s]
+    scale[k]    = gamma[k] / sqrt(var[k] + eps)                    (1 without BN)
+    shift[k]    = beta[k] + (bias[k] - mean[k]) * scale[k]         (bias without BN)
+    y[n,k,p,q]  = act(z * scale[k] + shift[k] + residual[n,k,p,q])
+
+Implicit GEMM: M = N*P*Q output pixels, N_gemm = K output channels,
+K_gemm = R*S*C, ordered (r, s) outer and c inner so that the input tile of
+one (r, s) step is a plain strided gather with a single boundary mask per
+row. Each program computes a BLOCK_M x BLOCK_N tile of y with fp32
+accumulation (`tl.dot`, tensor cores on sm_80+).
+
+Fusion: x and w are read (x once per output-channel tile), the BN vectors
+and the residual are read once in the epilogue, y is written once. The BN
+fold happens in the epilogue from the live BN buffers at every launch, so no
+folded copy of the weights exists that could go stale.
+
+Every tensor is addressed through its own strides, so NCHW, channels_last
+and arbitrary strided views (a sliced residual, say) are read correctly.
+Offsets are computed in int64 when any tensor spans 2**31 elements or more
+(`INT64`), else in int32.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Activation ids shared with resfuse.activations (one source of truth there:
+# ACTIVATIONS[name].triton_id). Adding one is a line here and a line there.
+ACT_IDENTITY, ACT_RELU, ACT_RELU6, ACT_SILU, ACT_GELU = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def _apply_activation(v, ACT: tl.constexpr):
+    # Comparisons are written so that NaN propagates as it does in eager.
+    if ACT == 1:
+        v = tl.where(v < 0.0, 0.0, v)
+    elif ACT == 2:
+        v = tl.where(v < 0.0, 0.0, tl.where(v > 6.0, 6.0, v))
+    elif ACT == 3:
+        v = v * tl.sigmoid(v)
+    elif ACT == 4:
+        v = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
+    return v
+
+
+def _configs():
+    """Autotune space. In interpreter mode a single config (the autotuner
+    needs a GPU driver to benchmark more than one)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        bm = int(os.environ.get("RESFUSE_INTERPRET_BLOCK_M", "32"))
+        bn = int(os.environ.get("RESFUSE_INTERPRET_BLOCK_N", "32"))
+        bk = int(os.environ.get("RESFUSE_INTERPRET_BLOCK_K", "16"))
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 4},
+                              num_warps=4, num_stages=1)]
+    cfgs = []
+    for bm, bn, bk, warps, stages in [
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 4, 4),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (64, 64, 32, 4, 4),
+        (64, 64, 64, 4, 3),
+        (128, 32, 32, 4, 4),
+        (64, 32, 32, 2, 5),
+        (32, 64, 32, 2, 5),
+    ]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                  num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles far larger than the problem (a 256-wide N tile for 64
+    output channels only burns registers)."""
+    M, K, C = named_args["M"], named_args["K"], named_args["C"]
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(K))
+            and c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(M))
+            and c.kwargs["BLOCK_K"] <= max(16, triton.next_power_of_2(C))]
+    return kept or configs[-1:]
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["M", "K", "C", "R", "S", "STRIDE_H", "STRIDE_W", "HAS_RES", "ACT"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
+@triton.jit
+def _conv_bn_act_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, res_ptr, y_ptr,
+    M, C, H, W, K, P, Q,
+    sx_n, sx_c, sx_h, sx_w,
+    sw_k, sw_c, sw_r, sw_s,
+    sr_n, sr_c, sr_h, sr_w,
+    sy_n, sy_c, sy_h, sy_w,
+    STRIDE_H, STRIDE_W, pad_h, pad_w, dil_h, dil_w,
+    eps,
+    R: tl.constexpr, S: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    INT64: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row tiles share the same weight columns
+    # while they are hot in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    group_id = pid // group_size
+    first_m = group_id * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_K)
+    if INT64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+    m_valid = offs_m < M
+    n_valid = offs_n < K
+
+    # Output pixel -> (image, row, col); done once per tile, not per K step.
+    pq = P * Q
+    img = offs_m // pq
+    rem = offs_m % pq
+    out_p = rem // Q
+    out_q = rem % Q
+    ih0 = out_p * STRIDE_H - pad_h
+    iw0 = out_q * STRIDE_W - pad_w
+    x_img = x_ptr + img * sx_n
+    w_col = w_ptr + offs_n * sw_k
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for rs in range(0, R * S):
+        r = rs // S
+        s = rs % S
+        ih = ih0 + r * dil_h
+        iw = iw0 + s * dil_w
+        row_ok = m_valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_row = x_img + ih * sx_h + iw * sx_w
+        w_rs = w_col + r * sw_r + s * sw_s
+        for c0 in range(0, C, BLOCK_K):
+            cc = c0 + offs_c
+            c_ok = cc < C
+            a = tl.load(x_row[:, None] + cc[None, :] * sx_c,
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(w_rs[None, :] + cc[:, None] * sw_c,
+                        mask=c_ok[:, None] & n_valid[None, :], other=0.0)
+            if DOT_IN_FP32:
+                # Interpreter only: its bf16 tl.dot multiplies raw bit
+                # patterns (triton-lang/triton#11584), so widen first.
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    # Epilogue: BN fold from live buffers, bias, residual, activation.
+    if HAS_BIAS:
+        shift = tl.load(bias_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+    else:
+        shift = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if HAS_BN:
+        mean = tl.load(mean_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+        var = tl.load(var_ptr + offs_n, mask=n_valid, other=1.0).to(tl.float32)
+        scale = 1.0 / tl.sqrt(var + eps)
+        if HAS_GAMMA:
+            scale = scale * tl.load(gamma_ptr + offs_n, mask=n_valid, other=1.0).to(tl.float32)
+        shift = (shift - mean) * scale
+        if HAS_BETA:
+            shift = shift + tl.load(beta_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+        out = acc * scale[None, :] + shift[None, :]
+    else:
+        out = acc + shift[None, :]
+
+    pix_ok = m_valid[:, None] & n_valid[None, :]
+    if HAS_RES:
+        res = tl.load(res_ptr + (img * sr_n + out_p * sr_h + out_q * sr_w)[:, None]
+                      + offs_n[None, :] * sr_c, mask=pix_ok, other=0.0)
+        out = out + res.to(tl.float32)
+    out = _apply_activation(out, ACT)
+    y_off = (img * sy_n + out_p * sy_h + out_q * sy_w)[:, None] + offs_n[None, :] * sy_c
+    tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=pix_ok)
+
+
+#: Number of times the launcher ran the kernel; tests read it to prove the
+#: Triton path ran rather than the eager fallback.
+LAUNCHES = 0
+
+
+def _span(t):
+    """Largest element offset reachable in t, plus one."""
+    if t is None or t.numel() == 0:
+        return 0
+    return 1 + sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride()))
+
+
+def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
+                    stride, padding, dilation, activation_id, out, *, allow_tf32,
+                    force_int64=False):
+    """Launch the fused kernel. Inputs are validated by resfuse.ops; this
+    computes strides, flags and the grid. `out` is a preallocated
+    (N, K, P, Q) tensor in the caller's chosen memory format."""
+    global LAUNCHES
+    N, C, H, W = x.shape
+    K, _, R, S = weight.shape
+    _, _, P, Q = out.shape
+    M = N * P * Q
+    if M == 0 or K == 0:
+        return out
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    int64 = force_int64 or max(_span(x), _span(weight), _span(residual), _span(out), M) >= 2**31
+    if x.dtype == torch.float32:
+        precision = "tf32" if (allow_tf32 and not interpret) else "ieee"
+    else:
+        precision = "ieee"  # ignored by tl.dot for 16-bit operands
+    has_bn = bn_mean is not None
+    dummy = x  # never dereferenced: its flag is off
+    rs = residual.stride() if residual is not None else (0, 0, 0, 0)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
+
+    _conv_bn_act_fwd_kernel[grid](
+        x, weight,
+        bias if bias is not None else dummy,
+        bn_mean if has_bn else dummy, bn_var if has_bn else dummy,
+        bn_weight if bn_weight is not None else dummy,
+        bn_bias if bn_bias is not None else dummy,
+        residual if residual is not None else dummy,
+        out,
+        M, C, H, W, K, P, Q,
+        *x.stride(), *weight.stride(), *rs, *out.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        float(eps),
+        R=R, S=S,
+        HAS_BIAS=bias is not None, HAS_BN=has_bn,
+        HAS_GAMMA=has_bn and bn_weight is not None, HAS_BETA=has_bn and bn_bias is not None,
+        HAS_RES=residual is not None, ACT=activation_id,
+        INT64=bool(int64), DOT_IN_FP32=interpret and x.dtype == torch.bfloat16,
+        INPUT_PRECISION=precision,
+    )
+    LAUNCHES += 1
+    return out

@@ -1,0 +1,22 @@
+"""resfuse: fused GPU kernels for convolutional networks.
+
+    import resfuse
+    fast = resfuse.convert(model)        # fuses conv -> BN -> (ReLU) runs
+    print(resfuse.explain(fast))         # what runs where, and why
+
+Importing resfuse needs neither a GPU, Triton nor the CUDA extension; the
+kernels are imported on first use.
+"""
+
+__version__ = "0.1.0"
+
+from . import ops  # noqa: F401  (registers torch.ops.resfuse.*)
+from . import nn  # noqa: F401
+from .convert import convert
+from .dispatch import BACKENDS, BackendUnavailable, last_decision
+from .explain import explain
+from .ops import conv_bn_act
+from .reference import conv_bn_act_reference
+
+__all__ = ["convert", "explain", "conv_bn_act", "conv_bn_act_reference", "nn", "ops",
+           "BACKENDS", "BackendUnavailable", "last_decision", "__version__"]

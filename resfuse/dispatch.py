@@ -1,0 +1,117 @@
+"""Backend selection: which implementation of an op runs, and why.
+
+Every op registers candidate implementations under the backend names
+``cuda``, ``triton`` and ``eager``. Each candidate answers "can I run this
+problem?" with a list of reasons it cannot (empty means yes). ``auto`` tries
+them in ``AUTO_ORDER`` and records the reasons of every candidate it passed
+over; an explicit backend that cannot run raises ``BackendUnavailable`` with
+its reasons. ``RESFUSE_BACKEND`` replaces ``auto`` when set.
+"""
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Tuple
+
+log = logging.getLogger("resfuse")
+
+AUTO_ORDER = ("cuda", "triton", "eager")
+BACKENDS = ("auto",) + AUTO_ORDER
+ENV_VAR = "RESFUSE_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run the given problem."""
+
+    def __init__(self, op: str, backend: str, reasons: List[str]):
+        self.op, self.backend, self.reasons = op, backend, list(reasons)
+        super().__init__(f"resfuse: backend {backend!r} cannot run {op}: " + "; ".join(reasons))
+
+
+@dataclass
+class Decision:
+    """What ran for one call: the backend, what was asked for, and for each
+    candidate passed over, why."""
+    op: str
+    backend: str
+    requested: str
+    skipped: Dict[str, List[str]] = field(default_factory=dict)
+
+    @property
+    def fell_back(self) -> bool:
+        return self.requested == "auto" and bool(self.skipped)
+
+    def reason(self) -> str:
+        return "; ".join(f"{b}: {', '.join(r)}" for b, r in self.skipped.items())
+
+
+Check = Callable[[object], List[str]]
+Run = Callable[[object], object]
+_REGISTRY: Dict[str, Dict[str, Tuple[Check, Run]]] = {}
+_last = threading.local()
+_logged = set()
+
+
+def register(op: str, backend: str, check: Check, run: Run) -> None:
+    if backend not in AUTO_ORDER:
+        raise ValueError(f"backend must be one of {AUTO_ORDER}, got {backend!r}")
+    _REGISTRY.setdefault(op, {})[backend] = (check, run)
+
+
+def validate_backend(backend: str, argname: str = "backend") -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{argname} must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def effective_backend(backend: str) -> str:
+    """``auto`` unless the caller or RESFUSE_BACKEND names one."""
+    validate_backend(backend)
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env:
+            return validate_backend(env, argname=f"${ENV_VAR}")
+    return backend
+
+
+def plan(op: str, backend: str, problem) -> Tuple[Decision, Run]:
+    """Pick the implementation of `op` for `problem` without running it."""
+    impls = _REGISTRY[op]
+    requested = effective_backend(backend)
+    if requested != "auto":
+        if requested not in impls:
+            raise BackendUnavailable(op, requested, [f"no {requested} implementation of {op}"])
+        check, run = impls[requested]
+        reasons = check(problem)
+        if reasons:
+            raise BackendUnavailable(op, requested, reasons)
+        return Decision(op, requested, requested), run
+    skipped = {}
+    for name in AUTO_ORDER:
+        if name not in impls:
+            skipped[name] = [f"no {name} implementation of {op}"]
+            continue
+        check, run = impls[name]
+        reasons = check(problem)
+        if not reasons:
+            decision = Decision(op, name, "auto", skipped)
+            if skipped:
+                key = (op, name, decision.reason())
+                if key not in _logged:
+                    _logged.add(key)
+                    log.info("resfuse: %s runs on %s (%s)", op, name, decision.reason())
+            return decision, run
+        skipped[name] = reasons
+    raise BackendUnavailable(op, "auto", [f"{b}: {', '.join(r)}" for b, r in skipped.items()])
+
+
+def run(op: str, backend: str, problem):
+    decision, impl = plan(op, backend, problem)
+    _last.decision = decision
+    return impl(problem)
+
+
+def last_decision():
+    """The Decision of the most recent op call on this thread (None before any)."""
+    return getattr(_last, "decision", None)

@@ -1,0 +1,411 @@
+"""The op ``torch.ops.resfuse.conv_bn_act``: schema, validation, dispatch,
+fake kernel and autograd.
+
+    y = act(conv(x, W, b) * s + beta - mean * s [+ residual]),  s = gamma / sqrt(var + eps)
+
+i.e. Conv2d -> BatchNorm2d (eval, running statistics) -> (+ residual) ->
+activation. Without BN (``bn_mean is None``) it is conv + bias (+ residual)
+-> activation. The BN fold is computed from the live BN tensors at every
+call (in the Triton kernel's epilogue, or as per-channel vectors on the
+eager path), so there is no folded copy of the weights that could go stale.
+
+Implementations (see ``resfuse.dispatch``): ``triton`` (kernels/
+conv_bn_act.py), ``cuda`` (resfuse._C, when built with a kernel for it) and
+``eager`` (plain PyTorch, any dtype/groups/device).
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import dispatch
+from ._backends import conv_allows_tf32, cuda_reasons, kernels_module, triton_reasons
+from .activations import ACTIVATIONS, get_activation
+
+OP = "conv_bn_act"
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------
+# Validation (shared by the real and the fake kernel)
+# ----------------------------------------------------------------------------
+
+def _pair(value, name: str) -> List[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value, value]
+    try:
+        vals = [int(v) for v in value]
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    if len(vals) == 1:
+        return vals * 2
+    if len(vals) != 2:
+        raise ValueError(f"{name} must have 2 elements (height, width), got {list(value)}")
+    return vals
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The output follows the input: channels_last in, channels_last out."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@dataclass
+class ConvBNActProblem:
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    bn_mean: Optional[torch.Tensor]
+    bn_var: Optional[torch.Tensor]
+    bn_weight: Optional[torch.Tensor]
+    bn_bias: Optional[torch.Tensor]
+    eps: float
+    residual: Optional[torch.Tensor]
+    stride: List[int]
+    padding: List[int]
+    dilation: List[int]
+    groups: int
+    activation: str
+    out_shape: Tuple[int, int, int, int]
+
+    # What the backends' checks read; a ProblemSignature has the same three.
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+
+@dataclass
+class ProblemSignature:
+    """Enough of a problem to ask the backends whether they would run it
+    (used by ``explain`` before any input is seen)."""
+    device: torch.device
+    dtype: torch.dtype
+    groups: int
+
+
+def _check_tensor(t, name, *, dims, device, dtype=None, shape=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}; all tensors must be on one device")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but x has {dtype}; they must match")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
+                 stride, padding, dilation, groups, activation) -> ConvBNActProblem:
+    """Validate every argument; raise a clear error naming the bad one."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    dev = x.device
+    _check_tensor(weight, "weight", dims=4, device=dev, dtype=x.dtype)
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if min(stride) < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if min(dilation) < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    if min(padding) < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    N, C, H, W = x.shape
+    K, Cg, R, S = weight.shape
+    if Cg * groups != C:
+        raise ValueError(f"x has {C} channels but weight of shape {tuple(weight.shape)} with groups={groups} "
+                         f"expects {Cg * groups}")
+    if K % groups != 0:
+        raise ValueError(f"weight has {K} output channels, not divisible by groups={groups}")
+    if bias is not None:
+        _check_tensor(bias, "bias", dims=1, device=dev, dtype=x.dtype, shape=(K,))
+    if (bn_mean is None) != (bn_var is None):
+        raise ValueError("bn_mean and bn_var must be given together (both or neither)")
+    if bn_mean is None and (bn_weight is not None or bn_bias is not None):
+        raise ValueError("bn_weight/bn_bias given without bn_mean/bn_var")
+    for t, name in ((bn_mean, "bn_mean"), (bn_var, "bn_var"), (bn_weight, "bn_weight"), (bn_bias, "bn_bias")):
+        if t is not None:
+            _check_tensor(t, name, dims=1, device=dev, shape=(K,))
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    get_activation(activation)
+    hp, wp = H + 2 * padding[0], W + 2 * padding[1]
+    rd, sd = dilation[0] * (R - 1) + 1, dilation[1] * (S - 1) + 1
+    if hp < rd or wp < sd:
+        raise ValueError(f"x of spatial size {H}x{W} (padded to {hp}x{wp}) is smaller than the "
+                         f"kernel {R}x{S} dilated to {rd}x{sd}")
+    P, Q = (hp - rd) // stride[0] + 1, (wp - sd) // stride[1] + 1
+    out_shape = (N, K, P, Q)
+    if residual is not None:
+        _check_tensor(residual, "residual", dims=4, device=dev, dtype=x.dtype, shape=out_shape)
+    return ConvBNActProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual,
+                            stride, padding, dilation, groups, activation, out_shape)
+
+
+# ----------------------------------------------------------------------------
+# BN fold as per-channel vectors (eager path and backward)
+# ----------------------------------------------------------------------------
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def fold_bn(bias, bn_mean, bn_var, bn_weight, bn_bias, eps, out_channels, dtype, device):
+    """Per-channel (scale, shift) with ``BN(conv(x) + bias) = conv(x) * scale + shift``.
+    scale is None without BN."""
+    b = bias.to(dtype) if bias is not None else None
+    if bn_mean is None:
+        shift = b if b is not None else torch.zeros(out_channels, dtype=dtype, device=device)
+        return None, shift
+    scale = torch.rsqrt(bn_var.to(dtype) + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.to(dtype)
+    centered = -bn_mean.to(dtype) if b is None else b - bn_mean.to(dtype)
+    shift = centered * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(dtype)
+    return scale, shift
+
+
+def _pre_activation(p: ConvBNActProblem, x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual):
+    """u = conv(x, W) * scale + shift (+ residual), in the accumulation dtype."""
+    acc = acc_dtype(x.dtype)
+    z = F.conv2d(x, weight, None, p.stride, p.padding, p.dilation, p.groups).to(acc)
+    scale, shift = fold_bn(bias, bn_mean, bn_var, bn_weight, bn_bias, p.eps, weight.shape[0], acc, x.device)
+    u = z * scale.view(1, -1, 1, 1) if scale is not None else z
+    u = u + shift.view(1, -1, 1, 1)
+    if residual is not None:
+        u = u + residual.to(acc)
+    return z, u
+
+
+def _eager_run(p: ConvBNActProblem) -> torch.Tensor:
+    _, u = _pre_activation(p, p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.residual)
+    y = get_activation(p.activation).eager(u).to(p.x.dtype)
+    return y.contiguous(memory_format=output_memory_format(p.x))
+
+
+def _triton_check(p: ConvBNActProblem) -> List[str]:
+    reasons = triton_reasons(p.device, p.dtype)
+    if p.groups != 1:
+        reasons.append(f"groups={p.groups}: the Triton kernel implements groups=1 only")
+    return reasons
+
+
+def _triton_run(p: ConvBNActProblem) -> torch.Tensor:
+    kern = kernels_module("conv_bn_act")
+    out = torch.empty(p.out_shape, dtype=p.x.dtype, device=p.x.device,
+                      memory_format=output_memory_format(p.x))
+    args = (p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps, p.residual,
+            p.stride, p.padding, p.dilation, ACTIVATIONS[p.activation].triton_id, out)
+    if p.x.device.type == "cuda":
+        with torch.cuda.device(p.x.device):
+            return kern.conv_bn_act_fwd(*args, allow_tf32=conv_allows_tf32())
+    return kern.conv_bn_act_fwd(*args, allow_tf32=False)
+
+
+def _cuda_check(p: ConvBNActProblem) -> List[str]:
+    return cuda_reasons(OP, p.device)
+
+
+def _cuda_run(p: ConvBNActProblem) -> torch.Tensor:
+    from ._backends import cuda_extension
+    mod, _ = cuda_extension()
+    out = torch.empty(p.out_shape, dtype=p.x.dtype, device=p.x.device,
+                      memory_format=output_memory_format(p.x))
+    return getattr(mod, OP)(p, out)
+
+
+dispatch.register(OP, "eager", lambda p: [], _eager_run)
+dispatch.register(OP, "triton", _triton_check, _triton_run)
+dispatch.register(OP, "cuda", _cuda_check, _cuda_run)
+
+
+# ----------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------
+
+@torch.library.custom_op("resfuse::conv_bn_act", mutates_args=())
+def _conv_bn_act_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    bn_mean: Optional[torch.Tensor],
+    bn_var: Optional[torch.Tensor],
+    bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor],
+    eps: float,
+    residual: Optional[torch.Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    activation: str,
+    backend: str,
+) -> torch.Tensor:
+    p = make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
+                     stride, padding, dilation, groups, activation)
+    return dispatch.run(OP, backend, p)
+
+
+@_conv_bn_act_op.register_fake
+def _conv_bn_act_fake(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
+                      stride, padding, dilation, groups, activation, backend):
+    p = make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
+                     stride, padding, dilation, groups, activation)
+    dispatch.validate_backend(backend)
+    return torch.empty(p.out_shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+_TENSOR_ARGS = ("x", "weight", "bias", "bn_mean", "bn_var", "bn_weight", "bn_bias", "residual")
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
+     stride, padding, dilation, groups, activation, backend) = inputs
+    ctx.save_for_backward(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual)
+    ctx.conf = (eps, list(stride), list(padding), list(dilation), groups, activation)
+
+
+def _activation_grad(name: str, u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    if name == "identity":
+        return g
+    if name == "relu":
+        return g * (u > 0)
+    if name == "relu6":
+        return g * ((u > 0) & (u < 6))
+    if name == "silu":
+        sig = torch.sigmoid(u)
+        return g * sig * (1 + u * (1 - sig))
+    if name == "gelu":
+        cdf = 0.5 * (1 + torch.erf(u * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * u * u) * 0.3989422804014327
+        return g * (cdf + u * pdf)
+    raise ValueError(f"no gradient for activation {name!r}")
+
+
+def _backward(ctx, grad):
+    """Explicit derivatives, eager (training kernels are a later step).
+    u = z*s + beta + (b - mean)*s + res, z = conv(x, W), s = gamma*rsqrt(var+eps)."""
+    x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual = ctx.saved_tensors
+    eps, stride, padding, dilation, groups, activation = ctx.conf
+    need = dict(zip(("x", "weight", "bias", "bn_mean", "bn_var", "bn_weight", "bn_bias", "eps",
+                     "residual"), ctx.needs_input_grad[:9]))
+    p = ConvBNActProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
+                         stride, padding, dilation, groups, activation, tuple(grad.shape))
+    acc = acc_dtype(x.dtype)
+    z, u = _pre_activation(p, x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual)
+    gu = _activation_grad(activation, u, grad.to(acc))
+    scale, _ = fold_bn(bias, bn_mean, bn_var, bn_weight, bn_bias, eps, weight.shape[0], acc, x.device)
+    gz = gu * scale.view(1, -1, 1, 1) if scale is not None else gu
+    gx = gw = None
+    if need["x"] or need["weight"]:
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            gz.to(x.dtype), x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [need["x"], need["weight"], False])
+    sum_gu = gu.sum(dim=(0, 2, 3))
+    out = dict.fromkeys(_TENSOR_ARGS)
+    out["x"], out["weight"] = gx, gw
+    if need["residual"]:
+        out["residual"] = gu.to(residual.dtype)
+    if bn_mean is None:
+        if need["bias"]:
+            out["bias"] = sum_gu.to(bias.dtype)
+    else:
+        rstd = torch.rsqrt(bn_var.to(acc) + eps)
+        gamma = bn_weight.to(acc) if bn_weight is not None else torch.ones_like(rstd)
+        s = gamma * rstd
+        if need["bias"]:
+            out["bias"] = (sum_gu * s).to(bias.dtype)
+        if need["bn_bias"]:
+            out["bn_bias"] = sum_gu.to(bn_bias.dtype)
+        if need["bn_mean"]:
+            out["bn_mean"] = (-sum_gu * s).to(bn_mean.dtype)
+        if need["bn_weight"] or need["bn_var"]:
+            centered = z - bn_mean.to(acc).view(1, -1, 1, 1)
+            if bias is not None:
+                centered = centered + bias.to(acc).view(1, -1, 1, 1)
+            gs = (gu * centered).sum(dim=(0, 2, 3))
+            if need["bn_weight"]:
+                out["bn_weight"] = (gs * rstd).to(bn_weight.dtype)
+            if need["bn_var"]:
+                out["bn_var"] = (gs * gamma * -0.5 * rstd ** 3).to(bn_var.dtype)
+    return (out["x"], out["weight"], out["bias"], out["bn_mean"], out["bn_var"], out["bn_weight"],
+            out["bn_bias"], None, out["residual"], None, None, None, None, None, None)
+
+
+_conv_bn_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------
+# Python entry point
+# ----------------------------------------------------------------------------
+
+PaddingArg = Union[int, Sequence[int], str]
+
+
+def resolve_padding(padding: PaddingArg, kernel_size: Sequence[int], dilation: Sequence[int]) -> List[int]:
+    """Conv2d's padding, including the strings 'valid' and 'same' (the latter
+    only where it is symmetric, as the kernel pads both sides equally)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0, 0]
+        if padding == "same":
+            total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+            if any(t % 2 for t in total):
+                raise ValueError(f"padding='same' with kernel {tuple(kernel_size)} and dilation "
+                                 f"{tuple(dilation)} pads asymmetrically, which conv_bn_act does not")
+            return [t // 2 for t in total]
+        raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+    return _pair(padding, "padding")
+
+
+def conv_bn_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    bn_mean: Optional[torch.Tensor] = None,
+    bn_var: Optional[torch.Tensor] = None,
+    bn_weight: Optional[torch.Tensor] = None,
+    bn_bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    residual: Optional[torch.Tensor] = None,
+    stride=1,
+    padding: PaddingArg = 0,
+    dilation=1,
+    groups: int = 1,
+    activation: str = "identity",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``act(BN_eval(conv2d(x, weight, bias)) [+ residual])`` in one kernel.
+
+    Arguments mirror ``F.conv2d`` and ``F.batch_norm`` (running statistics);
+    stride/padding/dilation take an int or a pair, padding also 'valid' or
+    'same'. ``activation`` is one of ``resfuse.activations.ACTIVATIONS``.
+    ``backend`` is 'auto', 'triton', 'cuda' or 'eager'.
+    """
+    dispatch.validate_backend(backend)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError(f"weight must be a 4-D tensor (K, C/groups, R, S), got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    dilation = _pair(dilation, "dilation")
+    padding = resolve_padding(padding, weight.shape[2:], dilation)
+    return torch.ops.resfuse.conv_bn_act(
+        x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual,
+        _pair(stride, "stride"), padding, dilation, int(groups), activation, backend)

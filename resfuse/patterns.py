@@ -1,0 +1,117 @@
+"""Which modules can fuse, recognised by structure, with the reason when not.
+
+Shared by ``convert`` (what to rewrite), ``resfuse.nn`` (what to run fused)
+and ``explain`` (why something is not fused).
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from .activations import activation_of_module
+
+
+def conv_reason(conv: nn.Module) -> Optional[str]:
+    """Why this Conv2d cannot be the head of a fused group (None: it can)."""
+    if not isinstance(conv, nn.Conv2d):
+        return f"{type(conv).__name__} is not an nn.Conv2d"
+    if type(conv).forward is not nn.Conv2d.forward or type(conv)._conv_forward is not nn.Conv2d._conv_forward:
+        return f"{type(conv).__name__} overrides Conv2d.forward; its semantics are unknown"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (only 'zeros' fuses)"
+    if isinstance(conv.padding, str) and conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            return "padding='same' is asymmetric for this kernel/dilation"
+    return None
+
+
+def is_frozen_batchnorm(m: nn.Module) -> bool:
+    """torchvision.ops.FrozenBatchNorm2d and look-alikes: fixed affine BN
+    whose statistics and parameters are all buffers."""
+    return (type(m).__name__ == "FrozenBatchNorm2d"
+            and all(isinstance(getattr(m, b, None), torch.Tensor)
+                    for b in ("weight", "bias", "running_mean", "running_var"))
+            and hasattr(m, "eps"))
+
+
+def bn_reason(bn: Optional[nn.Module], conv: nn.Conv2d) -> Optional[str]:
+    """Why `bn` cannot be folded after `conv` (None: it can, in eval mode)."""
+    if bn is None:
+        return "no BatchNorm2d follows it"
+    if is_frozen_batchnorm(bn):
+        n = bn.weight.shape[0]
+    elif isinstance(bn, nn.BatchNorm2d):
+        if type(bn).forward is not nn.BatchNorm2d.forward:
+            return f"{type(bn).__name__} overrides BatchNorm2d.forward"
+        if not bn.track_running_stats or bn.running_mean is None:
+            return "BatchNorm2d without running statistics normalizes with batch statistics"
+        n = bn.num_features
+    else:
+        return f"followed by {type(bn).__name__}, not BatchNorm2d"
+    if n != conv.out_channels:
+        return f"BatchNorm has {n} features but the conv has {conv.out_channels} output channels"
+    return None
+
+
+def bn_uses_running_stats(bn: nn.Module) -> bool:
+    """True when this BN, as it is now, computes the eval-mode formula."""
+    return is_frozen_batchnorm(bn) or not bn.training
+
+
+def bn_tensors(bn: nn.Module):
+    """(running_mean, running_var, weight, bias, eps) of a foldable BN."""
+    return bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps)
+
+
+@dataclass(frozen=True)
+class FusedGroup:
+    """A Conv2d -> BN (-> activation) run inside a Sequential, by child name."""
+    conv: str
+    bn: str
+    act: Optional[str]
+    activation: str
+
+    @property
+    def kind(self) -> str:
+        return "conv+bn" + ("" if self.activation == "identity" and self.act is None
+                            else f"+{self.activation}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a Sequential runs: fused groups and single modules, in order."""
+    steps: tuple  # of FusedGroup | str (a child name run as is)
+    unfused: Dict[str, str]  # conv child name -> why it is not fused
+
+
+def plan_sequential(seq: nn.Sequential) -> Plan:
+    names: List[str] = list(seq._modules.keys())
+    mods = [seq._modules[n] for n in names]
+    steps, unfused = [], {}
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        if isinstance(m, nn.Conv2d):
+            why = conv_reason(m) or bn_reason(mods[i + 1] if i + 1 < len(mods) else None, m)
+            if why is None:
+                act_mod = mods[i + 2] if i + 2 < len(mods) else None
+                act = activation_of_module(act_mod) if act_mod is not None else None
+                if act_mod is not None and act is not None:
+                    steps.append(FusedGroup(names[i], names[i + 1], names[i + 2], act))
+                    i += 3
+                else:
+                    steps.append(FusedGroup(names[i], names[i + 1], None, "identity"))
+                    i += 2
+                continue
+            unfused[names[i]] = why
+        steps.append(names[i])
+        i += 1
+    return Plan(tuple(steps), unfused)
+
+
+def is_plain_sequential(m: nn.Module) -> bool:
+    """An nn.Sequential whose forward is Sequential's own."""
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward

@@ -1,0 +1,40 @@
+"""Test setup: Triton's interpreter on machines without a GPU, the `gpu`
+marker, and the `device` fixture every kernel test is parametrized over."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must happen before Triton is imported anywhere.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped, visibly, where none exists)")
+    config.addinivalue_line("markers", "slow: whole-model interpreter runs (minutes on CPU)")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="no CUDA device on this machine")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(skip_gpu)
+
+
+def _device_params():
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=_device_params())
+def device(request):
+    """Where the Triton kernels run: CPU tensors through the interpreter
+    (no-GPU machines), CUDA tensors on a GPU."""
+    if request.param == "cpu" and not INTERPRET:
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1; this machine tests the kernels on cuda")
+    return torch.device(request.param)
