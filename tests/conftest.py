@@ -9,6 +9,9 @@ if not torch.cuda.is_available():
     # Must happen before Triton is imported anywhere.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Kernel outputs start as NaN: an element a kernel does not write fails.
+os.environ["RESFUSE_POISON_OUTPUTS"] = "1"
+
 import pytest  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
