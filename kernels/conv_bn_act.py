@@ -49,15 +49,33 @@ def _apply_activation(v, ACT: tl.constexpr):
     return v
 
 
+@triton.jit
+def _bn_scale_shift(bias_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_n, n_valid, eps,
+                    HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                    HAS_BETA: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per-channel (scale, shift) with BN(conv + bias) = conv * scale + shift,
+    from the live BN vectors (scale = 1 without BN)."""
+    if HAS_BIAS:
+        shift = tl.load(bias_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+    else:
+        shift = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if HAS_BN:
+        mean = tl.load(mean_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+        var = tl.load(var_ptr + offs_n, mask=n_valid, other=1.0).to(tl.float32)
+        scale = 1.0 / tl.sqrt(var + eps)
+        if HAS_GAMMA:
+            scale = scale * tl.load(gamma_ptr + offs_n, mask=n_valid, other=1.0).to(tl.float32)
+        shift = (shift - mean) * scale
+        if HAS_BETA:
+            shift = shift + tl.load(beta_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+    else:
+        scale = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
+    return scale, shift
+
+
 def _configs():
-    """Autotune space. In interpreter mode a single config (the autotuner
-    needs a GPU driver to benchmark more than one)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        bm = int(os.environ.get("RESFUSE_INTERPRET_BLOCK_M", "32"))
-        bn = int(os.environ.get("RESFUSE_INTERPRET_BLOCK_N", "32"))
-        bk = int(os.environ.get("RESFUSE_INTERPRET_BLOCK_K", "16"))
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 4},
-                              num_warps=4, num_stages=1)]
+    """Autotune space for GPUs (the interpreter bypasses the autotuner:
+    it needs a driver to benchmark, see _interpreter_blocks)."""
     cfgs = []
     for bm, bn, bk, warps, stages in [
         (128, 128, 64, 8, 3),
@@ -88,15 +106,33 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-@triton.autotune(
+def _interpreter_blocks(C, K):
+    """Tile sizes under TRITON_INTERPRET=1: small tiles for small channel
+    counts (so tests cross tile boundaries), 64-wide for wide layers (the
+    interpreter's cost is per tl op, so fewer, larger steps run whole
+    models several times faster). RESFUSE_INTERPRET_BLOCKS="M,N,K" overrides."""
+    env = os.environ.get("RESFUSE_INTERPRET_BLOCKS")
+    if env:
+        bm, bn, bk = (int(v) for v in env.split(","))
+        return bm, bn, bk
+    bk = 16 if C <= 16 else 32 if C <= 64 else 64
+    bn = 32 if K <= 32 else 64
+    return 32, bn, bk
+
+
+_AUTOTUNE = dict(
     configs=_configs(),
-    key=["M", "K", "C", "R", "S", "STRIDE_H", "STRIDE_W", "HAS_RES", "ACT"],
+    key=["M", "K", "C", "R", "S", "STRIDE_H", "STRIDE_W", "HAS_RES", "ACT", "HAS_PROJ", "CS"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
+
+
 @triton.jit
 def _conv_bn_act_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, res_ptr, y_ptr,
-    M, C, H, W, K, P, Q,
+    xs_ptr, wd_ptr, bias_d_ptr, mean_d_ptr, var_d_ptr, gamma_d_ptr, beta_d_ptr,
+    M, C, H, W, K, P, Q, CS,
+    sxs_n, sxs_c, sxs_h, sxs_w, swd_k, swd_c, SC_STRIDE_H, SC_STRIDE_W, eps_d,
     sx_n, sx_c, sx_h, sx_w,
     sw_k, sw_c, sw_r, sw_s,
     sr_n, sr_c, sr_h, sr_w,
@@ -106,6 +142,8 @@ def _conv_bn_act_fwd_kernel(
     R: tl.constexpr, S: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    HAS_PROJ: tl.constexpr, HAS_PROJ_BIAS: tl.constexpr, HAS_PROJ_GAMMA: tl.constexpr,
+    HAS_PROJ_BETA: tl.constexpr,
     INT64: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -127,6 +165,8 @@ def _conv_bn_act_fwd_kernel(
     if INT64:
         offs_m = offs_m.to(tl.int64)
         offs_n = offs_n.to(tl.int64)
+        # c * stride_c reaches C * H * W in NCHW: it must be 64-bit too.
+        offs_c = offs_c.to(tl.int64)
     m_valid = offs_m < M
     n_valid = offs_n < K
 
@@ -164,23 +204,33 @@ def _conv_bn_act_fwd_kernel(
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    # Epilogue: BN fold from live buffers, bias, residual, activation.
-    if HAS_BIAS:
-        shift = tl.load(bias_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)
-    else:
-        shift = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if HAS_BN:
-        mean = tl.load(mean_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)
-        var = tl.load(var_ptr + offs_n, mask=n_valid, other=1.0).to(tl.float32)
-        scale = 1.0 / tl.sqrt(var + eps)
-        if HAS_GAMMA:
-            scale = scale * tl.load(gamma_ptr + offs_n, mask=n_valid, other=1.0).to(tl.float32)
-        shift = (shift - mean) * scale
-        if HAS_BETA:
-            shift = shift + tl.load(beta_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)
-        out = acc * scale[None, :] + shift[None, :]
-    else:
-        out = acc + shift[None, :]
+    # Epilogue: BN fold from live buffers, bias.
+    scale, shift = _bn_scale_shift(bias_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_n, n_valid, eps,
+                                   HAS_BIAS, HAS_BN, HAS_GAMMA, HAS_BETA, BLOCK_N)
+    out = acc * scale[None, :] + shift[None, :]
+
+    if HAS_PROJ:
+        # Projection shortcut BN_d(conv1x1_d(xs, stride)) as a second
+        # accumulation into the same tile (K-concatenation): its weight tile
+        # is scaled by BN_d's scale in registers, so its output never
+        # exists in memory and no folded weight is stored anywhere.
+        scale_d, shift_d = _bn_scale_shift(bias_d_ptr, mean_d_ptr, var_d_ptr, gamma_d_ptr, beta_d_ptr,
+                                           offs_n, n_valid, eps_d, HAS_PROJ_BIAS, True, HAS_PROJ_GAMMA,
+                                           HAS_PROJ_BETA, BLOCK_N)
+        xs_row = xs_ptr + img * sxs_n + (out_p * SC_STRIDE_H) * sxs_h + (out_q * SC_STRIDE_W) * sxs_w
+        wd_col = wd_ptr + offs_n * swd_k
+        for c0 in range(0, CS, BLOCK_K):
+            cc = c0 + offs_c
+            c_ok = cc < CS
+            a = tl.load(xs_row[:, None] + cc[None, :] * sxs_c, mask=m_valid[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(wd_col[None, :] + cc[:, None] * swd_c, mask=c_ok[:, None] & n_valid[None, :], other=0.0)
+            b = b.to(tl.float32) * scale_d[None, :]
+            if DOT_IN_FP32:
+                a = a.to(tl.float32)
+            else:
+                b = b.to(a.dtype)
+            out = tl.dot(a, b, out, input_precision=INPUT_PRECISION)
+        out = out + shift_d[None, :]
 
     pix_ok = m_valid[:, None] & n_valid[None, :]
     if HAS_RES:
@@ -191,6 +241,8 @@ def _conv_bn_act_fwd_kernel(
     y_off = (img * sy_n + out_p * sy_h + out_q * sy_w)[:, None] + offs_n[None, :] * sy_c
     tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=pix_ok)
 
+
+_conv_bn_act_fwd_tuned = triton.autotune(**_AUTOTUNE)(_conv_bn_act_fwd_kernel)
 
 #: Number of times the launcher ran the kernel; tests read it to prove the
 #: Triton path ran rather than the eager fallback.
@@ -206,10 +258,14 @@ def _span(t):
 
 def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
                     stride, padding, dilation, activation_id, out, *, allow_tf32,
-                    force_int64=False):
+                    projection=None, force_int64=False):
     """Launch the fused kernel. Inputs are validated by resfuse.ops; this
     computes strides, flags and the grid. `out` is a preallocated
-    (N, K, P, Q) tensor in the caller's chosen memory format."""
+    (N, K, P, Q) tensor in the caller's chosen memory format.
+
+    projection: None, or (xs, wd, bias_d, mean_d, var_d, gamma_d, beta_d,
+    eps_d, (sh, sw)) for a 1x1 conv + BN shortcut over xs (N, CS, HS, WS)
+    with stride (sh, sw), added before the activation."""
     global LAUNCHES
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
@@ -218,19 +274,44 @@ def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, r
     if M == 0 or K == 0:
         return out
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    int64 = force_int64 or max(_span(x), _span(weight), _span(residual), _span(out), M) >= 2**31
     if x.dtype == torch.float32:
         precision = "tf32" if (allow_tf32 and not interpret) else "ieee"
     else:
         precision = "ieee"  # ignored by tl.dot for 16-bit operands
+    # The kernel reads the per-channel vectors at unit stride; a strided view
+    # (a slice of a larger buffer) must be packed first. K elements: free.
+    bias, bn_mean, bn_var, bn_weight, bn_bias = (
+        None if v is None else v.contiguous() for v in (bias, bn_mean, bn_var, bn_weight, bn_bias))
     has_bn = bn_mean is not None
     dummy = x  # never dereferenced: its flag is off
     rs = residual.stride() if residual is not None else (0, 0, 0, 0)
+    if projection is not None:
+        xs, wd, bias_d, mean_d, var_d, gamma_d, beta_d, eps_d, sc_stride = projection
+        bias_d, mean_d, var_d, gamma_d, beta_d = (
+            None if v is None else v.contiguous() for v in (bias_d, mean_d, var_d, gamma_d, beta_d))
+        CS = xs.shape[1]
+        proj_ptrs = (xs, wd, bias_d if bias_d is not None else dummy, mean_d, var_d,
+                     gamma_d if gamma_d is not None else dummy, beta_d if beta_d is not None else dummy)
+        proj_args = (CS, *xs.stride(), wd.stride(0), wd.stride(1), sc_stride[0], sc_stride[1], float(eps_d))
+        proj_flags = dict(HAS_PROJ=True, HAS_PROJ_BIAS=bias_d is not None, HAS_PROJ_GAMMA=gamma_d is not None,
+                          HAS_PROJ_BETA=beta_d is not None)
+    else:
+        xs = wd = None
+        proj_ptrs = (dummy,) * 7
+        proj_args = (0, 0, 0, 0, 0, 0, 0, 1, 1, 0.0)
+        proj_flags = dict(HAS_PROJ=False, HAS_PROJ_BIAS=False, HAS_PROJ_GAMMA=False, HAS_PROJ_BETA=False)
+    int64 = force_int64 or max(_span(x), _span(weight), _span(residual), _span(out), _span(xs), _span(wd),
+                               M) >= 2**31
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
 
-    _conv_bn_act_fwd_kernel[grid](
+    if interpret:
+        bm, bn, bk = _interpreter_blocks(max(C, proj_args[0]), K)
+        kernel, tiles = _conv_bn_act_fwd_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
+    else:
+        kernel, tiles = _conv_bn_act_fwd_tuned, {}
+    kernel[grid](
         x, weight,
         bias if bias is not None else dummy,
         bn_mean if has_bn else dummy, bn_var if has_bn else dummy,
@@ -238,16 +319,18 @@ def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, r
         bn_bias if bn_bias is not None else dummy,
         residual if residual is not None else dummy,
         out,
-        M, C, H, W, K, P, Q,
+        *proj_ptrs,
+        M, C, H, W, K, P, Q, proj_args[0],
+        *proj_args[1:],
         *x.stride(), *weight.stride(), *rs, *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         float(eps),
         R=R, S=S,
         HAS_BIAS=bias is not None, HAS_BN=has_bn,
         HAS_GAMMA=has_bn and bn_weight is not None, HAS_BETA=has_bn and bn_bias is not None,
-        HAS_RES=residual is not None, ACT=activation_id,
+        HAS_RES=residual is not None, ACT=activation_id, **proj_flags,
         INT64=bool(int64), DOT_IN_FP32=interpret and x.dtype == torch.bfloat16,
-        INPUT_PRECISION=precision,
+        INPUT_PRECISION=precision, **tiles,
     )
     LAUNCHES += 1
     return out

@@ -11,12 +11,14 @@ kernels are imported on first use.
 __version__ = "0.1.0"
 
 from . import ops  # noqa: F401  (registers torch.ops.resfuse.*)
+from . import ops_proj  # noqa: F401
 from . import nn  # noqa: F401
 from .convert import convert
 from .dispatch import BACKENDS, BackendUnavailable, last_decision
 from .explain import explain
 from .ops import conv_bn_act
+from .ops_proj import conv_bn_proj_act
 from .reference import conv_bn_act_reference
 
-__all__ = ["convert", "explain", "conv_bn_act", "conv_bn_act_reference", "nn", "ops",
+__all__ = ["convert", "explain", "conv_bn_act", "conv_bn_proj_act", "conv_bn_act_reference", "nn", "ops",
            "BACKENDS", "BackendUnavailable", "last_decision", "__version__"]

@@ -128,6 +128,13 @@ def make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, resi
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     N, C, H, W = x.shape
     K, Cg, R, S = weight.shape
+    if C == 0:
+        # F.conv2d answers a 0-channel input with a 0-channel output whatever
+        # weight says; the backends would disagree with it and each other.
+        raise ValueError(f"x has 0 channels (shape {tuple(x.shape)}); conv_bn_act needs C >= 1")
+    if K == 0:
+        # As F.conv2d, which refuses it ("expected weight to be at least 1 at dimension 0").
+        raise ValueError(f"weight has 0 output channels (shape {tuple(weight.shape)}); conv_bn_act needs K >= 1")
     if Cg * groups != C:
         raise ValueError(f"x has {C} channels but weight of shape {tuple(weight.shape)} with groups={groups} "
                          f"expects {Cg * groups}")
@@ -183,7 +190,7 @@ def fold_bn(bias, bn_mean, bn_var, bn_weight, bn_bias, eps, out_channels, dtype,
     return scale, shift
 
 
-def _pre_activation(p: ConvBNActProblem, x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual):
+def pre_activation(p: ConvBNActProblem, x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual):
     """u = conv(x, W) * scale + shift (+ residual), in the accumulation dtype."""
     acc = acc_dtype(x.dtype)
     z = F.conv2d(x, weight, None, p.stride, p.padding, p.dilation, p.groups).to(acc)
@@ -196,12 +203,12 @@ def _pre_activation(p: ConvBNActProblem, x, weight, bias, bn_mean, bn_var, bn_we
 
 
 def _eager_run(p: ConvBNActProblem) -> torch.Tensor:
-    _, u = _pre_activation(p, p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.residual)
+    _, u = pre_activation(p, p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.residual)
     y = get_activation(p.activation).eager(u).to(p.x.dtype)
     return y.contiguous(memory_format=output_memory_format(p.x))
 
 
-def _alloc_output(p: ConvBNActProblem) -> torch.Tensor:
+def alloc_output(p: ConvBNActProblem) -> torch.Tensor:
     """Output buffer in the input's memory format. With RESFUSE_POISON_OUTPUTS=1
     (the test suite sets it) it starts as NaN, so an element a kernel fails
     to write cannot pass a comparison."""
@@ -221,7 +228,7 @@ def _triton_check(p: ConvBNActProblem) -> List[str]:
 
 def _triton_run(p: ConvBNActProblem) -> torch.Tensor:
     kern = kernels_module("conv_bn_act")
-    out = _alloc_output(p)
+    out = alloc_output(p)
     args = (p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps, p.residual,
             p.stride, p.padding, p.dilation, ACTIVATIONS[p.activation].triton_id, out)
     if p.x.device.type == "cuda":
@@ -237,7 +244,7 @@ def _cuda_check(p: ConvBNActProblem) -> List[str]:
 def _cuda_run(p: ConvBNActProblem) -> torch.Tensor:
     from ._backends import cuda_extension
     mod, _ = cuda_extension()
-    out = _alloc_output(p)
+    out = alloc_output(p)
     return getattr(mod, OP)(p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps,
                             p.residual, p.stride, p.padding, p.dilation,
                             ACTIVATIONS[p.activation].triton_id, out)
@@ -284,9 +291,6 @@ def _conv_bn_act_fake(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps,
     return torch.empty(p.out_shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
 
-_TENSOR_ARGS = ("x", "weight", "bias", "bn_mean", "bn_var", "bn_weight", "bn_bias", "residual")
-
-
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
      stride, padding, dilation, groups, activation, backend) = inputs
@@ -294,7 +298,7 @@ def _setup_context(ctx, inputs, output):
     ctx.conf = (eps, list(stride), list(padding), list(dilation), groups, activation)
 
 
-def _activation_grad(name: str, u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def activation_grad(name: str, u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if name == "identity":
         return g
     if name == "relu":
@@ -311,54 +315,61 @@ def _activation_grad(name: str, u: torch.Tensor, g: torch.Tensor) -> torch.Tenso
     raise ValueError(f"no gradient for activation {name!r}")
 
 
+def branch_grads(gu, z, x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps,
+                 stride, padding, dilation, groups, need) -> dict:
+    """Gradients of one conv + BN branch given gu = dL/du, where
+    u = z*s + beta + (b - mean)*s (+ other terms), z = conv(x, W),
+    s = gamma*rsqrt(var+eps). `need` maps argument names to booleans;
+    returns a dict with a gradient (or None) per name."""
+    acc = gu.dtype
+    scale, _ = fold_bn(bias, bn_mean, bn_var, bn_weight, bn_bias, eps, weight.shape[0], acc, x.device)
+    gz = gu * scale.view(1, -1, 1, 1) if scale is not None else gu
+    out = dict.fromkeys(("x", "weight", "bias", "bn_mean", "bn_var", "bn_weight", "bn_bias"))
+    if need.get("x") or need.get("weight"):
+        out["x"], out["weight"], _ = torch.ops.aten.convolution_backward(
+            gz.to(x.dtype), x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [bool(need.get("x")), bool(need.get("weight")), False])
+    sum_gu = gu.sum(dim=(0, 2, 3))
+    if bn_mean is None:
+        if need.get("bias"):
+            out["bias"] = sum_gu.to(bias.dtype)
+        return out
+    rstd = torch.rsqrt(bn_var.to(acc) + eps)
+    gamma = bn_weight.to(acc) if bn_weight is not None else torch.ones_like(rstd)
+    s = gamma * rstd
+    if need.get("bias"):
+        out["bias"] = (sum_gu * s).to(bias.dtype)
+    if need.get("bn_bias"):
+        out["bn_bias"] = sum_gu.to(bn_bias.dtype)
+    if need.get("bn_mean"):
+        out["bn_mean"] = (-sum_gu * s).to(bn_mean.dtype)
+    if need.get("bn_weight") or need.get("bn_var"):
+        centered = z - bn_mean.to(acc).view(1, -1, 1, 1)
+        if bias is not None:
+            centered = centered + bias.to(acc).view(1, -1, 1, 1)
+        gs = (gu * centered).sum(dim=(0, 2, 3))
+        if need.get("bn_weight"):
+            out["bn_weight"] = (gs * rstd).to(bn_weight.dtype)
+        if need.get("bn_var"):
+            out["bn_var"] = (gs * gamma * -0.5 * rstd ** 3).to(bn_var.dtype)
+    return out
+
+
 def _backward(ctx, grad):
-    """Explicit derivatives, eager (training kernels are a later step).
-    u = z*s + beta + (b - mean)*s + res, z = conv(x, W), s = gamma*rsqrt(var+eps)."""
+    """Explicit derivatives, eager (training kernels are a later step)."""
     x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual = ctx.saved_tensors
     eps, stride, padding, dilation, groups, activation = ctx.conf
     need = dict(zip(("x", "weight", "bias", "bn_mean", "bn_var", "bn_weight", "bn_bias", "eps",
                      "residual"), ctx.needs_input_grad[:9]))
     p = ConvBNActProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
                          stride, padding, dilation, groups, activation, tuple(grad.shape))
-    acc = acc_dtype(x.dtype)
-    z, u = _pre_activation(p, x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual)
-    gu = _activation_grad(activation, u, grad.to(acc))
-    scale, _ = fold_bn(bias, bn_mean, bn_var, bn_weight, bn_bias, eps, weight.shape[0], acc, x.device)
-    gz = gu * scale.view(1, -1, 1, 1) if scale is not None else gu
-    gx = gw = None
-    if need["x"] or need["weight"]:
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            gz.to(x.dtype), x, weight, None, stride, padding, dilation, False, [0, 0], groups,
-            [need["x"], need["weight"], False])
-    sum_gu = gu.sum(dim=(0, 2, 3))
-    out = dict.fromkeys(_TENSOR_ARGS)
-    out["x"], out["weight"] = gx, gw
-    if need["residual"]:
-        out["residual"] = gu.to(residual.dtype)
-    if bn_mean is None:
-        if need["bias"]:
-            out["bias"] = sum_gu.to(bias.dtype)
-    else:
-        rstd = torch.rsqrt(bn_var.to(acc) + eps)
-        gamma = bn_weight.to(acc) if bn_weight is not None else torch.ones_like(rstd)
-        s = gamma * rstd
-        if need["bias"]:
-            out["bias"] = (sum_gu * s).to(bias.dtype)
-        if need["bn_bias"]:
-            out["bn_bias"] = sum_gu.to(bn_bias.dtype)
-        if need["bn_mean"]:
-            out["bn_mean"] = (-sum_gu * s).to(bn_mean.dtype)
-        if need["bn_weight"] or need["bn_var"]:
-            centered = z - bn_mean.to(acc).view(1, -1, 1, 1)
-            if bias is not None:
-                centered = centered + bias.to(acc).view(1, -1, 1, 1)
-            gs = (gu * centered).sum(dim=(0, 2, 3))
-            if need["bn_weight"]:
-                out["bn_weight"] = (gs * rstd).to(bn_weight.dtype)
-            if need["bn_var"]:
-                out["bn_var"] = (gs * gamma * -0.5 * rstd ** 3).to(bn_var.dtype)
+    z, u = pre_activation(p, x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual)
+    gu = activation_grad(activation, u, grad.to(u.dtype))
+    out = branch_grads(gu, z, x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps,
+                       stride, padding, dilation, groups, need)
+    g_res = gu.to(residual.dtype) if need["residual"] else None
     return (out["x"], out["weight"], out["bias"], out["bn_mean"], out["bn_var"], out["bn_weight"],
-            out["bn_bias"], None, out["residual"], None, None, None, None, None, None)
+            out["bn_bias"], None, g_res, None, None, None, None, None, None)
 
 
 _conv_bn_act_op.register_autograd(_backward, setup_context=_setup_context)

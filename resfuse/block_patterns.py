@@ -1,0 +1,117 @@
+"""Residual blocks recognised by structure, and the reason when one is not.
+
+A residual block here is any module whose children are, by name,
+
+    conv1, bn1, <act>, conv2, bn2, [<act>, conv3, bn3,] <out act>, [downsample]
+
+where ``<act>`` is ``act{i}`` (timm) or the shared ``relu`` (torchvision,
+the seed's ResidualLayer / ResDown), plus optional children that are the
+identity in eval (``drop_block``, ``aa``, ``se``, ``drop_path`` set to
+None / ``nn.Identity`` / a DropBlock or DropPath). The data flow is the one
+all of these share: each conv -> bn -> act feeds the next, the last BN's
+output is added to ``downsample(x)`` (or ``x``), then the out activation.
+
+The shortcut is ``identity`` (no downsample), ``projection`` (downsample is
+``Sequential(Conv2d 1x1, BatchNorm)``: fused into the last kernel as a
+second accumulation) or ``module`` (any other downsample, e.g. timm's
+avg-pool + conv + BN: run on its own, read in the last kernel's epilogue).
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch.nn as nn
+
+from .activations import activation_of_module
+from .patterns import bn_reason, conv_reason, is_plain_sequential
+
+# Children that may appear in a block and are the identity in eval mode.
+_EVAL_IDENTITY_NAMES = ("drop_block", "aa", "se", "drop_path")
+_EVAL_IDENTITY_TYPES = ("DropPath", "DropBlock2d", "Identity")
+
+
+@dataclass(frozen=True)
+class Stage:
+    conv: str
+    bn: str
+    act: Optional[str]      # child applying the activation after this BN (None: the last stage)
+    activation: str         # its name in resfuse.activations ('identity' for the last stage)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    stages: Tuple[Stage, ...]
+    out_act: str            # child applying the activation after the add
+    out_activation: str
+    shortcut: str           # 'identity' | 'projection' | 'module'
+    downsample: Optional[str]
+
+    @property
+    def kind(self) -> str:
+        return {2: "basic", 3: "bottleneck"}[len(self.stages)]
+
+
+def _is_eval_identity(m) -> bool:
+    return m is None or type(m).__name__ in _EVAL_IDENTITY_TYPES
+
+
+def projection_reason(ds: nn.Module) -> Optional[str]:
+    """Why `ds` is not a 1x1 conv + BN projection the last kernel can absorb."""
+    if not is_plain_sequential(ds) or len(ds) != 2:
+        return "downsample is not Sequential(Conv2d, BatchNorm)"
+    conv, bn = ds[0], ds[1]
+    why = conv_reason(conv) or bn_reason(bn, conv) if isinstance(conv, nn.Conv2d) else "downsample[0] is not a Conv2d"
+    if why:
+        return why
+    if conv.kernel_size != (1, 1) or tuple(conv.dilation) != (1, 1) or conv.groups != 1:
+        return "downsample conv is not a 1x1, groups=1, dilation=1 conv"
+    if not isinstance(conv.padding, str) and tuple(conv.padding) != (0, 0) or conv.padding == "same":
+        return "downsample conv is padded"
+    return None
+
+
+def match_block(block: nn.Module) -> Union[BlockSpec, str]:
+    """A BlockSpec, or the reason (str) why `block` is not a fusable residual block."""
+    ch = dict(block.named_children())
+    if "conv1" not in ch or "conv2" not in ch:
+        return "no conv1/conv2 children"
+    n = 3 if "conv3" in ch else 2
+    if f"conv{n + 1}" in ch:
+        return f"has conv{n + 1}: more convs than a BasicBlock/Bottleneck"
+    used = set()
+    stages = []
+    for i in range(1, n + 1):
+        conv, bn = ch.get(f"conv{i}"), ch.get(f"bn{i}")
+        if not isinstance(conv, nn.Conv2d):
+            return f"conv{i} is {type(conv).__name__}, not Conv2d"
+        why = conv_reason(conv) or bn_reason(bn, conv)
+        if why:
+            return f"conv{i}/bn{i}: {why}"
+        act_name = f"act{i}" if f"act{i}" in ch else "relu"
+        act_mod = ch.get(act_name)
+        activation = activation_of_module(act_mod) if act_mod is not None else None
+        if activation is None:
+            return f"no fusable activation after bn{i} (looked for act{i} / relu)"
+        used.update((f"conv{i}", f"bn{i}", act_name))
+        stages.append((f"conv{i}", f"bn{i}", act_name, activation))
+    # The last stage's act child is the activation after the add.
+    *first, last = stages
+    spec_stages = tuple(Stage(c, b, a, act) for c, b, a, act in first)
+    spec_stages += (Stage(last[0], last[1], None, "identity"),)
+    out_act, out_activation = last[2], last[3]
+
+    downsample = ch.get("downsample")
+    if downsample is None:
+        shortcut = "identity"
+    elif projection_reason(downsample) is None:
+        shortcut = "projection"
+    else:
+        shortcut = "module"
+    used.add("downsample")
+    for name, m in ch.items():
+        if name in used:
+            continue
+        if name in _EVAL_IDENTITY_NAMES and _is_eval_identity(m):
+            continue
+        return f"child {name!r} ({type(m).__name__}) takes part in forward in a way resfuse does not model"
+    return BlockSpec(spec_stages, out_act, out_activation, shortcut, "downsample" if downsample is not None else None)

@@ -1,0 +1,54 @@
+"""One fused call from modules: Conv2d + BN (+ residual | + projection
+shortcut) + activation -> the resfuse op, with autocast handled as eager
+autocast handles F.conv2d. Shared by every fused module."""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .. import dispatch
+from ..ops import resolve_padding
+from ..patterns import bn_tensors
+
+
+def _compute_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+def _cast(t, dtype):
+    return t if t is None or dtype is None else t.to(dtype)
+
+
+def conv_geometry(conv: nn.Conv2d):
+    return (list(conv.stride), resolve_padding(conv.padding, conv.kernel_size, conv.dilation),
+            list(conv.dilation))
+
+
+def fused_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, activation: str, backend: str,
+                  residual: Optional[torch.Tensor] = None,
+                  shortcut: Optional[Tuple[torch.Tensor, nn.Conv2d, nn.Module]] = None):
+    """act(bn(conv(x)) + residual) or act(bn(conv(x)) + bn_d(conv_d(x_s)))
+    as one op. Returns (y, dispatch decision or None when compiling)."""
+    dtype = _compute_dtype(x)
+    x = _cast(x, dtype)
+    weight, bias = _cast(conv.weight, dtype), _cast(conv.bias, dtype)
+    mean, var, gamma, beta, eps = bn_tensors(bn)
+    stride, padding, dilation = conv_geometry(conv)
+    if shortcut is None:
+        y = torch.ops.resfuse.conv_bn_act(
+            x, weight, bias, mean, var, gamma, beta, eps, _cast(residual, dtype),
+            stride, padding, dilation, conv.groups, activation, backend)
+    else:
+        xs, conv_d, bn_d = shortcut
+        mean_d, var_d, gamma_d, beta_d, eps_d = bn_tensors(bn_d)
+        y = torch.ops.resfuse.conv_bn_proj_act(
+            x, weight, bias, mean, var, gamma, beta, eps,
+            _cast(xs, dtype), _cast(conv_d.weight, dtype), _cast(conv_d.bias, dtype),
+            mean_d, var_d, gamma_d, beta_d, eps_d, list(conv_d.stride),
+            stride, padding, dilation, conv.groups, activation, backend)
+    if torch.compiler.is_compiling():
+        return y, None
+    return y, dispatch.last_decision()

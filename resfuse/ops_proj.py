@@ -1,0 +1,192 @@
+"""The op ``torch.ops.resfuse.conv_bn_proj_act``: the last conv of a ResNet
+block with a projection shortcut, in one kernel.
+
+    y = act( BN(conv(x, W, b)) + BN_d(conv1x1(xs, W_d, b_d, stride_d)) )
+
+The shortcut (1x1 strided conv + BN) is computed inside the same kernel as
+a second accumulation over the strided block input, so its output is never
+written to memory. Both BN folds are computed from the live BN tensors at
+every call.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import dispatch
+from ._backends import conv_allows_tf32, cuda_reasons, kernels_module, triton_reasons
+from .activations import ACTIVATIONS, get_activation
+from .ops import (ConvBNActProblem, _check_tensor, _pair, activation_grad, alloc_output, branch_grads,
+                  make_problem, output_memory_format, pre_activation)
+
+OP = "conv_bn_proj_act"
+
+
+@dataclass
+class ConvBNProjProblem(ConvBNActProblem):
+    xs: Optional[torch.Tensor] = None
+    weight_d: Optional[torch.Tensor] = None
+    bias_d: Optional[torch.Tensor] = None
+    bn_mean_d: Optional[torch.Tensor] = None
+    bn_var_d: Optional[torch.Tensor] = None
+    bn_weight_d: Optional[torch.Tensor] = None
+    bn_bias_d: Optional[torch.Tensor] = None
+    eps_d: float = 1e-5
+    stride_d: Optional[List[int]] = None
+
+    def shortcut_problem(self) -> ConvBNActProblem:
+        return ConvBNActProblem(self.xs, self.weight_d, self.bias_d, self.bn_mean_d, self.bn_var_d,
+                                self.bn_weight_d, self.bn_bias_d, self.eps_d, None, self.stride_d, [0, 0],
+                                [1, 1], 1, "identity", self.out_shape)
+
+
+def make_proj_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps,
+                      xs, weight_d, bias_d, bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, eps_d, stride_d,
+                      stride, padding, dilation, groups, activation) -> ConvBNProjProblem:
+    main = make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, None,
+                        stride, padding, dilation, groups, activation)
+    if bn_mean is None:
+        raise ValueError("conv_bn_proj_act needs the main BN (bn_mean/bn_var)")
+    if not isinstance(xs, torch.Tensor) or xs.dim() != 4:
+        raise ValueError(f"xs (the shortcut input) must be a 4-D tensor, got "
+                         f"{tuple(xs.shape) if isinstance(xs, torch.Tensor) else type(xs).__name__}")
+    _check_tensor(xs, "xs", dims=4, device=x.device, dtype=x.dtype)
+    K = weight.shape[0]
+    _check_tensor(weight_d, "weight_d", dims=4, device=x.device, dtype=x.dtype)
+    if tuple(weight_d.shape) != (K, xs.shape[1], 1, 1):
+        raise ValueError(f"weight_d must have shape {(K, xs.shape[1], 1, 1)} (a 1x1 conv from xs's "
+                         f"{xs.shape[1]} channels to {K}), got {tuple(weight_d.shape)}")
+    if bias_d is not None:
+        _check_tensor(bias_d, "bias_d", dims=1, device=x.device, dtype=x.dtype, shape=(K,))
+    if bn_mean_d is None or bn_var_d is None:
+        raise ValueError("bn_mean_d and bn_var_d (the shortcut's BN) are required")
+    for t, name in ((bn_mean_d, "bn_mean_d"), (bn_var_d, "bn_var_d"), (bn_weight_d, "bn_weight_d"),
+                    (bn_bias_d, "bn_bias_d")):
+        if t is not None:
+            _check_tensor(t, name, dims=1, device=x.device, shape=(K,))
+    stride_d = _pair(stride_d, "stride_d")
+    if min(stride_d) < 1:
+        raise ValueError(f"stride_d must be >= 1, got {stride_d}")
+    N, _, P, Q = main.out_shape
+    ps, qs = (xs.shape[2] - 1) // stride_d[0] + 1, (xs.shape[3] - 1) // stride_d[1] + 1
+    if xs.shape[0] != N or (ps, qs) != (P, Q):
+        raise ValueError(f"xs of shape {tuple(xs.shape)} with stride_d {stride_d} gives a shortcut of "
+                         f"{(xs.shape[0], K, ps, qs)}, but the main branch gives {main.out_shape}")
+    fields = {f: getattr(main, f) for f in main.__dataclass_fields__}
+    return ConvBNProjProblem(**fields, xs=xs, weight_d=weight_d, bias_d=bias_d, bn_mean_d=bn_mean_d,
+                             bn_var_d=bn_var_d, bn_weight_d=bn_weight_d, bn_bias_d=bn_bias_d,
+                             eps_d=float(eps_d), stride_d=stride_d)
+
+
+def _pre_activations(p: ConvBNProjProblem):
+    z, u = pre_activation(p, p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, None)
+    sp = p.shortcut_problem()
+    zd, ud = pre_activation(sp, p.xs, p.weight_d, p.bias_d, p.bn_mean_d, p.bn_var_d, p.bn_weight_d,
+                            p.bn_bias_d, None)
+    return z, zd, u + ud
+
+
+def _eager_run(p: ConvBNProjProblem) -> torch.Tensor:
+    _, _, u = _pre_activations(p)
+    y = get_activation(p.activation).eager(u).to(p.x.dtype)
+    return y.contiguous(memory_format=output_memory_format(p.x))
+
+
+def _triton_check(p) -> List[str]:
+    reasons = triton_reasons(p.device, p.dtype)
+    if p.groups != 1:
+        reasons.append(f"groups={p.groups}: the Triton kernel implements groups=1 only")
+    return reasons
+
+
+def _triton_run(p: ConvBNProjProblem) -> torch.Tensor:
+    kern = kernels_module("conv_bn_act")
+    out = alloc_output(p)
+    projection = (p.xs, p.weight_d, p.bias_d, p.bn_mean_d, p.bn_var_d, p.bn_weight_d, p.bn_bias_d, p.eps_d,
+                  p.stride_d)
+    args = (p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps, None,
+            p.stride, p.padding, p.dilation, ACTIVATIONS[p.activation].triton_id, out)
+    if p.device.type == "cuda":
+        with torch.cuda.device(p.device):
+            return kern.conv_bn_act_fwd(*args, allow_tf32=conv_allows_tf32(), projection=projection)
+    return kern.conv_bn_act_fwd(*args, allow_tf32=False, projection=projection)
+
+
+def _cuda_check(p) -> List[str]:
+    return cuda_reasons(OP, p.device)
+
+
+dispatch.register(OP, "eager", lambda p: [], _eager_run)
+dispatch.register(OP, "triton", _triton_check, _triton_run)
+# No cuda implementation is registered yet: `auto` passes over it with that reason.
+
+
+@torch.library.custom_op("resfuse::conv_bn_proj_act", mutates_args=())
+def _conv_bn_proj_act_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    bn_mean: torch.Tensor, bn_var: torch.Tensor, bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor], eps: float,
+    xs: torch.Tensor, weight_d: torch.Tensor, bias_d: Optional[torch.Tensor],
+    bn_mean_d: torch.Tensor, bn_var_d: torch.Tensor, bn_weight_d: Optional[torch.Tensor],
+    bn_bias_d: Optional[torch.Tensor], eps_d: float, stride_d: List[int],
+    stride: List[int], padding: List[int], dilation: List[int], groups: int,
+    activation: str, backend: str,
+) -> torch.Tensor:
+    p = make_proj_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, xs, weight_d, bias_d,
+                          bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, eps_d, stride_d,
+                          stride, padding, dilation, groups, activation)
+    return dispatch.run(OP, backend, p)
+
+
+@_conv_bn_proj_act_op.register_fake
+def _fake(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, xs, weight_d, bias_d, bn_mean_d,
+          bn_var_d, bn_weight_d, bn_bias_d, eps_d, stride_d, stride, padding, dilation, groups, activation,
+          backend):
+    p = make_proj_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, xs, weight_d, bias_d,
+                          bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, eps_d, stride_d,
+                          stride, padding, dilation, groups, activation)
+    dispatch.validate_backend(backend)
+    return torch.empty(p.out_shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+_MAIN = ("x", "weight", "bias", "bn_mean", "bn_var", "bn_weight", "bn_bias")
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[0:7], *inputs[8:15])
+    ctx.conf = (inputs[7], inputs[15], list(inputs[16]), list(inputs[17]), list(inputs[18]),
+                list(inputs[19]), inputs[20], inputs[21])
+
+
+def _backward(ctx, grad):
+    t = ctx.saved_tensors
+    eps, eps_d, stride_d, stride, padding, dilation, groups, activation = ctx.conf
+    p = ConvBNProjProblem(*t[0:7], eps, None, stride, padding, dilation, groups, activation, tuple(grad.shape),
+                          *t[7:14], eps_d, stride_d)
+    z, zd, u = _pre_activations(p)
+    gu = activation_grad(activation, u, grad.to(u.dtype))
+    needs = ctx.needs_input_grad
+    main = branch_grads(gu, z, *t[0:7], eps, stride, padding, dilation, groups,
+                        dict(zip(_MAIN, needs[0:7])))
+    short = branch_grads(gu, zd, *t[7:14], eps_d, stride_d, [0, 0], [1, 1], 1,
+                         dict(zip(_MAIN, needs[8:15])))
+    return (*(main[k] for k in _MAIN), None, *(short[k] for k in _MAIN), None, None,
+            None, None, None, None, None, None)
+
+
+_conv_bn_proj_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def conv_bn_proj_act(x, weight, bias=None, *, bn_mean, bn_var, bn_weight=None, bn_bias=None, eps=1e-5,
+                     xs, weight_d, bias_d=None, bn_mean_d, bn_var_d, bn_weight_d=None, bn_bias_d=None,
+                     eps_d=1e-5, stride_d=1, stride=1, padding=0, dilation=1, groups=1,
+                     activation="relu", backend="auto"):
+    """``act(BN(conv(x, W, b)) + BN_d(conv1x1(xs, W_d, b_d, stride_d)))`` in one kernel."""
+    dispatch.validate_backend(backend)
+    return torch.ops.resfuse.conv_bn_proj_act(
+        x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps),
+        xs, weight_d, bias_d, bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, float(eps_d), _pair(stride_d, "stride_d"),
+        _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), int(groups),
+        activation, backend)
