@@ -1,0 +1,334 @@
+"""The case registry: what the benchmarks measure.
+
+A ``Case`` is one benchmark problem without its batch size and dtype: a
+conv -> BN -> (+ residual) -> act layer (op ``conv_bn_act``) or a whole
+model (op ``model``). Each op is an ``Op`` object registered in ``OPS``: it
+knows the case's cost (``bench.model``), makes a ``Workload`` (inputs on a
+device, in a dtype, at a batch; several rotated argument sets; the float64
+reference) and builds each provider's callable for it.
+
+Adding an op later (blocks, gnconv) is: write an ``Op`` subclass, put it in
+``OPS``, and ``register`` its cases.
+
+Now registered: the distinct conv-BN-act layers of ResNet-18, ResNet-50
+(stem, conv2_x..conv5_x, strided and downsample convs) and VGG16-bn, each
+with the layers it stands for; and the three whole models.
+"""
+
+import copy
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import model as cost_model
+from .archs import ARCHS, distinct_convs, friendly_name
+from .model import ConvSpec, Cost, Floor
+from .providers import compiled, reset_compile_state, resfuse_backend
+
+BATCHES = (1, 32, 256)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_FULL_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+               torch.float64: "float64"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16' (the cost model's name)."""
+    return _FULL_DTYPE[dtype]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str                   # 'resnet50.conv3_x.0.conv2', 'model.resnet50'
+    op: str                     # key of OPS
+    group: str                  # the model it comes from
+    spec: object                # ConvSpec for conv_bn_act, the arch name for model
+    layers: Tuple[str, ...] = ()  # the model layers this case stands for
+    quick: bool = False         # part of --quick
+    batches: Tuple[int, ...] = BATCHES
+
+    @property
+    def count(self) -> int:
+        return max(1, len(self.layers))
+
+    @property
+    def kind(self) -> str:
+        return "model" if self.op == "model" else "layer"
+
+    def describe(self) -> str:
+        return OPS[self.op].describe(self)
+
+    def cost(self, batch: int, dtype: torch.dtype) -> Cost:
+        return OPS[self.op].cost(self, batch, dtype)
+
+    def floor(self, batch: int, dtype: torch.dtype, ceilings: cost_model.Ceilings) -> Optional[Floor]:
+        return OPS[self.op].floor(self, batch, dtype, ceilings)
+
+
+@dataclass
+class Workload:
+    """A case on a device, in a dtype, at a batch size.
+
+    ``arg_sets``: argument tuples of identical shapes, cycled through by the
+    timer so the working set exceeds L2; every provider's callable takes
+    ``*arg_sets[i]``. ``reference``: float64 output for ``arg_sets[0]``."""
+    case: Case
+    device: torch.device
+    dtype: torch.dtype
+    batch: int
+    arg_sets: List[tuple]
+    reference: torch.Tensor
+    state: dict = field(default_factory=dict)  # op-private (the model, say)
+
+
+class Op:
+    """How one kind of case is costed, instantiated and run per provider."""
+    name = ""
+
+    def describe(self, case: Case) -> str:
+        raise NotImplementedError
+
+    def cost(self, case: Case, batch: int, dtype: torch.dtype) -> Cost:
+        raise NotImplementedError
+
+    def floor(self, case, batch, dtype, ceilings) -> Optional[Floor]:
+        peak = ceilings.peak(dtype_name(dtype))
+        if peak is None:
+            return None
+        c = self.cost(case, batch, dtype)
+        return cost_model.floor_time(c.flops, c.fused_bytes, peak, ceilings.bandwidth)
+
+    def set_bytes(self, case: Case, batch: int, dtype: torch.dtype) -> int:
+        """Bytes one argument set brings into the caches (for the rotation count)."""
+        return self.cost(case, batch, dtype).fused_bytes
+
+    def max_sets(self) -> int:
+        return 256
+
+    def make_workload(self, case, device, dtype, batch, n_sets, seed) -> Workload:
+        raise NotImplementedError
+
+    def build(self, provider: str, wl: Workload) -> Callable:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------
+# conv -> BN -> (+ residual) -> act
+# ----------------------------------------------------------------------------
+
+def _eager_conv_bn_act(x, w, b, mean, var, gamma, beta, res, *, spec: ConvSpec):
+    """What PyTorch eager runs for Conv2d -> BatchNorm2d -> (+=) -> ReLU,
+    in-place where torchvision is in-place."""
+    y = F.conv2d(x, w, b, spec.stride, spec.padding, spec.dilation, spec.groups)
+    if spec.bn:
+        y = F.batch_norm(y, mean, var, gamma, beta, False, 0.0, spec.eps)
+    if res is not None:
+        y += res
+    if spec.act == "relu":
+        y = y.relu_()
+    elif spec.act != "identity":
+        from resfuse.activations import get_activation
+        y = get_activation(spec.act).eager(y)
+    return y
+
+
+class ConvBNActOp(Op):
+    name = "conv_bn_act"
+
+    def describe(self, case):
+        return case.spec.describe()
+
+    def cost(self, case, batch, dtype):
+        return cost_model.conv_cost(case.spec, batch, dtype_name(dtype))
+
+    def make_workload(self, case, device, dtype, batch, n_sets, seed):
+        s: ConvSpec = case.spec
+        gen = torch.Generator(device=device).manual_seed(seed)
+        cl = torch.channels_last
+
+        def randn(*shape, scale=1.0):
+            return torch.randn(*shape, generator=gen, device=device) * scale
+
+        def rand(*shape):
+            return torch.rand(*shape, generator=gen, device=device)
+
+        sets = []
+        fan_in = (s.C // s.groups) * s.R * s.S
+        for _ in range(n_sets):
+            x = randn(batch, s.C, s.H, s.W)
+            w = randn(s.K, s.C // s.groups, s.R, s.S, scale=fan_in ** -0.5)
+            b = randn(s.K, scale=0.1) if s.bias else None
+            if s.bn:
+                mean = randn(s.K, scale=0.1)
+                var = rand(s.K) + 0.5
+                gamma = rand(s.K) + 0.5
+                beta = randn(s.K, scale=0.1)
+            else:
+                mean = var = gamma = beta = None
+            res = randn(batch, s.K, s.P, s.Q) if s.residual else None
+            args = (x, w, b, mean, var, gamma, beta, res)
+            sets.append(tuple(None if t is None else
+                              t.to(device, dtype).contiguous(memory_format=cl if t.dim() == 4 else
+                                                             torch.contiguous_format)
+                              for t in args))
+        from resfuse.reference import conv_bn_act_reference, to_float64
+        x, w, b, mean, var, gamma, beta, res = to_float64(*sets[0])
+        ref = conv_bn_act_reference(x.contiguous(), w.contiguous(), b, mean, var, gamma, beta, s.eps,
+                                    None if res is None else res.contiguous(),
+                                    (s.stride,) * 2, (s.padding,) * 2, (s.dilation,) * 2, s.groups, s.act)
+        return Workload(case, device, dtype, batch, sets, ref)
+
+    def build(self, provider, wl):
+        s: ConvSpec = wl.case.spec
+
+        def eager(*args):
+            return _eager_conv_bn_act(*args, spec=s)
+
+        if provider == "eager":
+            return eager
+        if provider.startswith("compile"):
+            reset_compile_state()
+            return compiled(eager, provider)
+        if provider.startswith("resfuse-"):
+            import resfuse
+            backend = resfuse_backend(provider)
+
+            def fused(x, w, b, mean, var, gamma, beta, res):
+                return resfuse.conv_bn_act(x, w, b, bn_mean=mean, bn_var=var, bn_weight=gamma, bn_bias=beta,
+                                           eps=s.eps, residual=res, stride=s.stride, padding=s.padding,
+                                           dilation=s.dilation, groups=s.groups, activation=s.act,
+                                           backend=backend)
+            return fused
+        raise ValueError(f"conv_bn_act has no provider {provider!r}")
+
+
+# ----------------------------------------------------------------------------
+# Whole models
+# ----------------------------------------------------------------------------
+
+@lru_cache(maxsize=4)
+def _calibrated_model(name: str, seed: int, image: int):
+    from .models import make_model
+    return make_model(name, seed=seed, image=image)
+
+
+class ModelOp(Op):
+    name = "model"
+    image = 224
+
+    def describe(self, case):
+        return f"{case.spec} {self.image}x{self.image} eval forward"
+
+    def layers(self, case):
+        return ARCHS[case.spec](self.image)
+
+    def cost(self, case, batch, dtype):
+        return cost_model.model_cost(self.layers(case), batch, dtype_name(dtype))
+
+    def floor(self, case, batch, dtype, ceilings):
+        peak = ceilings.peak(dtype_name(dtype))
+        if peak is None:
+            return None
+        costs = [cost_model.layer_cost(spec, batch, dtype_name(dtype)) for _, spec in self.layers(case)]
+        return cost_model.layers_floor(costs, peak, ceilings.bandwidth)
+
+    def set_bytes(self, case, batch, dtype):
+        return batch * 3 * self.image * self.image * cost_model.elem_bytes(dtype_name(dtype))
+
+    def max_sets(self):
+        return 8  # the model's own activations and weights dwarf its input
+
+    def make_workload(self, case, device, dtype, batch, n_sets, seed):
+        base = _calibrated_model(case.spec, seed, self.image)
+        model = copy.deepcopy(base).to(device=device, dtype=dtype).to(memory_format=torch.channels_last).eval()
+        gen = torch.Generator(device=device).manual_seed(seed + 1)
+        sets = [(torch.randn(batch, 3, self.image, self.image, generator=gen, device=device)
+                 .to(dtype).contiguous(memory_format=torch.channels_last),) for _ in range(n_sets)]
+        ref_model = copy.deepcopy(model).to(torch.float64).to(memory_format=torch.contiguous_format)
+        with torch.no_grad():
+            ref = ref_model(sets[0][0].to(torch.float64).contiguous())
+        del ref_model
+        return Workload(case, device, dtype, batch, sets, ref, state={"model": model})
+
+    def build(self, provider, wl):
+        model = wl.state["model"]
+        if provider == "eager":
+            fn = model
+        elif provider.startswith("compile"):
+            reset_compile_state()
+            fn = compiled(model, provider)
+        elif provider.startswith("resfuse-"):
+            import resfuse
+            fn = resfuse.convert(model, backend=resfuse_backend(provider))
+            wl.state.setdefault("converted", {})[provider] = fn
+        else:
+            raise ValueError(f"model has no provider {provider!r}")
+
+        def run(x):
+            with torch.no_grad():
+                return fn(x)
+        return run
+
+    @staticmethod
+    def fused_summary(wl: Workload, provider: str) -> str:
+        """'3/20 convs fused' for a resfuse provider after it ran."""
+        conv = wl.state.get("converted", {}).get(provider)
+        if conv is None:
+            return ""
+        import resfuse
+        rep = resfuse.explain(conv)
+        return f"{len(rep.fused)}/{len(rep)} convs fused"
+
+
+OPS: Dict[str, Op] = {"conv_bn_act": ConvBNActOp(), "model": ModelOp()}
+REGISTRY: Dict[str, Case] = {}
+
+
+def register(case: Case) -> Case:
+    if case.op not in OPS:
+        raise ValueError(f"case {case.name!r}: unknown op {case.op!r}; known: {sorted(OPS)}")
+    if case.name in REGISTRY:
+        raise ValueError(f"case {case.name!r} registered twice")
+    REGISTRY[case.name] = case
+    return case
+
+
+#: Layers in --quick: the shapes that matter most for ResNet-50 (the
+#: 3x3 of conv2_x, a strided 3x3, a residual 1x1, the stem), one
+#: residual 3x3 of ResNet-18 and VGG's 64-channel 224x224 layer (the most
+#: activation bytes per FLOP, where fusion saves the most).
+QUICK_LAYERS = {"resnet50.stem", "resnet50.conv2_x.0.conv2", "resnet50.conv2_x.0.conv3",
+                "resnet50.conv3_x.0.conv2", "resnet18.conv2_x.0.conv2", "vgg16_bn.features.3"}
+QUICK_MODELS = {"model.resnet18", "model.resnet50"}
+
+
+def _register_builtin() -> None:
+    for arch in ARCHS:
+        for spec, names in distinct_convs(ARCHS[arch]()).items():
+            name = f"{arch}.{friendly_name(arch, names[0])}"
+            register(Case(name, "conv_bn_act", arch, spec, tuple(names), quick=name in QUICK_LAYERS))
+    for arch in ARCHS:
+        name = f"model.{arch}"
+        register(Case(name, "model", arch, arch, (), quick=name in QUICK_MODELS))
+
+
+_register_builtin()
+
+
+def select(patterns: Optional[Sequence[str]] = None, quick: bool = False, kinds: Optional[Sequence[str]] = None
+           ) -> List[Case]:
+    """Cases whose name contains any of `patterns` (all when None), in
+    registry order; only the quick subset when `quick`."""
+    out = []
+    for case in REGISTRY.values():
+        if quick and not case.quick:
+            continue
+        if kinds and case.kind not in kinds:
+            continue
+        if patterns and not any(p in case.name for p in patterns):
+            continue
+        out.append(case)
+    return out

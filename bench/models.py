@@ -1,0 +1,212 @@
+"""ResNet-18/50 and VGG16-bn without torchvision.
+
+Same module tree, names, parameter shapes and forward as torchvision's
+``resnet18``, ``resnet50`` and ``vgg16_bn`` (checked against torchvision in
+tests/test_bench_model.py where it is importable), so a state_dict loads in
+either and ``resfuse.convert`` sees what it would see in a user's model.
+The GPU box has no torchvision; ``build(name, prefer_torchvision=True)``
+takes torchvision's model when it can be imported.
+
+Weights are random (no download anywhere). ``calibrate_bn`` gives the BN
+layers realistic running statistics, so activations stay O(1) through 50
+layers in float16 and the eval-mode fold is not an identity.
+"""
+
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from .archs import RESNET_BLOCKS, VGG16_CFG
+
+
+def _conv3x3(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def _conv1x1(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = _conv1x1(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = _conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    def __init__(self, block, layers, num_classes=1000):
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _make_layer(self, block, planes, blocks, stride=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(_conv1x1(self.inplanes, planes * block.expansion, stride),
+                                       nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class VGG(nn.Module):
+    def __init__(self, cfg=VGG16_CFG, num_classes=1000):
+        super().__init__()
+        mods: List[nn.Module] = []
+        cin = 3
+        for v in cfg:
+            if v == "M":
+                mods.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                mods += [nn.Conv2d(cin, v, kernel_size=3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                cin = v
+        self.features = nn.Sequential(*mods)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(),
+            nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(),
+            nn.Linear(4096, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = self.avgpool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+def resnet18(num_classes=1000) -> ResNet:
+    return ResNet(BasicBlock, RESNET_BLOCKS[18][1], num_classes)
+
+
+def resnet50(num_classes=1000) -> ResNet:
+    return ResNet(Bottleneck, RESNET_BLOCKS[50][1], num_classes)
+
+
+def vgg16_bn(num_classes=1000) -> VGG:
+    return VGG(VGG16_CFG, num_classes)
+
+
+BUILDERS: Dict[str, Callable[[], nn.Module]] = {"resnet18": resnet18, "resnet50": resnet50, "vgg16_bn": vgg16_bn}
+
+
+def torchvision_builder(name: str) -> Optional[Callable[[], nn.Module]]:
+    """torchvision.models.<name> (random weights) when torchvision imports."""
+    try:
+        import torchvision.models as tvm
+    except Exception:
+        return None
+    fn = getattr(tvm, name, None)
+    return (lambda: fn(weights=None)) if fn is not None else None
+
+
+def build(name: str, prefer_torchvision: bool = False) -> nn.Module:
+    if name not in BUILDERS:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(BUILDERS)}")
+    tv = torchvision_builder(name) if prefer_torchvision else None
+    return (tv or BUILDERS[name])()
+
+
+@torch.no_grad()
+def randomize_bn_affine(model: nn.Module, generator: torch.Generator) -> None:
+    """gamma ~ U(0.5, 1.5), beta ~ N(0, 0.1): a BN that is not the identity."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=generator) * 0.1)
+
+
+@torch.no_grad()
+def calibrate_bn(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """Set every BN's running statistics to those of `example` (one pass in
+    train mode with a cumulative average), then return the model in eval
+    mode. Without this, random weights and unit running statistics make a
+    ResNet-50's activations grow by orders of magnitude (float16 overflows)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    model(example)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    return model.eval()
+
+
+def make_model(name: str, *, seed: int = 0, image: int = 224, calib_batch: int = 4,
+               prefer_torchvision: bool = False) -> nn.Module:
+    """A reproducible random-weight model with calibrated BN, fp32 on CPU, eval."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build(name, prefer_torchvision)
+    randomize_bn_affine(model, gen)
+    example = torch.randn(calib_batch, 3, image, image, generator=gen)
+    return calibrate_bn(model, example)

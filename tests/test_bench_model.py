@@ -1,0 +1,402 @@
+"""bench/: the FLOP/byte model on hand-computed cases, the layer tables
+against the models they describe, the case registry, and the CPU path of
+bench/run.py and bench/device_check.sh --dry-run."""
+
+import contextlib
+import csv
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # bench/ is not installed; it is imported from the checkout
+    sys.path.insert(0, ROOT)
+
+from bench import archs, cases, report, timing  # noqa: E402
+from bench import model as m  # noqa: E402
+from bench.models import build, make_model, torchvision_builder  # noqa: E402
+from numerics import rel_err  # noqa: E402
+
+
+# ----------------------------------------------------------------------------
+# The model, by hand
+# ----------------------------------------------------------------------------
+
+def test_conv3x3_64_56_batch1_fp32_by_hand():
+    spec = m.ConvSpec(64, 56, 56, 64, 3, 3, padding=1)  # conv -> BN -> ReLU
+    assert (spec.P, spec.Q) == (56, 56)
+    assert m.conv_flops(spec, 1) == 2 * 1 * 64 * 56 * 56 * 64 * 9 == 231_211_008
+    x = 64 * 56 * 56 * 4            # 802,816
+    w = 64 * 64 * 9 * 4             # 147,456
+    bn = 4 * 64 * 4                 # mean, var, gamma, beta: 1,024
+    y = 64 * 56 * 56 * 4            # 802,816
+    c = m.conv_cost(spec, 1, "float32")
+    assert c.fused_bytes == x + w + bn + y == 1_754_112
+    # conv (x + w + y) + BN (y + bn + y) + ReLU (y + y)
+    assert c.unfused_bytes == (x + w + y) + (y + bn + y) + (y + y) == 4_965_376
+
+
+def test_residual_and_batch_and_dtype_by_hand():
+    spec = m.ConvSpec(64, 56, 56, 64, 3, 3, padding=1, residual=True)
+    c = m.conv_cost(spec, 8, "bfloat16")
+    x = y = 8 * 64 * 56 * 56 * 2
+    w, bn = 64 * 64 * 9 * 2, 4 * 64 * 2
+    assert c.fused_bytes == x + w + bn + y + y  # the residual is read once
+    # conv, BN, add (y + res + y), ReLU
+    assert c.unfused_bytes == (x + w + y) + (y + bn + y) + (y + y + y) + (y + y)
+    assert c.flops == 8 * 231_211_008
+
+
+def test_strided_downsample_no_act_by_hand():
+    # ResNet-50 conv3_x downsample: 1x1 stride 2, 256 -> 512, 56 -> 28, conv -> BN only
+    spec = m.ConvSpec(256, 56, 56, 512, 1, 1, stride=2, act="identity")
+    assert (spec.P, spec.Q) == (28, 28)
+    c = m.conv_cost(spec, 2, "float16")
+    x, w, bn, y = 2 * 256 * 56 * 56 * 2, 512 * 256 * 2, 4 * 512 * 2, 2 * 512 * 28 * 28 * 2
+    assert c.flops == 2 * 2 * 512 * 28 * 28 * 256
+    assert c.fused_bytes == x + w + bn + y
+    assert c.unfused_bytes == x + w + bn + y + 2 * y  # + BN's read and write
+
+
+def test_odd_stride2_bias_groups_by_hand():
+    spec = m.ConvSpec(6, 7, 9, 4, 3, 3, stride=2, padding=1, groups=2, bias=True, bn=False)
+    assert (spec.P, spec.Q) == (4, 5)  # (7 + 2 - 3) // 2 + 1, (9 + 2 - 3) // 2 + 1
+    assert m.conv_flops(spec, 3) == 2 * 3 * 4 * 4 * 5 * 3 * 9
+    c = m.conv_cost(spec, 3, "float32")
+    x, w, b, y = 3 * 6 * 7 * 9 * 4, 4 * 3 * 9 * 4, 4 * 4, 3 * 4 * 4 * 5 * 4
+    assert c.fused_bytes == x + w + b + y
+    assert c.unfused_bytes == x + w + b + y + 2 * y  # no BN kernel; the ReLU's read + write
+    assert spec.epilogue == "relu"
+
+
+def test_linear_and_pool_by_hand():
+    c = m.linear_cost(m.LinearSpec(2048, 1000), 4, "float32")
+    assert c.flops == 2 * 4 * 2048 * 1000
+    assert c.fused_bytes == c.unfused_bytes == (4 * 2048 + 2048 * 1000 + 1000 + 4 * 1000) * 4
+    c = m.linear_cost(m.LinearSpec(10, 20, act="relu"), 1, "float16")
+    assert c.unfused_bytes - c.fused_bytes == 2 * 20 * 2
+    p = m.PoolSpec(64, 112, 112, kernel=3, stride=2, padding=1)
+    assert (p.P, p.Q) == (56, 56)
+    assert m.pool_cost(p, 2, "bfloat16") == m.Cost(0, 2 * 64 * (112 * 112 + 56 * 56) * 2,
+                                                   2 * 64 * (112 * 112 + 56 * 56) * 2)
+    g = m.PoolSpec(2048, 7, 7)  # global average pool
+    assert (g.P, g.Q) == (1, 1)
+
+
+def test_floor_and_fraction():
+    f = m.floor_time(2e12, 1e9, peak_flops=1e15, bandwidth=1e12)
+    assert f.compute_s == pytest.approx(2e-3) and f.memory_s == pytest.approx(1e-3)
+    assert f.seconds == pytest.approx(2e-3) and f.bound == "compute"
+    g = m.floor_time(1e9, 3e9, peak_flops=1e15, bandwidth=1e12)
+    assert g.seconds == pytest.approx(3e-3) and g.bound == "memory"
+    assert m.fraction_of_floor(2e-3, 4e-3) == pytest.approx(0.5)
+    total = m.layers_floor([m.Cost(2e12, 1e9, 1e9), m.Cost(1e9, 3e9, 5e9)], 1e15, 1e12)
+    assert total.seconds == pytest.approx(5e-3)  # the sum of per-layer floors, not max of sums
+    with pytest.raises(ValueError):
+        m.floor_time(1, 1, 0, 1)
+    with pytest.raises(ValueError):
+        m.fraction_of_floor(1.0, 0.0)
+
+
+def test_case_floor_uses_ceilings_of_its_dtype():
+    case = cases.REGISTRY["resnet50.conv2_x.0.conv2"]
+    ceil = m.Ceilings(bandwidth=3e12, matmul={"bfloat16": 800e12, "float32": 400e12})
+    c = case.cost(32, torch.bfloat16)
+    f = case.floor(32, torch.bfloat16, ceil)
+    assert f.seconds == pytest.approx(max(c.flops / 800e12, c.fused_bytes / 3e12))
+    assert case.floor(32, torch.float16, ceil) is None  # no measured rate: no floor, not a guess
+
+
+def test_model_totals_match_published_counts():
+    # ResNet-50 at 224: 4.09 GMACs, ResNet-18: 1.81 GMACs, VGG16: 15.47 GMACs (convs + FCs)
+    r50 = m.model_cost(archs.ARCHS["resnet50"](), 1, "float32")
+    r18 = m.model_cost(archs.ARCHS["resnet18"](), 1, "float32")
+    vgg = m.model_cost(archs.ARCHS["vgg16_bn"](), 1, "float32")
+    assert r50.flops / 2e9 == pytest.approx(4.09, rel=0.01)
+    assert r18.flops / 2e9 == pytest.approx(1.81, rel=0.01)
+    assert vgg.flops / 2e9 == pytest.approx(15.47, rel=0.01)
+    assert r50.unfused_bytes > r50.fused_bytes
+    assert m.model_cost(archs.ARCHS["resnet50"](), 4, "float32").flops == 4 * r50.flops
+
+
+# ----------------------------------------------------------------------------
+# Layer tables and registry
+# ----------------------------------------------------------------------------
+
+def test_resnet50_distinct_convs():
+    layers = archs.ARCHS["resnet50"]()
+    convs = archs.conv_layers(layers)
+    assert len(convs) == 53  # 1 stem + 16 blocks x 3 + 4 downsample
+    distinct = archs.distinct_convs(layers)
+    assert len(distinct) == 24  # stem + 5 (conv2_x) + 6 x 3 (conv3_x..conv5_x)
+    assert sum(len(v) for v in distinct.values()) == 53
+    by_name = dict(convs)
+    assert by_name["conv1"] == m.ConvSpec(3, 224, 224, 64, 7, 7, stride=2, padding=3)
+    assert by_name["layer2.0.conv2"] == m.ConvSpec(128, 56, 56, 128, 3, 3, stride=2, padding=1)
+    assert by_name["layer4.2.conv3"] == m.ConvSpec(512, 7, 7, 2048, 1, 1, residual=True)
+    downs = [n for n in by_name if "downsample" in n]
+    assert downs == [f"layer{i}.0.downsample.0" for i in (1, 2, 3, 4)]
+    assert [by_name[n].stride for n in downs] == [1, 2, 2, 2]
+    names = [c.name for c in cases.select(["resnet50."], kinds=["layer"])]
+    assert len(names) == 24
+    for stage in ("stem", "conv2_x", "conv3_x", "conv4_x", "conv5_x"):
+        assert any(stage in n for n in names), stage
+
+
+def test_resnet18_distinct_convs():
+    distinct = archs.distinct_convs(archs.ARCHS["resnet18"]())
+    assert len(distinct) == 15
+    assert sum(len(v) for v in distinct.values()) == 20
+    assert sum(s.residual for s in distinct) == 4
+
+
+def test_vgg16_bn_13_layers():
+    convs = archs.conv_layers(archs.ARCHS["vgg16_bn"]())
+    expect = [(3, 64, 224), (64, 64, 224), (64, 128, 112), (128, 128, 112), (128, 256, 56), (256, 256, 56),
+              (256, 256, 56), (256, 512, 28), (512, 512, 28), (512, 512, 28), (512, 512, 14), (512, 512, 14),
+              (512, 512, 14)]
+    assert [(s.C, s.K, s.H) for _, s in convs] == expect
+    assert all(s.R == s.S == 3 and s.padding == 1 and s.bias and s.act == "relu" for _, s in convs)
+    assert [n for n, _ in convs][:3] == ["features.0", "features.3", "features.7"]
+    vgg_cases = cases.select(["vgg16_bn."], kinds=["layer"])
+    assert sum(c.count for c in vgg_cases) == 13
+
+
+def test_registry():
+    assert len(cases.select(kinds=["model"])) == 3
+    assert {c.spec for c in cases.select(kinds=["model"])} == {"resnet18", "resnet50", "vgg16_bn"}
+    quick = cases.select(quick=True)
+    assert quick and all(c.quick for c in quick) and len(quick) < len(cases.REGISTRY)
+    for c in cases.REGISTRY.values():
+        assert c.op in cases.OPS and c.batches == (1, 32, 256)
+        cost = c.cost(1, torch.float32)
+        assert cost.flops > 0 and cost.unfused_bytes >= cost.fused_bytes > 0
+    with pytest.raises(ValueError, match="twice"):
+        cases.register(cases.REGISTRY["model.resnet18"])
+    with pytest.raises(ValueError, match="unknown op"):
+        cases.register(cases.Case("x", "no_such_op", "g", None))
+
+
+def _hooked_convs(model, image):
+    seen = []
+    hooks = [mod.register_forward_hook(lambda mod_, inp, out, name=name: seen.append((name, mod_, inp[0].shape)))
+             for name, mod in model.named_modules() if isinstance(mod, nn.Conv2d)]
+    with torch.no_grad():
+        model.eval()(torch.randn(1, 3, image, image))
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "vgg16_bn"])
+def test_tables_describe_the_built_models(arch):
+    image = 64  # the tables take the image size; small keeps this fast
+    table = archs.conv_layers(archs.ARCHS[arch](image))
+    seen = _hooked_convs(build(arch), image)
+    assert [n for n, _, _ in seen] == [n for n, _ in table]
+    for (name, conv, shape), (_, spec) in zip(seen, table):
+        assert (conv.in_channels, conv.out_channels) == (spec.C, spec.K), name
+        assert conv.kernel_size == (spec.R, spec.S) and conv.stride == (spec.stride,) * 2, name
+        assert conv.padding == (spec.padding,) * 2 and (conv.bias is not None) == spec.bias, name
+        assert tuple(shape[2:]) == (spec.H, spec.W), name
+    # FLOPs: the table's total equals the built model's convs and Linears
+    model = build(arch)
+    conv_flops = sum(m.conv_flops(s, 1) for _, s in table)
+    lin = [mod for mod in model.modules() if isinstance(mod, nn.Linear)]
+    lin_flops = sum(2 * mod.in_features * mod.out_features for mod in lin)
+    assert m.model_cost(archs.ARCHS[arch](image), 1, "float32").flops == conv_flops + lin_flops
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "vgg16_bn"])
+def test_builders_match_torchvision(arch):
+    tv = torchvision_builder(arch)
+    if tv is None:
+        pytest.skip("torchvision is not importable here (the GPU box has none; the builders stand in)")
+    ours = {k: tuple(v.shape) for k, v in build(arch).state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in tv().state_dict().items()}
+    assert ours == theirs
+
+
+def test_calibrated_model_is_finite_and_not_identity_bn():
+    model = make_model("resnet18", image=64, calib_batch=2)
+    bn = model.layer1[0].bn1
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+    assert not model.training
+    out = model(torch.randn(2, 3, 64, 64))
+    assert torch.isfinite(out).all() and 1e-3 < out.std().item() < 1e3
+
+
+def test_workload_reference_and_providers_on_cpu():
+    case = cases.REGISTRY["resnet18.conv5_x.0.downsample.0"]
+    op = cases.OPS[case.op]
+    wl = op.make_workload(case, torch.device("cpu"), torch.float32, 2, n_sets=2, seed=0)
+    assert len(wl.arg_sets) == 2 and wl.reference.dtype == torch.float64
+    assert wl.reference.shape == (2, 512, 7, 7)
+    assert wl.arg_sets[0][0].is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(wl.arg_sets[0][0], wl.arg_sets[1][0])  # rotated sets differ
+    for provider in ("eager", "resfuse-eager"):
+        out = op.build(provider, wl)(*wl.arg_sets[0])
+        assert rel_err(out, wl.reference) < 1e-5, provider
+
+
+# ----------------------------------------------------------------------------
+# Harness pieces
+# ----------------------------------------------------------------------------
+
+def test_rotation_count():
+    assert timing.rotation_count(1 << 20, 50 << 20, 256) == 100  # 2 x L2 / set
+    assert timing.rotation_count(200 << 20, 50 << 20, 256) == 1
+    assert timing.rotation_count(1 << 10, 50 << 20, 256) == 256  # capped
+    assert timing.rotation_count(1 << 20, 50 << 20, 8) == 8
+    assert timing.rotation_count(3 << 30, 50 << 20, 256) == 1  # over the memory budget: still one
+
+
+def test_time_cpu_and_quantiles():
+    t = timing.time_cpu([lambda: sum(range(1000))], warmup_s=0.0, rep_s=0.01, min_reps=5)
+    assert t.reps >= 5 and 0 < t.p20_s <= t.median_s <= t.p80_s
+    assert timing._quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
+    assert timing._quantile([1.0, 2.0], 0.25) == 1.25
+
+
+class _FakeCuda:
+    """Stand-ins for the torch.cuda calls the GPU timer makes, so its
+    bookkeeping (warm-up, repetitions, graph sweeps) runs on a CPU machine."""
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self, stream=None):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class CUDAGraph:
+        def replay(self):
+            time.sleep(1e-5)
+
+    @staticmethod
+    def graph(g):
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def stream(s):
+        return contextlib.nullcontext()
+
+
+def test_time_cuda_bookkeeping_with_a_fake_device(monkeypatch):
+    fake = _FakeCuda()
+    for name in ("Event", "Stream", "CUDAGraph", "graph", "stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: fake.Stream())
+    calls = [0, 0, 0]
+    fns = [lambda i=i: calls.__setitem__(i, calls[i] + 1) for i in range(3)]
+    t = timing.time_cuda(fns, graph=False, warmup_ms=1, rep_ms=2, min_reps=10)
+    assert t.reps >= 10 and not t.graph and t.median_s >= 0
+    assert min(calls) >= 4 and max(calls) - min(calls) <= 2  # sweep, warm-up and timed calls rotate
+    calls[:] = [0, 0, 0]
+    t = timing.time_cuda(fns, graph=True, warmup_ms=1, rep_ms=2, min_reps=5)
+    assert t.graph and t.reps >= 5 and t.median_s > 0
+    assert max(calls) - min(calls) <= 1  # warm-up round-robin; the captured sweeps call every set alike
+
+
+def test_report_pieces():
+    assert report.geomean([1.0, 4.0]) == pytest.approx(2.0)
+    assert report.geomean([]) is None
+    assert report.device_tag("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    t = report.markdown_table(("a", "b"), [(1.23456, None), (12345.6, "x")])
+    assert t.splitlines() == ["| a | b |", "|---|---|", "| 1.23 | - |", "| 12,346 | x |"]
+
+
+# ----------------------------------------------------------------------------
+# The CPU paths of the scripts
+# ----------------------------------------------------------------------------
+
+def _run(cmd, timeout):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_model_only_prints_every_case():
+    r = _run([sys.executable, "bench/run.py", "--model-only", "--dtype", "bf16", "--batch", "32"], 120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| case | layers | op | dtype | N | GFLOP | MB fused | MB eager seq |" in r.stdout
+    body = [ln for ln in r.stdout.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert len(body) == len(cases.REGISTRY)
+
+
+def test_run_quick_cpu_times_and_writes_results(tmp_path):
+    r = _run([sys.executable, "bench/run.py", "--quick", "--case", "resnet50.conv2_x.0.conv2,model.resnet18",
+              "--cpu-threads", "1", "--out-dir", str(tmp_path), "--summary-file", str(tmp_path / "s.md")], 240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    assert "CPU timings are no evidence about the kernels" in out
+    assert "| case | dtype | N | GFLOP | MB fused | MB eager seq | floor us | bound | provider | median us |" in out
+    csvs = list(tmp_path.glob("*-cpu-quick.csv"))
+    assert len(csvs) == 1 and list(tmp_path.glob("*-cpu-quick.md"))
+    lines = csvs[0].read_text().splitlines()
+    head = [ln for ln in lines if ln.startswith("# ")]
+    assert any(ln.startswith("# command: python bench/run.py --quick") for ln in head)
+    assert any(ln.startswith("# versions: torch") for ln in head)
+    rows = list(csv.DictReader(ln for ln in lines if not ln.startswith("#")))
+    assert {(r_["case"], r_["provider"]) for r_ in rows} == {
+        (c, p) for c in ("resnet50.conv2_x.0.conv2", "model.resnet18") for p in ("eager", "resfuse-eager")}
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert float(row["rel_err"]) <= float(row["tol"])
+        assert float(row["time_us"]) > 0 and float(row["gflop"]) > 0 and math.isfinite(float(row["floor_us"]))
+    conv = next(r_ for r_ in rows if r_["case"] == "resnet50.conv2_x.0.conv2")
+    assert float(conv["gflop"]) == pytest.approx(0.231211008)
+    assert float(conv["fused_mb"]) == pytest.approx(1.754112)
+    assert "provider" in (tmp_path / "s.md").read_text()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="bash script")
+def test_device_check_dry_run():
+    r = _run(["bash", "bench/device_check.sh", "--dry-run"], 180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "dry run: all checks passed" in r.stdout
+    for stage in ("env", "build", "gpu_tests", "sanitizer", "bench"):
+        assert f"\n{stage} " in r.stdout
+
+
+def test_wrong_or_failing_provider_is_reported_not_timed(monkeypatch, tmp_path, capsys):
+    from bench import run
+    op = cases.OPS["conv_bn_act"]
+    real_build = op.build
+
+    def build(provider, wl):
+        fn = real_build(provider, wl)
+        if provider != "resfuse-eager":
+            return fn
+        if wl.case.name.endswith("downsample.0"):
+            return lambda *a: fn(*a) * 1.01  # fast and 1% off: not a result
+        def broken(*a):
+            raise RuntimeError("kernel exploded")
+        return broken
+
+    monkeypatch.setattr(op, "build", build)
+    rc = run.main(["--case", "resnet18.conv5_x.0.downsample.0,resnet18.conv5_x.1.conv1", "--device", "cpu",
+                   "--provider", "eager,resfuse-eager", "--out-dir", str(tmp_path), "--no-plot"])
+    assert rc == 0
+    lines = next(tmp_path.glob("*.csv")).read_text().splitlines()
+    rows = {(r["case"], r["provider"]): r for r in csv.DictReader(ln for ln in lines if not ln.startswith("#"))}
+    wrong = rows[("resnet18.conv5_x.0.downsample.0", "resfuse-eager")]
+    assert wrong["status"] == "WRONG" and wrong["time_us"] == "" and float(wrong["rel_err"]) > float(wrong["tol"])
+    err = rows[("resnet18.conv5_x.1.conv1", "resfuse-eager")]
+    assert err["status"] == "error" and "kernel exploded" in err["note"] and err["time_us"] == ""
+    assert all(rows[(c, "eager")]["status"] == "ok" for c, _ in rows)
+    out = capsys.readouterr().out
+    assert "| resfuse-eager | fp32 | 0 | 1 | 1 | 0 |" in out  # the summary counts them
