@@ -18,7 +18,9 @@ class Record:
     kind: str      # 'conv+bn+relu', 'conv+bn', ... or 'conv' when not fused
     backend: str   # 'triton' | 'cuda' | 'eager'
     reason: str    # why not fused, or why the backend is not the first choice; '' if neither
-    observed: bool = False  # True: seen in a run; False: predicted from the parameters
+    observed: bool = False  # False: a fused conv's backend predicted from its parameters (not run
+    #                         since it was converted, or explain's example did not reach it);
+    #                         True: seen in the last run, or certain (an unfused conv runs eager)
 
 
 class Report:
@@ -69,11 +71,21 @@ def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
 
     With example inputs the model is run once under ``torch.no_grad()`` and
     the report shows the backends that actually ran; without, they are
-    predicted from the parameters' device and dtype.
+    predicted from the parameters' device and dtype. The run leaves the
+    model's buffers as they were (a train-mode BatchNorm would otherwise
+    fold the example into its running statistics).
     """
     if example_args or example_kwargs:
+        for m in model.modules():
+            if isinstance(m, FusedSequential):
+                m.last_decisions.clear()  # report this run only
         with torch.no_grad():
-            model(*example_args, **example_kwargs)
+            saved = [(b, b.clone()) for b in model.buffers()]
+            try:
+                model(*example_args, **example_kwargs)
+            finally:
+                for b, old in saved:
+                    b.copy_(old)
     records = []
     for prefix, parent in model.named_modules():
         if isinstance(parent, FusedSequential):
@@ -104,14 +116,18 @@ def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
             for step in plan.steps:
                 if isinstance(step, FusedGroup):
                     unfused[step.conv] = "fusable, but this Sequential was not converted (resfuse.convert)"
+        elif isinstance(parent, nn.Sequential):
+            unfused = {n: f"inside {type(parent).__name__}, an nn.Sequential subclass with its own forward: "
+                          f"the order its children run in is unknown"
+                       for n, c in parent._modules.items() if isinstance(c, nn.Conv2d)}
         else:
             unfused = {n: f"inside {type(parent).__name__}, not an nn.Sequential: only Conv2d -> BN runs "
                           f"inside nn.Sequential fuse so far"
                        for n, c in parent._modules.items() if isinstance(c, nn.Conv2d)}
         for child, why in unfused.items():
-            records.append(Record(_join(prefix, child), "conv", "eager", why, False))
+            records.append(Record(_join(prefix, child), "conv", "eager", why, True))
     if isinstance(model, nn.Conv2d):
-        records.append(Record("", "conv", "eager", "a lone Conv2d has no BatchNorm to fuse"))
+        records.append(Record("", "conv", "eager", "a lone Conv2d has no BatchNorm to fuse", True))
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     records.sort(key=lambda r: order.get(r.name, len(order)))
     return Report(records)

@@ -12,6 +12,22 @@ import torch.nn as nn
 
 from .activations import activation_of_module
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def hooks_reason(m: nn.Module, role: str) -> Optional[str]:
+    """Why `m` must run as itself: a fused group never calls its members'
+    forward, so their hooks would silently not fire (and hook-based
+    reparametrizations such as ``torch.nn.utils.weight_norm`` would read a
+    stale weight)."""
+    kinds = [d.strip("_").replace("_hooks", "") for d in _HOOK_DICTS if getattr(m, d, None)]
+    if kinds:
+        return f"its {role} has {'/'.join(kinds)} hooks, which run only when the module runs by itself"
+    g = torch.nn.modules.module
+    if any(getattr(g, "_global" + d, None) for d in _HOOK_DICTS):
+        return "global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"
+    return None
+
 
 def conv_reason(conv: nn.Module) -> Optional[str]:
     """Why this Conv2d cannot be the head of a fused group (None: it can)."""
@@ -19,6 +35,9 @@ def conv_reason(conv: nn.Module) -> Optional[str]:
         return f"{type(conv).__name__} is not an nn.Conv2d"
     if type(conv).forward is not nn.Conv2d.forward or type(conv)._conv_forward is not nn.Conv2d._conv_forward:
         return f"{type(conv).__name__} overrides Conv2d.forward; its semantics are unknown"
+    why = hooks_reason(conv, "Conv2d")
+    if why is not None:
+        return why
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (only 'zeros' fuses)"
     if isinstance(conv.padding, str) and conv.padding == "same":
@@ -53,7 +72,7 @@ def bn_reason(bn: Optional[nn.Module], conv: nn.Conv2d) -> Optional[str]:
         return f"followed by {type(bn).__name__}, not BatchNorm2d"
     if n != conv.out_channels:
         return f"BatchNorm has {n} features but the conv has {conv.out_channels} output channels"
-    return None
+    return hooks_reason(bn, type(bn).__name__)
 
 
 def bn_uses_running_stats(bn: nn.Module) -> bool:
@@ -98,7 +117,8 @@ def plan_sequential(seq: nn.Sequential) -> Plan:
             why = conv_reason(m) or bn_reason(mods[i + 1] if i + 1 < len(mods) else None, m)
             if why is None:
                 act_mod = mods[i + 2] if i + 2 < len(mods) else None
-                act = activation_of_module(act_mod) if act_mod is not None else None
+                act = (activation_of_module(act_mod)
+                       if act_mod is not None and hooks_reason(act_mod, "activation") is None else None)
                 if act_mod is not None and act is not None:
                     steps.append(FusedGroup(names[i], names[i + 1], names[i + 2], act))
                     i += 3

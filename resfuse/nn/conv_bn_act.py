@@ -51,8 +51,6 @@ class FusedSequential(nn.Sequential):
     def _init_fused(self, backend: str) -> None:
         self.backend = backend
         self.last_decisions: Dict[str, dispatch.Decision] = {}
-        self._plan: Optional[Plan] = None
-        self._plan_key = None
 
     @property
     def backend(self) -> str:
@@ -61,25 +59,42 @@ class FusedSequential(nn.Sequential):
     @backend.setter
     def backend(self, value: str) -> None:
         self._backend = dispatch.validate_backend(value)
+        self.last_decisions = {}  # observed under the old setting
+
+    def _apply(self, *args, **kwargs):
+        # .to()/.half()/.cuda(): what ran before may not be what runs now.
+        self.last_decisions = {}
+        return super()._apply(*args, **kwargs)
 
     @classmethod
     def from_sequential(cls, seq: nn.Sequential, backend: str = "auto") -> "FusedSequential":
         """Turn `seq` itself into a FusedSequential (same object, children,
-        hooks and flags; only its class changes)."""
-        seq.__class__ = cls
+        hooks and flags; only its class changes). A subclass of
+        nn.Sequential (torchvision's Conv2dNormActivation, say) becomes a
+        subclass of both, so isinstance checks and its methods still work."""
+        seq.__class__ = fused_class(type(seq))
         seq._init_fused(backend)
         return seq
 
+    def __reduce_ex__(self, protocol):
+        # A class made by fused_class is not importable by name; pickle
+        # (torch.save of a whole model) rebuilds it from the original class.
+        cls = type(self)
+        base = _FUSED_BASE.get(cls)
+        if base is None:
+            return super().__reduce_ex__(protocol)
+        return _new_fused, (base,), self.__getstate__()
+
     def plan(self) -> Plan:
-        """The fusion plan for the current children (recomputed when a child
-        is replaced)."""
-        if _compiling() and self._plan is not None:
-            return self._plan
-        key = tuple(self._modules.items())
-        if self._plan is None or len(key) != len(self._plan_key) or any(
-                a[0] != b[0] or a[1] is not b[1] for a, b in zip(key, self._plan_key)):
-            self._plan, self._plan_key = plan_sequential(self), key
-        return self._plan
+        """The fusion plan for the children as they are now.
+
+        Recomputed at every call (tens of microseconds for all of
+        vgg16_bn.features): it depends on the children and on attributes
+        of theirs (padding_mode, hooks, an activation's parameters, ...)
+        that can change after conversion, and a stale plan would compute
+        the wrong function silently. Under torch.compile it is traced, and
+        dynamo guards on what it reads."""
+        return plan_sequential(self)
 
     def forward(self, x):
         for step in self.plan().steps:
@@ -100,8 +115,9 @@ class FusedSequential(nn.Sequential):
         conv = self._modules[group.conv]
         mean, var, gamma, beta, eps = bn_tensors(self._modules[group.bn])
         weight, bias = conv.weight, conv.bias
-        if torch.is_autocast_enabled(x.device.type):
-            # What autocast does for F.conv2d: compute in the autocast dtype.
+        if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
+            # What autocast does for F.conv2d: compute in the autocast dtype
+            # (float64 is not autocast-eligible and stays as it is).
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
@@ -116,10 +132,29 @@ class FusedSequential(nn.Sequential):
     def extra_repr(self) -> str:
         return f"backend={self._backend!r}"
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_plan"], state["_plan_key"] = None, None  # rebuilt from the children
-        return state
+
+_FUSED_CLASSES: Dict[type, type] = {nn.Sequential: FusedSequential}
+_FUSED_BASE: Dict[type, type] = {}
+
+
+def fused_class(seq_cls: type) -> type:
+    """FusedSequential for nn.Sequential; for a subclass of nn.Sequential
+    that keeps Sequential's forward, a class deriving from both."""
+    if issubclass(seq_cls, FusedSequential):
+        return seq_cls
+    cls = _FUSED_CLASSES.get(seq_cls)
+    if cls is None:
+        cls = type(f"Fused{seq_cls.__name__}", (FusedSequential, seq_cls),
+                   {"__module__": __name__, "__doc__": f"{seq_cls.__name__}, fused by resfuse.convert."})
+        _FUSED_CLASSES[seq_cls], _FUSED_BASE[cls] = cls, seq_cls
+    return cls
+
+
+def _new_fused(seq_cls: type) -> FusedSequential:
+    """Unpickling: an empty instance of fused_class(seq_cls); pickle then
+    restores its __dict__ through nn.Module.__setstate__."""
+    cls = fused_class(seq_cls)
+    return cls.__new__(cls)
 
 
 class ConvBNAct(FusedSequential):
