@@ -27,6 +27,9 @@ def _triton_import_error() -> str:
     return ""
 
 
+_LOADED_KERNELS = {}  # kernel module name -> whether it was imported in interpreter mode
+
+
 def kernels_module(name: str):
     """Import ``resfuse.kernels.<name>``. An installed resfuse carries the
     top-level ``kernels/`` folder of the source tree as ``resfuse.kernels``;
@@ -46,7 +49,7 @@ def kernels_module(name: str):
             sys.modules["resfuse.kernels"] = mod
             spec.loader.exec_module(mod)
     mod = importlib.import_module(full)
-    mod._RESFUSE_INTERPRET = interpreting()  # triton.jit fixed it at import
+    _LOADED_KERNELS[full] = interpreting()  # triton.jit fixed the mode at import
     return mod
 
 
@@ -56,9 +59,7 @@ def triton_reasons(device: torch.device, dtype: torch.dtype) -> List[str]:
     err = _triton_import_error()
     if err:
         return [err]
-    stale = [n for n, m in list(sys.modules.items()) if n.startswith("resfuse.kernels.")
-             and getattr(m, "_RESFUSE_INTERPRET", interpreting()) != interpreting()]
-    if stale:
+    if any(interp != interpreting() for interp in _LOADED_KERNELS.values()):
         reasons.append("TRITON_INTERPRET changed after the kernels were imported; "
                        "set it before the first resfuse call")
     if dtype not in _TRITON_DTYPES:

@@ -16,7 +16,9 @@ from . import dispatch
 from .convert import convert
 from .explain import explain
 from .models import randomize_bn, resnet18, resnet50, vgg16_bn_features
+from .nn.blocks import FusedResidualBlock
 from .nn.conv_bn_act import FusedSequential
+from .nn.stem import ConvBNHead
 from .patterns import FusedGroup
 from .reference import conv_bn_act_reference, to_float64
 
@@ -31,49 +33,82 @@ def rel_err(out, ref) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _groups(model):
-    for prefix, m in model.named_modules():
-        if isinstance(m, FusedSequential):
+def _units(plain, fused):
+    """(name, kind, input module name, fused fn, float64 reference fn, eager
+    fn, decisions fn) for every fused unit: stem heads, residual blocks,
+    Sequential groups."""
+    plain_mods = dict(plain.named_modules())
+    for name, m in fused.named_modules():
+        if isinstance(m, ConvBNHead):
+            bn, act = m.fused_bn, m.fused_activation
+
+            def ref(x, m=m, bn=bn, act=act):
+                return conv_bn_act_reference(*to_float64(x, m.weight, m.bias, bn.running_mean, bn.running_var,
+                                                         bn.weight, bn.bias), bn.eps, None, m.stride, m.padding,
+                                             m.dilation, m.groups, act)
+
+            def eager(x, m=m, bn=bn, act=act):
+                return conv_bn_act_reference(x, m.weight, m.bias, bn.running_mean, bn.running_var, bn.weight,
+                                             bn.bias, bn.eps, None, m.stride, m.padding, m.dilation, m.groups, act)
+            yield name, f"conv+bn+{act} (stem)", name, m, ref, eager, lambda m=m: [m.__dict__.get("last_decision")]
+        elif isinstance(m, FusedResidualBlock):
+            original = plain_mods[name]
+            kind = f"{m.spec.kind} block, {m.spec.shortcut} shortcut"
+            yield (name, kind, name, m, lambda x, o=original: copy.deepcopy(o).double()(x.double()), original,
+                   lambda m=m: list(m.last_decisions.values()))
+        elif isinstance(m, FusedSequential):
             for step in m.plan().steps:
-                if isinstance(step, FusedGroup):
-                    yield (f"{prefix}.{step.conv}" if prefix else step.conv), m, step
+                if not isinstance(step, FusedGroup):
+                    continue
+                conv, bn = m._modules[step.conv], m._modules[step.bn]
+                full = f"{name}.{step.conv}" if name else step.conv
+
+                def run(x, m=m, step=step):
+                    return m._run_fused(step, x)
+
+                def ref(x, conv=conv, bn=bn, step=step):
+                    return conv_bn_act_reference(*to_float64(x, conv.weight, conv.bias, bn.running_mean,
+                                                             bn.running_var, bn.weight, bn.bias), bn.eps, None,
+                                                 conv.stride, conv.padding, conv.dilation, conv.groups,
+                                                 step.activation)
+
+                def eager(x, conv=conv, bn=bn, step=step):
+                    return conv_bn_act_reference(x, conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                 bn.weight, bn.bias, bn.eps, None, conv.stride, conv.padding,
+                                                 conv.dilation, conv.groups, step.activation)
+                yield full, step.kind, full, run, ref, eager, lambda m=m, c=step.conv: [m.last_decisions.get(c)]
 
 
 def layer_table(plain, fused, x, dtype):
-    """Per fused layer: feed it the input the plain model's conv sees, and
-    compare fused output and eager output against the float64 reference."""
+    """Per fused unit: feed it the input the plain model's module sees, and
+    compare the fused output and eager's against the float64 reference."""
+    units = list(_units(plain, fused))
+    wanted = {u[2] for u in units}
     inputs = {}
     hooks = [mod.register_forward_pre_hook(lambda mod, a, name=name: inputs.__setitem__(name, a[0].detach()))
-             for name, mod in plain.named_modules() if isinstance(mod, nn.Conv2d)]
+             for name, mod in plain.named_modules() if name in wanted]
     with torch.no_grad():
         plain(x)
     for h in hooks:
         h.remove()
     rows = []
-    for name, seq, step in _groups(fused):
-        conv, bn = seq._modules[step.conv], seq._modules[step.bn]
-        xi = inputs[name]
+    for name, kind, src, run, ref_fn, eager_fn, decisions in units:
+        xi = inputs[src]
         with torch.no_grad():
-            y = seq._run_fused(step, xi)
-            decision = seq.last_decisions[step.conv]
-            args = dict(bn_mean=bn.running_mean, bn_var=bn.running_var, bn_weight=bn.weight, bn_bias=bn.bias)
-            ref = conv_bn_act_reference(*to_float64(xi, conv.weight, conv.bias), *to_float64(*args.values()),
-                                        bn.eps, None, conv.stride, conv.padding, conv.dilation, conv.groups,
-                                        step.activation)
-            eager = conv_bn_act_reference(xi, conv.weight, conv.bias, *args.values(), bn.eps, None,
-                                          conv.stride, conv.padding, conv.dilation, conv.groups, step.activation)
+            y, ref, eager = run(xi), ref_fn(xi), eager_fn(xi)
+        backends = sorted({d.backend for d in decisions() if d is not None}) or ["-"]
         err, err_eager = rel_err(y, ref), rel_err(eager, ref)
         tol = max(2 * err_eager, FLOOR[dtype])
-        rows.append((name, step.kind, decision.backend, err, err_eager, tol, err <= tol))
+        rows.append((name, kind, "+".join(backends), err, err_eager, tol, err <= tol))
     return rows
 
 
-def _time_pair(fns, device, reps):
+def _time_pair(fns, device, reps, warmup=3):
     """Median ms of each callable, measured alternately so that load on the
     machine hits all of them alike."""
     times = [[] for _ in fns]
     for fn in fns:
-        for _ in range(3):
+        for _ in range(warmup):
             fn()
     for _ in range(reps):
         for fn, ts in zip(fns, times):
@@ -127,9 +162,10 @@ def main(argv=None) -> int:
     print()
 
     rows = layer_table(plain, fused, x, dtype)
-    print(f"{'layer':<28} {'fused as':<14} {'backend':<8} {'rel err':>9} {'eager err':>9} {'tol':>9}  ok")
+    print(f"{'fused unit':<24} {'what':<34} {'backend':<8} {'rel err':>9} {'eager err':>9} {'tol':>9}  ok")
     for name, kind, backend, err, err_eager, tol, ok in rows:
-        print(f"{name:<28} {kind:<14} {backend:<8} {err:9.2e} {err_eager:9.2e} {tol:9.2e}  {'yes' if ok else 'NO'}")
+        print(f"{name:<24} {kind:<34} {backend:<8} {err:9.2e} {err_eager:9.2e} {tol:9.2e}  "
+              f"{'yes' if ok else 'NO'}")
 
     ref_model = copy.deepcopy(plain).to(torch.float64)
     with torch.no_grad():
@@ -143,7 +179,9 @@ def main(argv=None) -> int:
 
     reps = 3 if interp else args.reps
     with torch.no_grad():
-        t_eager, t_fused = _time_pair([lambda: plain(x), lambda: fused(x)], device, reps)
+        # the interpreter is seconds per pass and has nothing to warm up
+        t_eager, t_fused = _time_pair([lambda: plain(x), lambda: fused(x)], device, reps,
+                                      warmup=0 if interp else 3)
     print(f"\ntiming ({device}, median of {reps}): eager {t_eager:.3f} ms, resfuse {t_fused:.3f} ms, "
           f"ratio {t_eager / t_fused:.2f}x")
     if not cuda:

@@ -7,7 +7,10 @@ import torch
 import torch.nn as nn
 
 from . import dispatch
+from .block_patterns import match_block
+from .nn.blocks import FusedResidualBlock
 from .nn.conv_bn_act import FusedSequential
+from .nn.stem import ConvBNHead, head_fuses, stem_parts
 from .ops import OP, ProblemSignature
 from .patterns import FusedGroup, bn_uses_running_stats, is_plain_sequential, plan_sequential
 
@@ -61,9 +64,95 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _predict(seq: FusedSequential, conv: nn.Conv2d) -> dispatch.Decision:
-    sig = ProblemSignature(conv.weight.device, conv.weight.dtype, conv.groups)
-    return dispatch.plan(OP, seq.backend, sig)[0]
+def _decision_row(name, kind, owner_backend, conv, decision) -> Record:
+    """A row for a fused conv: the observed decision, or a prediction from
+    the parameters' device and dtype."""
+    observed = decision is not None
+    if decision is None:
+        sig = ProblemSignature(conv.weight.device, conv.weight.dtype, conv.groups)
+        try:
+            decision = dispatch.plan(OP, owner_backend, sig)[0]
+        except dispatch.BackendUnavailable as e:
+            return Record(name, kind, e.backend, "cannot run: " + "; ".join(e.reasons))
+    return Record(name, kind, decision.backend, decision.reason() if decision.fell_back else "", observed)
+
+
+def _act_suffix(activation: str) -> str:
+    return "" if activation == "identity" else f"+{activation}"
+
+
+def _sequential_rows(prefix, seq: FusedSequential):
+    plan = seq.plan()
+    for step in plan.steps:
+        if not isinstance(step, FusedGroup):
+            continue
+        name = _join(prefix, step.conv)
+        if not bn_uses_running_stats(seq._modules[step.bn]):
+            yield Record(name, "conv", "eager", "train mode: BatchNorm uses batch statistics, runs unfused", True)
+            continue
+        yield _decision_row(name, step.kind, seq.backend, seq._modules[step.conv],
+                            seq.last_decisions.get(step.conv))
+    for child, why in plan.unfused.items():
+        if not isinstance(seq._modules[child], ConvBNHead):
+            yield Record(_join(prefix, child), "conv", "eager", why, True)
+
+
+def _block_rows(prefix, block: FusedResidualBlock):
+    spec, mods = block.spec, block._modules
+    fusable = block._fusable_now()
+    last = spec.stages[-1]
+    for st in spec.stages:
+        name = _join(prefix, st.conv)
+        if st is last:
+            kind = ("conv+bn+proj" if spec.shortcut == "projection" else "conv+bn+add") + \
+                _act_suffix(spec.out_activation)
+        else:
+            kind = "conv+bn" + _act_suffix(st.activation)
+        if not fusable:
+            yield Record(name, "conv", "eager", "train mode or hooks: the block runs its original forward", True)
+        else:
+            yield _decision_row(name, kind, block.backend, mods[st.conv], block.last_decisions.get(st.conv))
+    if spec.shortcut == "projection":
+        ds = _join(prefix, spec.downsample)
+        if fusable:
+            yield Record(_join(ds, "0"), "proj (in " + last.conv + ")", block.last_decisions[last.conv].backend
+                         if last.conv in block.last_decisions else "-",
+                         f"accumulated inside {last.conv}'s kernel; its output never reaches memory",
+                         last.conv in block.last_decisions)
+        else:
+            yield Record(_join(ds, "0"), "conv", "eager", "train mode or hooks: runs in the original forward", True)
+
+
+def _other_rows(prefix, parent):
+    """Conv children of a module that is not a FusedSequential or a fused block."""
+    convs = {n: c for n, c in parent._modules.items() if isinstance(c, nn.Conv2d)}
+    if not convs:
+        return
+    if is_plain_sequential(parent):
+        plan = plan_sequential(parent)
+        unfused = dict(plan.unfused)
+        for step in plan.steps:
+            if isinstance(step, FusedGroup):
+                unfused[step.conv] = "fusable, but this Sequential was not converted (resfuse.convert)"
+    else:
+        block = match_block(parent)
+        stem = stem_parts(parent)
+        if not isinstance(block, str):
+            generic = "fusable residual block, but not converted (resfuse.convert)"
+        elif "conv1" in convs and "conv2" in convs:
+            generic = f"residual block not fused: {block}"
+        elif isinstance(parent, nn.Sequential):
+            generic = (f"inside {type(parent).__name__}, an nn.Sequential subclass with its own forward: "
+                       f"the order its children run in is unknown")
+        else:
+            generic = (f"inside {type(parent).__name__}: not a Sequential run, a residual block or a "
+                       f"ResNet stem, so its data flow is unknown")
+        unfused = {n: generic for n in convs}
+        if not isinstance(stem, str) and not isinstance(stem[0], ConvBNHead) and "conv1" in unfused:
+            unfused["conv1"] = "fusable stem, but not converted (resfuse.convert)"
+    for child, why in unfused.items():
+        if not isinstance(convs.get(child), ConvBNHead):
+            yield Record(_join(prefix, child), "conv", "eager", why, True)
 
 
 def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
@@ -77,8 +166,10 @@ def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
     """
     if example_args or example_kwargs:
         for m in model.modules():
-            if isinstance(m, FusedSequential):
+            if isinstance(m, (FusedSequential, FusedResidualBlock)):
                 m.last_decisions.clear()  # report this run only
+            elif isinstance(m, ConvBNHead):
+                m.__dict__.pop("last_decision", None)
         with torch.no_grad():
             saved = [(b, b.clone()) for b in model.buffers()]
             try:
@@ -87,46 +178,25 @@ def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
                 for b, old in saved:
                     b.copy_(old)
     records = []
+    absorbed = {id(m._modules[m.spec.downsample]) for m in model.modules()
+                if isinstance(m, FusedResidualBlock) and m.spec.shortcut == "projection"}
     for prefix, parent in model.named_modules():
-        if isinstance(parent, FusedSequential):
-            plan = parent.plan()
-            for step in plan.steps:
-                if not isinstance(step, FusedGroup):
-                    continue
-                conv, bn = parent._modules[step.conv], parent._modules[step.bn]
-                name = _join(prefix, step.conv)
-                if not bn_uses_running_stats(bn):
-                    records.append(Record(name, "conv", "eager",
-                                          "train mode: BatchNorm uses batch statistics, runs unfused", True))
-                    continue
-                decision = parent.last_decisions.get(step.conv)
-                observed = decision is not None
-                if decision is None:
-                    try:
-                        decision = _predict(parent, conv)
-                    except dispatch.BackendUnavailable as e:
-                        records.append(Record(name, step.kind, e.backend, "cannot run: " + "; ".join(e.reasons)))
-                        continue
-                records.append(Record(name, step.kind, decision.backend,
-                                      decision.reason() if decision.fell_back else "", observed))
-            unfused = plan.unfused
-        elif is_plain_sequential(parent):
-            plan = plan_sequential(parent)
-            unfused = dict(plan.unfused)
-            for step in plan.steps:
-                if isinstance(step, FusedGroup):
-                    unfused[step.conv] = "fusable, but this Sequential was not converted (resfuse.convert)"
-        elif isinstance(parent, nn.Sequential):
-            unfused = {n: f"inside {type(parent).__name__}, an nn.Sequential subclass with its own forward: "
-                          f"the order its children run in is unknown"
-                       for n, c in parent._modules.items() if isinstance(c, nn.Conv2d)}
+        if id(parent) in absorbed:
+            continue  # rows come from the block that computes it
+        if isinstance(parent, ConvBNHead):
+            kind = "conv+bn" + _act_suffix(parent.fused_activation)
+            if head_fuses(parent, parent.fused_bn):
+                records.append(_decision_row(prefix, kind + " (stem)", parent.backend, parent,
+                                             parent.__dict__.get("last_decision")))
+            else:
+                records.append(Record(prefix, "conv", "eager", "train mode or hooks: BN runs on its own", True))
+        elif isinstance(parent, FusedSequential):
+            records.extend(_sequential_rows(prefix, parent))
+        elif isinstance(parent, FusedResidualBlock):
+            records.extend(_block_rows(prefix, parent))
         else:
-            unfused = {n: f"inside {type(parent).__name__}, not an nn.Sequential: only Conv2d -> BN runs "
-                          f"inside nn.Sequential fuse so far"
-                       for n, c in parent._modules.items() if isinstance(c, nn.Conv2d)}
-        for child, why in unfused.items():
-            records.append(Record(_join(prefix, child), "conv", "eager", why, True))
-    if isinstance(model, nn.Conv2d):
+            records.extend(_other_rows(prefix, parent))
+    if isinstance(model, nn.Conv2d) and not isinstance(model, ConvBNHead):
         records.append(Record("", "conv", "eager", "a lone Conv2d has no BatchNorm to fuse", True))
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     records.sort(key=lambda r: order.get(r.name, len(order)))

@@ -203,8 +203,31 @@ def pre_activation(p: ConvBNActProblem, x, weight, bias, bn_mean, bn_var, bn_wei
 
 
 def _eager_run(p: ConvBNActProblem) -> torch.Tensor:
-    _, u = pre_activation(p, p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.residual)
-    y = get_activation(p.activation).eager(u).to(p.x.dtype)
+    """The eager implementation. In float32/float64 the BN is applied as a
+    per-channel affine: folded into this call's conv weight when the output
+    has many pixels per weight row (the affine pass over the output then
+    disappears), in place on the conv output otherwise (folding would cost
+    a pass over a large weight to save a pass over a small output). In
+    16-bit types the affine runs in fp32 on the conv output, as the kernels
+    do. The op's forward runs below autograd, so in-place steps are safe."""
+    if p.x.dtype in (torch.float32, torch.float64):
+        scale, shift = fold_bn(p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps,
+                               p.weight.shape[0], p.x.dtype, p.x.device)
+        N, _, P, Q = p.out_shape
+        _, Cg, R, S = p.weight.shape
+        if scale is None or N * P * Q >= 4 * Cg * R * S:
+            w = p.weight if scale is None else p.weight * scale.view(-1, 1, 1, 1)
+            y = F.conv2d(p.x, w, shift, p.stride, p.padding, p.dilation, p.groups)
+        else:
+            y = F.conv2d(p.x, p.weight, None, p.stride, p.padding, p.dilation, p.groups)
+            y.mul_(scale.view(1, -1, 1, 1)).add_(shift.view(1, -1, 1, 1))
+        if p.residual is not None:
+            y.add_(p.residual)
+        y = torch.relu_(y) if p.activation == "relu" else get_activation(p.activation).eager(y)
+    else:
+        _, u = pre_activation(p, p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias,
+                              p.residual)
+        y = get_activation(p.activation).eager(u).to(p.x.dtype)
     return y.contiguous(memory_format=output_memory_format(p.x))
 
 

@@ -21,7 +21,7 @@ if ROOT not in sys.path:  # bench/ is not installed; it is imported from the che
 from bench import archs, cases, report, timing  # noqa: E402
 from bench import model as m  # noqa: E402
 from bench.models import build, make_model, torchvision_builder  # noqa: E402
-from numerics import rel_err  # noqa: E402
+from numerics import rel_err, tolerance  # noqa: E402
 
 
 # ----------------------------------------------------------------------------
@@ -123,6 +123,135 @@ def test_model_totals_match_published_counts():
     assert vgg.flops / 2e9 == pytest.approx(15.47, rel=0.01)
     assert r50.unfused_bytes > r50.fused_bytes
     assert m.model_cost(archs.ARCHS["resnet50"](), 4, "float32").flops == 4 * r50.flops
+
+
+def test_resnet50_conv2_x_first_block_by_hand():
+    # ResNet-50 layer1.0 (conv2_x.0): Bottleneck 64x56x56 -> 256x56x56, stride 1, projection
+    # shortcut 1x1 64 -> 256 + BN. Batch 1, float32 (4 bytes). Counted in elements, then x 4.
+    spec = m.BlockSpec("bottleneck", 64, 56, 56, 64)
+    assert spec.projection and spec.shortcut == "projection" and (spec.K, spec.P, spec.Q) == (256, 56, 56)
+    x = 64 * 56 * 56                 # 200,704  block input
+    h1 = h2 = 64 * 56 * 56           # 200,704  after conv1 (1x1) and conv2 (3x3)
+    y = d = 256 * 56 * 56            # 802,816  block output, downsample output
+    xs = 64 * 56 * 56                # 200,704  what the 1x1 stride-1 projection touches: all of x
+    w1, w2, w3, wd = 64 * 64, 64 * 64 * 9, 256 * 64, 256 * 64  # 4,096  36,864  16,384  16,384
+    bn1 = bn2 = 4 * 64               # 256
+    bn3 = bnd = 4 * 256              # 1,024
+    # fused: 3 kernels
+    k1 = x + w1 + bn1 + h1                       # 405,760
+    k2 = h1 + w2 + bn2 + h2                      # 438,528
+    k3 = h2 + w3 + bn3 + xs + wd + bnd + y       # 1,239,040 (the projection inside: d never written)
+    assert (k1, k2, k3) == (405_760, 438_528, 1_239_040)
+    fused, eager = m.block_traffic(spec, 1, "float32")
+    assert [b for _, b in fused] == [4 * k1, 4 * k2, 4 * k3]
+    # eager: 12 kernels
+    seq = [("conv1", x + w1 + h1),               # 405,504
+           ("bn1", h1 + bn1 + h1),               # 401,664
+           ("relu1", h1 + h1),                   # 401,408
+           ("conv2", h1 + w2 + h2),              # 438,272
+           ("bn2", h2 + bn2 + h2),               # 401,664
+           ("relu2", h2 + h2),                   # 401,408
+           ("conv3", h2 + w3 + y),               # 1,019,904
+           ("bn3", y + bn3 + y),                 # 1,606,656
+           ("downsample.0", xs + wd + d),        # 1,019,904
+           ("downsample.1", d + bnd + d),        # 1,606,656
+           ("add", y + d + y),                   # 2,408,448
+           ("relu", y + y)]                      # 1,605,632
+    assert eager == [(n, 4 * v) for n, v in seq]
+    assert sum(v for _, v in seq) == 11_717_120
+    c = m.block_cost(spec, 1, "float32")
+    assert c.fused_bytes == 4 * (k1 + k2 + k3) == 8_333_312
+    assert c.unfused_bytes == 4 * 11_717_120 == 46_868_480  # 5.6x the fused block's bytes
+    # FLOPs: conv1 + conv2 + conv3 + downsample
+    assert c.flops == (2 * 64 * 56 * 56 * 64 + 2 * 64 * 56 * 56 * 64 * 9 + 2 * 256 * 56 * 56 * 64
+                       + 2 * 256 * 56 * 56 * 64) == 25_690_112 + 231_211_008 + 102_760_448 + 102_760_448
+    # batch 8, bfloat16: activations scale with N, weights and BN vectors do not
+    params = w1 + w2 + w3 + wd + bn1 + bn2 + bn3 + bnd  # 40,448
+    c8 = m.block_cost(spec, 8, "bfloat16")
+    assert c8.fused_bytes == 2 * (8 * (k1 + k2 + k3 - params) + params)
+    assert c8.unfused_bytes == 2 * (8 * (11_717_120 - params) + params) and c8.flops == 8 * c.flops
+
+
+def test_strided_projection_basic_block_by_hand():
+    # ResNet-18 layer2.0 (conv3_x.0): BasicBlock 64x56x56 -> 128x28x28, stride 2, projection
+    # 1x1/s2 64 -> 128. Batch 2, bfloat16 (2 bytes). Elements, then x 2.
+    spec = m.BlockSpec("basic", 64, 56, 56, 128, stride=2)
+    assert spec.projection and (spec.K, spec.P, spec.Q) == (128, 28, 28)
+    x = 2 * 64 * 56 * 56             # 401,408
+    h1 = y = d = 2 * 128 * 28 * 28   # 200,704
+    xs = 2 * 64 * 28 * 28            # 100,352: every 2nd row and column of x, a quarter of it
+    w1, w2, wd = 128 * 64 * 9, 128 * 128 * 9, 128 * 64  # 73,728  147,456  8,192
+    bn = 4 * 128                     # 512, each of bn1, bn2, bnd
+    k1 = x + w1 + bn + h1                        # 676,352
+    k2 = h1 + w2 + bn + xs + wd + bn + y         # 658,432
+    eager = [x + w1 + h1, 2 * h1 + bn, 2 * h1,   # conv1, bn1, relu1
+             h1 + w2 + y, 2 * y + bn,            # conv2, bn2
+             xs + wd + d, 2 * d + bn,            # downsample conv (strided: touches xs), its BN
+             y + d + y, 2 * y]                   # add, relu
+    fused_k, eager_k = m.block_traffic(spec, 2, "bfloat16")
+    assert [b for _, b in fused_k] == [2 * k1, 2 * k2] == [1_352_704, 1_316_864]
+    assert [b for _, b in eager_k] == [2 * v for v in eager]
+    assert [n for n, _ in eager_k] == ["conv1", "bn1", "relu1", "conv2", "bn2", "downsample.0", "downsample.1",
+                                       "add", "relu"]
+    c = m.block_cost(spec, 2, "bfloat16")
+    assert c.fused_bytes == 2_669_568 and c.unfused_bytes == 2 * sum(eager) == 8_289_280
+    assert c.flops == 2 * 2 * 128 * 28 * 28 * (64 * 9 + 128 * 9 + 64) == 719_323_136
+    # identity BasicBlock: the last kernel reads x as the residual; add reads x
+    ident = m.BlockSpec("basic", 64, 56, 56, 64)
+    assert not ident.projection and ident.describe() == "basic 64x56x56 -> 64x56x56 /s1 identity"
+    a = 64 * 56 * 56
+    wb = 64 * 64 * 9
+    f, e = m.block_traffic(ident, 1, "float16")
+    assert [b for _, b in f] == [2 * (a + wb + 256 + a), 2 * (a + wb + 256 + a + a)]
+    assert sum(b for _, b in e) == 2 * ((a + wb + a) + (2 * a + 256) + 2 * a + (a + wb + a) + (2 * a + 256)
+                                        + 3 * a + 2 * a)
+    with pytest.raises(ValueError, match="identity shortcut"):
+        m.BlockSpec("basic", 64, 56, 56, 64, stride=2, projection=False)
+    with pytest.raises(ValueError, match="kind"):
+        m.BlockSpec("wide", 64, 56, 56, 64)
+
+
+def test_block_floor_is_the_sum_of_its_kernels():
+    spec = m.BlockSpec("bottleneck", 256, 56, 56, 128, stride=2)
+    ks = m.block_kernel_costs(spec, 32, "bfloat16")
+    assert len(ks) == 3 and sum(k.fused_bytes for k in ks) == m.block_cost(spec, 32, "bfloat16").fused_bytes
+    assert sum(k.flops for k in ks) == m.block_flops(spec, 32)
+    ds = spec.downsample_conv()
+    assert ks[2].flops == m.conv_flops(spec.main_convs()[2][1], 32) + m.conv_flops(ds, 32)  # the last kernel's
+    f = m.block_floor(spec, 32, "bfloat16", 800e12, 3e12)
+    assert f.seconds == pytest.approx(sum(max(k.flops / 800e12, k.fused_bytes / 3e12) for k in ks))
+    case = cases.REGISTRY["block.resnet50.conv3_x.0"]
+    assert case.spec == spec
+    ceil = m.Ceilings(bandwidth=3e12, matmul={"bfloat16": 800e12})
+    assert case.floor(32, torch.bfloat16, ceil).seconds == pytest.approx(f.seconds)
+    assert case.floor(32, torch.float16, ceil) is None
+
+
+@pytest.mark.parametrize("arch,depth", [("resnet18", 18), ("resnet50", 50)])
+def test_blocks_agree_with_the_layer_table(arch, depth):
+    layers = dict(archs.conv_layers(archs.ARCHS[arch]()))
+    blocks = archs.resnet_blocks(depth)
+    for dt, e in (("float32", 4), ("bfloat16", 2)):
+        for name, spec in blocks:
+            convs = [(f"{name}.{n}", c) for n, c in spec.convs()]
+            assert convs == [(n, c) for n, c in layers.items() if n.startswith(name + ".")], name
+            costs = [m.conv_cost(c, 4, dt) for _, c in convs]
+            bc = m.block_cost(spec, 4, dt)
+            assert bc.flops == sum(c.flops for c in costs)
+            # the fused kernels before the last are the layer model's fused conv-BN-ReLU
+            fused, _ = m.block_traffic(spec, 4, dt)
+            assert [b for _, b in fused[:-1]] == [c.fused_bytes for c in costs[:len(fused) - 1]]
+            if not spec.projection:  # identity: the last kernel is the layer model's conv-BN-add-ReLU
+                assert fused[-1][1] == costs[-1].fused_bytes
+            # the eager sequence is the layers' eager bytes, but a strided 1x1 projection reads
+            # only the x it touches (the layer model counts its whole input)
+            skipped = 4 * spec.C * (spec.H * spec.W - spec.P * spec.Q) * e if spec.projection else 0
+            assert bc.unfused_bytes == sum(c.unfused_bytes for c in costs) - skipped
+            assert bc.unfused_bytes > bc.fused_bytes
+    # stem + maxpool + blocks + avgpool + fc = the whole model's FLOPs
+    other = [s for n, s in archs.ARCHS[arch]() if not n.startswith("layer")]
+    total = sum(m.layer_cost(s, 1, "float32").flops for s in other) + sum(m.block_flops(s, 1) for _, s in blocks)
+    assert total == m.model_cost(archs.ARCHS[arch](), 1, "float32").flops
 
 
 # ----------------------------------------------------------------------------
@@ -245,6 +374,86 @@ def test_workload_reference_and_providers_on_cpu():
         assert rel_err(out, wl.reference) < 1e-5, provider
 
 
+def test_block_cases_registered():
+    blocks = cases.select(kinds=["block"])
+    r18 = [c for c in blocks if c.group == "resnet18"]
+    r50 = [c for c in blocks if c.group == "resnet50"]
+    assert len(r18) == 7 and len(r50) == 8 and len(blocks) == 15  # conv2_x: 1 (r18) / 2 (r50), then 2 per stage
+    assert sum(c.count for c in r18) == 8 and sum(c.count for c in r50) == 16
+    assert all(c.op == "resnet_block" and c.kind == "block" and c.name.startswith("block.") for c in blocks)
+    assert [c.name for c in r50][:3] == ["block.resnet50.conv2_x.0", "block.resnet50.conv2_x.1",
+                                         "block.resnet50.conv3_x.0"]
+    assert cases.REGISTRY["block.resnet50.conv2_x.1"].layers == ("layer1.1", "layer1.2")
+    assert {c.spec.shortcut for c in r18} == {c.spec.shortcut for c in r50} == {"identity", "projection"}
+    assert {c.spec.stride for c in blocks} == {1, 2}
+    assert all(c.spec.kind == "basic" for c in r18) and all(c.spec.kind == "bottleneck" for c in r50)
+    assert [c.name for c in cases.select(quick=True, kinds=["block"])] == [
+        "block.resnet18.conv3_x.0", "block.resnet50.conv2_x.0", "block.resnet50.conv3_x.1"]
+    assert cases.REGISTRY["block.resnet50.conv2_x.0"].describe() == "bottleneck 64x56x56 -> 256x56x56 /s1 projection"
+
+
+@pytest.mark.parametrize("spec", [m.BlockSpec("bottleneck", 256, 56, 56, 128, stride=2),
+                                  m.BlockSpec("basic", 128, 28, 28, 128)], ids=["bottleneck-s2", "basic-identity"])
+def test_built_block_matches_spec_and_torchvision(spec):
+    from bench.models import build_block
+    block = build_block(spec).eval()
+    convs = {n: mod for n, mod in block.named_modules() if isinstance(mod, nn.Conv2d)}
+    assert list(convs) == [n for n, _ in spec.convs()]
+    for name, c in spec.convs():
+        mod = convs[name]
+        assert (mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding) == (
+            c.C, c.K, (c.R, c.S), (c.stride,) * 2, (c.padding,) * 2), name
+    with torch.no_grad():
+        assert block(torch.randn(1, spec.C, spec.H, spec.W)).shape == (1, spec.K, spec.P, spec.Q)
+    try:
+        import torchvision.models.resnet as tvr
+    except Exception:
+        return  # the GPU box has no torchvision
+    cls = tvr.BasicBlock if spec.kind == "basic" else tvr.Bottleneck
+    ds = nn.Sequential(nn.Conv2d(spec.C, spec.K, 1, spec.stride, bias=False), nn.BatchNorm2d(spec.K)) \
+        if spec.projection else None
+    theirs = {k: tuple(v.shape) for k, v in cls(spec.C, spec.planes, spec.stride, ds).state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in block.state_dict().items()} == theirs
+
+
+def test_block_workload_and_providers(device):
+    # a small strided projection Bottleneck (2 argument sets, each its own block copy); on a CPU
+    # machine resfuse-triton runs through the Triton interpreter in fp32, on the GPU box on the GPU
+    # in bf16; checked by the harness's rule
+    spec = m.BlockSpec("bottleneck", 16, 9, 9, 8, stride=2)
+    case = cases.Case("block.test", "resnet_block", "test", spec)
+    op = cases.OPS["resnet_block"]
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    wl = op.make_workload(case, device, dtype, 2, n_sets=2, seed=0)
+    assert wl.reference.dtype == torch.float64 and wl.reference.shape == (2, 32, 5, 5)
+    (x0, b0), (x1, b1) = wl.arg_sets
+    assert x0.is_contiguous(memory_format=torch.channels_last) and not torch.equal(x0, x1)
+    assert b0 is not b1 and b0.conv2.weight.data_ptr() != b1.conv2.weight.data_ptr()  # weights rotate too
+    assert not b0.training and b0.downsample is not None
+    assert not torch.allclose(b0.bn1.running_var, torch.ones_like(b0.bn1.running_var))  # calibrated BN
+    with torch.no_grad():
+        tol = tolerance(op.build("eager", wl)(x0, b0), wl.reference, dtype)
+    for provider in ("eager", "resfuse-eager", "resfuse-triton"):
+        fn = op.build(provider, wl)
+        with torch.no_grad():
+            for x, b in wl.arg_sets:
+                out = fn(x, b)
+            assert rel_err(fn(x0, b0), wl.reference) <= tol, provider
+        if provider.startswith("resfuse-"):
+            assert op.note(wl, provider) == "3 kernels: conv_bn_act, conv_bn_act, conv_bn_proj_act", provider
+    assert out.shape == (2, 32, 5, 5)
+
+
+def test_block_provider_that_would_not_fuse_is_an_error():
+    spec = m.BlockSpec("basic", 8, 6, 6, 8)
+    case = cases.Case("block.test", "resnet_block", "test", spec)
+    op = cases.OPS["resnet_block"]
+    wl = op.make_workload(case, torch.device("cpu"), torch.float32, 1, n_sets=1, seed=0)
+    wl.arg_sets[0][1].train()  # train mode: the fused block runs the original forward
+    with pytest.raises(RuntimeError, match="did not run"):
+        op.build("resfuse-eager", wl)
+
+
 # ----------------------------------------------------------------------------
 # Harness pieces
 # ----------------------------------------------------------------------------
@@ -338,7 +547,8 @@ def test_run_model_only_prints_every_case():
 
 
 def test_run_quick_cpu_times_and_writes_results(tmp_path):
-    r = _run([sys.executable, "bench/run.py", "--quick", "--case", "resnet50.conv2_x.0.conv2,model.resnet18",
+    r = _run([sys.executable, "bench/run.py", "--quick", "--case",
+              "resnet50.conv2_x.0.conv2,block.resnet50.conv2_x.0,model.resnet18",
               "--cpu-threads", "1", "--out-dir", str(tmp_path), "--summary-file", str(tmp_path / "s.md")], 240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
@@ -352,7 +562,8 @@ def test_run_quick_cpu_times_and_writes_results(tmp_path):
     assert any(ln.startswith("# versions: torch") for ln in head)
     rows = list(csv.DictReader(ln for ln in lines if not ln.startswith("#")))
     assert {(r_["case"], r_["provider"]) for r_ in rows} == {
-        (c, p) for c in ("resnet50.conv2_x.0.conv2", "model.resnet18") for p in ("eager", "resfuse-eager")}
+        (c, p) for c in ("resnet50.conv2_x.0.conv2", "block.resnet50.conv2_x.0", "model.resnet18")
+        for p in ("eager", "resfuse-eager")}
     for row in rows:
         assert row["status"] == "ok", row
         assert float(row["rel_err"]) <= float(row["tol"])
@@ -360,7 +571,13 @@ def test_run_quick_cpu_times_and_writes_results(tmp_path):
     conv = next(r_ for r_ in rows if r_["case"] == "resnet50.conv2_x.0.conv2")
     assert float(conv["gflop"]) == pytest.approx(0.231211008)
     assert float(conv["fused_mb"]) == pytest.approx(1.754112)
-    assert "provider" in (tmp_path / "s.md").read_text()
+    block = {r_["provider"]: r_ for r_ in rows if r_["case"] == "block.resnet50.conv2_x.0"}
+    assert block["eager"]["kind"] == "block" and float(block["eager"]["gflop"]) == pytest.approx(0.462422016)
+    assert float(block["eager"]["fused_mb"]) == pytest.approx(8.333312)  # the hand-computed block above
+    assert float(block["eager"]["unfused_mb"]) == pytest.approx(46.86848)
+    assert block["resfuse-eager"]["note"] == "3 kernels: conv_bn_act, conv_bn_act, conv_bn_proj_act"
+    summary = (tmp_path / "s.md").read_text()
+    assert "provider" in summary and "blocks: geomean x eager" in summary
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="bash script")

@@ -141,15 +141,18 @@ def test_seed_downsample_shortcut_fused(seed):
     assert_matches(out, float64_reference(plain, x), eager, torch.float32, "downsample", seed)
 
 
-def test_seed_resnet_fuses_shortcuts_only_and_matches(seed):
+def test_seed_resnet_fuses_blocks_stem_and_shortcuts(seed):
+    from resfuse.nn import BasicBlock, ConvBNHead
     plain = ResNet(include_top=True)
     randomize_bn(plain, _gen(seed), calibrate_with=torch.randn(4, 3, 35, 33))
     conv = resfuse.convert(plain, backend="eager")
-    names = [n for n, _ in _fused_groups(conv)]
-    assert names == ["layer2.0.downsample.0", "layer3.0.downsample.0", "layer4.0.downsample.0"]
-    # Sequentials of ResidualLayers have nothing to fuse: left as they are.
-    assert all(type(getattr(conv, f"layer{i}")) is nn.Sequential for i in range(1, 5))
-    assert type(conv.layer2[0]) is ResidualLayer
+    # every ResidualLayer (bias-carrying convs) is a fused BasicBlock, the
+    # stem a fused head; the projection shortcuts live inside their blocks
+    assert all(isinstance(getattr(conv, f"layer{i}")[0], BasicBlock) for i in range(1, 5))
+    assert [getattr(conv, f"layer{i}")[0].spec.shortcut for i in range(1, 5)] == \
+        ["identity", "projection", "projection", "projection"]
+    assert isinstance(conv.conv1, ConvBNHead)
+    assert [n for n, _ in _fused_groups(conv)] == []  # no stand-alone Sequential groups left
     _assert_same_state(plain, conv)
     x = torch.randn(2, 3, 35, 33)
     with torch.no_grad():

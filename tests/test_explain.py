@@ -76,7 +76,7 @@ _EXPECTED_UNFUSED = {
     "3.0": "without running statistics",
     "4.0": "_ScaledConv overrides Conv2d.forward",
     "5.0": "followed by GroupNorm, not BatchNorm2d",
-    "7.conv": "inside _Block, not an nn.Sequential",
+    "7.conv": "inside _Block: not a Sequential run, a residual block or a ResNet stem",
     "8.0": "_OwnForward, an nn.Sequential subclass with its own forward",
     "9.0": "Conv2d has forward hooks",
     "11": "followed by Sequential, not BatchNorm2d",
@@ -196,17 +196,21 @@ def test_seed_resnet(seed):
     rows = _by_name(report)
     convs = [n for n, m in plain.named_modules() if isinstance(m, nn.Conv2d)]
     assert list(rows) == convs and len(convs) == 14
-    assert "inside ResNet, not an nn.Sequential" in rows["conv1"].reason
+    assert rows["conv1"].kind == "conv+bn+relu (stem)" and rows["conv1"].observed
     for n in convs:
+        r = rows[n]
+        assert r.backend == "eager" and r.observed, n
         if n.endswith("downsample.0"):
-            assert rows[n].kind == "conv+bn" and rows[n].backend == "eager" and rows[n].observed, n
-        else:
-            assert rows[n].kind == "conv" and "inside ResidualLayer, not an nn.Sequential" in rows[n].reason \
-                or n == "conv1", n
-    assert [r.name for r in report.fused] == ["layer2.0.downsample.0", "layer3.0.downsample.0",
-                                              "layer4.0.downsample.0"]
+            assert r.kind.startswith("proj (in conv2)") and "never reaches memory" in r.reason, n
+        elif n.endswith("conv1") and n != "conv1":
+            assert r.kind == "conv+bn+relu", n
+        elif n.endswith("conv2"):
+            shortcut = "proj" if n.replace("conv2", "downsample.0") in rows else "add"
+            assert r.kind == f"conv+bn+{shortcut}+relu", n
+    assert len(report.fused) == len(convs)
     unconverted = _by_name(resfuse.explain(plain))
-    assert "not converted" in unconverted["layer2.0.downsample.0"].reason
+    assert "not converted" in unconverted["layer2.0.conv1"].reason
+    assert "not converted" in unconverted["conv1"].reason
 
 
 def test_stale_observations_are_not_reported(device):

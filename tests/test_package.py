@@ -102,5 +102,8 @@ def test_demo_triton_interpreter():
                         "--batch", "1", "--size", "32", "--reps", "1"], cwd=ROOT, capture_output=True,
                        text=True, timeout=900, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
-    rows = [l for l in r.stdout.splitlines() if "downsample" in l and "e-" in l]
-    assert rows and all(" triton " in l and l.rstrip().endswith("yes") for l in rows), r.stdout
+    table = r.stdout.split("fused unit")[1].split("whole model")[0]
+    rows = [l for l in table.splitlines()[1:] if l.strip()]
+    assert len(rows) == 9, r.stdout  # stem + 8 BasicBlocks of ResNet-18
+    assert all(" triton " in l and l.rstrip().endswith("yes") for l in rows), r.stdout
+    assert "20/20 convs fused" in r.stdout

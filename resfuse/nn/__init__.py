@@ -1,5 +1,8 @@
 """Drop-in fused modules."""
 
+from .blocks import BasicBlock, Bottleneck, FusedResidualBlock, fuse_block
 from .conv_bn_act import ConvBNAct, FusedSequential
+from .stem import ConvBNHead, FoldedBatchNorm2d
 
-__all__ = ["ConvBNAct", "FusedSequential"]
+__all__ = ["ConvBNAct", "FusedSequential", "BasicBlock", "Bottleneck", "FusedResidualBlock", "fuse_block",
+           "ConvBNHead", "FoldedBatchNorm2d"]

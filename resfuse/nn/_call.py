@@ -13,7 +13,9 @@ from ..patterns import bn_tensors
 
 
 def _compute_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    if torch.is_autocast_enabled(x.device.type):
+    """The dtype eager autocast would run F.conv2d in (float64 is not
+    autocast-eligible and stays as it is); None: no cast."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(x.device.type)
     return None
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 from .. import dispatch
 from .. import models as _reference_blocks
 from ..block_patterns import BlockSpec, match_block
-from ..patterns import bn_uses_running_stats
+from ..patterns import bn_uses_running_stats, hooks_reason
 from ._call import fused_conv_bn
 
 _MODULE_STATE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set",
@@ -81,6 +81,13 @@ class FusedResidualBlock(nn.Module):
         if self.spec.shortcut == "projection":
             bns.append(mods[self.spec.downsample][1])
         if not all(bn_uses_running_stats(bn) for bn in bns):
+            return False
+        # A hook on any member would not fire inside a fused kernel: run as
+        # the original then (the same check convert made, kept live).
+        if any(hooks_reason(m, n) for n, m in mods.items() if m is not None and n != self.spec.downsample):
+            return False
+        if self.spec.shortcut == "projection" and any(hooks_reason(m, "downsample") for m in
+                                                      mods[self.spec.downsample].modules()):
             return False
         # drop_path / drop_block are the identity only in eval
         return all(m is None or not m.training for n, m in mods.items()
@@ -156,3 +163,23 @@ def fuse_block(block: nn.Module, backend: str = "auto") -> FusedResidualBlock:
         raise ValueError(f"fuse_block: {type(block).__name__} is not a fusable residual block: {spec}")
     cls = BasicBlock if len(spec.stages) == 2 else Bottleneck
     return cls.from_module(block, backend)
+
+
+def convert_blocks(model: nn.Module, backend: str) -> set:
+    """Replace every matching residual block in `model` (in place) by its
+    fused version. Returns the ids of the downsample modules now computed
+    inside a block's last kernel (projection shortcuts), which no other
+    pass should touch."""
+    absorbed = set()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FusedResidualBlock):
+                child.backend = backend
+            elif not isinstance(match_block(child), str):
+                child = fuse_block(child, backend)
+                setattr(parent, name, child)
+            else:
+                continue
+            if child.spec.shortcut == "projection":
+                absorbed.add(id(child._modules[child.spec.downsample]))
+    return absorbed

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .. import dispatch
 from ..activations import ACTIVATIONS, activation_of_module
-from ..ops import resolve_padding
+from ._call import fused_conv_bn
 from ..patterns import (FusedGroup, Plan, bn_reason, bn_tensors, bn_uses_running_stats, conv_reason,
                         plan_sequential)
 
@@ -112,21 +112,10 @@ class FusedSequential(nn.Sequential):
         return x
 
     def _run_fused(self, group: FusedGroup, x):
-        conv = self._modules[group.conv]
-        mean, var, gamma, beta, eps = bn_tensors(self._modules[group.bn])
-        weight, bias = conv.weight, conv.bias
-        if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
-            # What autocast does for F.conv2d: compute in the autocast dtype
-            # (float64 is not autocast-eligible and stays as it is).
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
-        y = torch.ops.resfuse.conv_bn_act(
-            x, weight, bias, mean, var, gamma, beta, eps, None,
-            list(conv.stride), resolve_padding(conv.padding, conv.kernel_size, conv.dilation),
-            list(conv.dilation), conv.groups, group.activation, self._backend)
-        if not _compiling():
-            self.last_decisions[group.conv] = dispatch.last_decision()
+        y, decision = fused_conv_bn(x, self._modules[group.conv], self._modules[group.bn], group.activation,
+                                    self._backend)
+        if decision is not None:
+            self.last_decisions[group.conv] = decision
         return y
 
     def extra_repr(self) -> str:

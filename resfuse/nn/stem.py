@@ -21,10 +21,18 @@ from typing import Optional
 import torch.nn as nn
 
 from .. import dispatch
-from ..patterns import bn_uses_running_stats
+from ..patterns import bn_uses_running_stats, hooks_reason
 from ._call import fused_conv_bn
 
 IDEMPOTENT = ("relu", "relu6", "identity")
+
+
+def head_fuses(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
+    """Whether the head applies the BN now. ConvBNHead and FoldedBatchNorm2d
+    both ask this, so the BN is applied exactly once: fused while the BN
+    uses running statistics and neither module has hooks (a hook must see
+    the module really run)."""
+    return bn_uses_running_stats(bn) and not hooks_reason(conv, "conv") and not hooks_reason(bn, "bn")
 
 
 class ConvBNHead(nn.Conv2d):
@@ -33,7 +41,7 @@ class ConvBNHead(nn.Conv2d):
 
     def forward(self, x):
         bn = self.__dict__["_fused_bn"]
-        if bn_uses_running_stats(bn):
+        if head_fuses(self, bn):
             y, d = fused_conv_bn(x, self, bn, self.__dict__["_fused_activation"], self.__dict__["_backend"])
             if d is not None:
                 self.__dict__["last_decision"] = d
@@ -62,7 +70,7 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
     uses running statistics (then forward is the identity)."""
 
     def forward(self, x):
-        if bn_uses_running_stats(self):
+        if head_fuses(self.__dict__["_head_conv"], self):
             return x
         return nn.BatchNorm2d.forward(self, x)
 
@@ -77,3 +85,42 @@ def fuse_head(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: Optional[str], ba
     conv.__dict__["_fused_activation"] = activation if activation in IDEMPOTENT else "identity"
     conv.backend = backend
     bn.__class__ = FoldedBatchNorm2d
+    bn.__dict__["_head_conv"] = conv  # not registered either
+
+
+def stem_parts(owner: nn.Module):
+    """(conv, bn, activation name or None) of a ResNet-style stem owned by
+    `owner` (children conv1, bn1, relu/act1 and layer1), or a str reason.
+    conv1 may be a Sequential (timm's deep stem) ending in a Conv2d."""
+    ch = owner._modules
+    if "conv1" not in ch or "bn1" not in ch or "layer1" not in ch:
+        return "not a ResNet-style stem (conv1, bn1, layer1)"
+    conv, bn = ch["conv1"], ch["bn1"]
+    if isinstance(conv, nn.Sequential) and len(conv) and type(conv[-1]) in (nn.Conv2d, ConvBNHead):
+        conv = conv[-1]
+    if type(conv) not in (nn.Conv2d, ConvBNHead):
+        return f"conv1 is {type(conv).__name__}"
+    if type(bn) not in (nn.BatchNorm2d, FoldedBatchNorm2d):
+        return f"bn1 is {type(bn).__name__}, not BatchNorm2d"
+    if isinstance(conv, ConvBNHead):
+        return conv, bn, conv.fused_activation
+    from ..patterns import bn_reason, conv_reason
+    why = conv_reason(conv) or bn_reason(bn, conv)
+    if why:
+        return why
+    from ..activations import activation_of_module
+    act_mod = ch.get("relu", ch.get("act1"))
+    return conv, bn, activation_of_module(act_mod) if act_mod is not None else None
+
+
+def convert_stems(model: nn.Module, backend: str) -> None:
+    """Fuse the stem conv -> bn1 (-> ReLU) of every ResNet-style module."""
+    for owner in list(model.modules()):
+        parts = stem_parts(owner)
+        if isinstance(parts, str):
+            continue
+        conv, bn, activation = parts
+        if isinstance(conv, ConvBNHead):
+            conv.backend = backend
+        else:
+            fuse_head(conv, bn, activation, backend)
