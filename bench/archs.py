@@ -7,6 +7,9 @@ ResNet stem, ``layer2.0.conv2``, ``layer2.0.downsample.0``, ``features.0``.
 A ``ConvSpec`` stands for the whole conv -> BN -> (+ residual) -> act run
 that starts at that conv.
 
+``resnet_blocks`` lists the same ResNets by residual block (``layer2.0``,
+a ``BlockSpec`` each), whose convs are the table's convs under that prefix.
+
 tests/test_bench_model.py checks these tables against the modules that
 ``bench.models`` builds (and against torchvision where it is importable).
 """
@@ -14,7 +17,7 @@ tests/test_bench_model.py checks these tables against the modules that
 from collections import OrderedDict
 from typing import Dict, List, Tuple
 
-from .model import ConvSpec, LinearSpec, PoolSpec
+from .model import BlockSpec, ConvSpec, LinearSpec, PoolSpec
 
 Layer = Tuple[str, object]
 
@@ -98,6 +101,33 @@ def distinct_convs(layers: List[Layer]) -> "OrderedDict[ConvSpec, List[str]]":
     layers that are that op, in order of first appearance."""
     out: Dict[ConvSpec, List[str]] = OrderedDict()
     for name, spec in conv_layers(layers):
+        out.setdefault(spec, []).append(name)
+    return out
+
+
+def resnet_blocks(depth: int, image: int = 224) -> List[Tuple[str, BlockSpec]]:
+    """torchvision's ResNet-`depth` as its residual blocks ('layer1.0', ...)."""
+    kind, blocks = RESNET_BLOCKS[depth]
+    stem = ConvSpec(3, image, image, 64, 7, 7, stride=2, padding=3)
+    h = PoolSpec(64, stem.P, stem.P, kernel=3, stride=2, padding=1).P
+    cin = 64
+    out: List[Tuple[str, BlockSpec]] = []
+    for stage, (n_blocks, width) in enumerate(zip(blocks, (64, 128, 256, 512)), start=1):
+        for b in range(n_blocks):
+            spec = BlockSpec(kind, cin, h, h, width, stride=2 if (b == 0 and stage > 1) else 1)
+            out.append((f"layer{stage}.{b}", spec))
+            cin, h = spec.K, spec.P
+    return out
+
+
+RESNET_BLOCK_ARCHS = {"resnet18": 18, "resnet50": 50}
+
+
+def distinct_blocks(blocks: List[Tuple[str, BlockSpec]]) -> "OrderedDict[BlockSpec, List[str]]":
+    """Each distinct block shape with the names of the blocks that have it,
+    in order of first appearance."""
+    out: Dict[BlockSpec, List[str]] = OrderedDict()
+    for name, spec in blocks:
         out.setdefault(spec, []).append(name)
     return out
 

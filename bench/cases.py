@@ -1,18 +1,22 @@
 """The case registry: what the benchmarks measure.
 
 A ``Case`` is one benchmark problem without its batch size and dtype: a
-conv -> BN -> (+ residual) -> act layer (op ``conv_bn_act``) or a whole
-model (op ``model``). Each op is an ``Op`` object registered in ``OPS``: it
+conv -> BN -> (+ residual) -> act layer (op ``conv_bn_act``), a whole
+ResNet residual block (op ``resnet_block``) or a whole model (op
+``model``). Each op is an ``Op`` object registered in ``OPS``: it
 knows the case's cost (``bench.model``), makes a ``Workload`` (inputs on a
 device, in a dtype, at a batch; several rotated argument sets; the float64
 reference) and builds each provider's callable for it.
 
-Adding an op later (blocks, gnconv) is: write an ``Op`` subclass, put it in
+Adding an op later (gnconv, say) is: write an ``Op`` subclass, put it in
 ``OPS``, and ``register`` its cases.
 
 Now registered: the distinct conv-BN-act layers of ResNet-18, ResNet-50
 (stem, conv2_x..conv5_x, strided and downsample convs) and VGG16-bn, each
-with the layers it stands for; and the three whole models.
+with the layers it stands for; the distinct residual blocks of ResNet-18
+(BasicBlock) and ResNet-50 (Bottleneck), identity and projection shortcut,
+strided or not, each with the blocks it stands for (``block.resnet50.conv3_x.0``
+stands for ``layer2.0``); and the three whole models.
 """
 
 import copy
@@ -24,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from . import model as cost_model
-from .archs import ARCHS, distinct_convs, friendly_name
-from .model import ConvSpec, Cost, Floor
+from .archs import ARCHS, RESNET_BLOCK_ARCHS, distinct_blocks, distinct_convs, friendly_name, resnet_blocks
+from .model import BlockSpec, ConvSpec, Cost, Floor
 from .providers import compiled, reset_compile_state, resfuse_backend
 
 BATCHES = (1, 32, 256)
@@ -42,11 +46,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class Case:
-    name: str                   # 'resnet50.conv3_x.0.conv2', 'model.resnet50'
+    name: str                   # 'resnet50.conv3_x.0.conv2', 'block.resnet50.conv3_x.0', 'model.resnet50'
     op: str                     # key of OPS
     group: str                  # the model it comes from
-    spec: object                # ConvSpec for conv_bn_act, the arch name for model
-    layers: Tuple[str, ...] = ()  # the model layers this case stands for
+    spec: object                # ConvSpec (conv_bn_act), BlockSpec (resnet_block), the arch name (model)
+    layers: Tuple[str, ...] = ()  # the model layers (or blocks) this case stands for
     quick: bool = False         # part of --quick
     batches: Tuple[int, ...] = BATCHES
 
@@ -56,7 +60,8 @@ class Case:
 
     @property
     def kind(self) -> str:
-        return "model" if self.op == "model" else "layer"
+        """'layer', 'block' or 'model' (``run.py --kind``, the summary's groups)."""
+        return KINDS.get(self.op, "layer")
 
     def describe(self) -> str:
         return OPS[self.op].describe(self)
@@ -74,7 +79,8 @@ class Workload:
 
     ``arg_sets``: argument tuples of identical shapes, cycled through by the
     timer so the working set exceeds L2; every provider's callable takes
-    ``*arg_sets[i]``. ``reference``: float64 output for ``arg_sets[0]``."""
+    ``*arg_sets[i]`` (a block case's sets are ``(x, block)``: each set has its
+    own copy of the block, so its weights rotate too). ``reference``: float64 output for ``arg_sets[0]``."""
     case: Case
     device: torch.device
     dtype: torch.dtype
@@ -113,6 +119,10 @@ class Op:
 
     def build(self, provider: str, wl: Workload) -> Callable:
         raise NotImplementedError
+
+    def note(self, wl: Workload, provider: str) -> str:
+        """A remark for the result row once `provider` has run ('' if none)."""
+        return ""
 
 
 # ----------------------------------------------------------------------------
@@ -272,6 +282,9 @@ class ModelOp(Op):
                 return fn(x)
         return run
 
+    def note(self, wl, provider):
+        return self.fused_summary(wl, provider) if provider.startswith("resfuse-") else ""
+
     @staticmethod
     def fused_summary(wl: Workload, provider: str) -> str:
         """'3/20 convs fused' for a resfuse provider after it ran."""
@@ -283,7 +296,101 @@ class ModelOp(Op):
         return f"{len(rep.fused)}/{len(rep)} convs fused"
 
 
-OPS: Dict[str, Op] = {"conv_bn_act": ConvBNActOp(), "model": ModelOp()}
+# ----------------------------------------------------------------------------
+# ResNet residual blocks
+# ----------------------------------------------------------------------------
+
+@lru_cache(maxsize=4)
+def _calibrated_block(spec: BlockSpec, seed: int):
+    from .models import make_block
+    return make_block(spec, seed=seed)
+
+
+def _call_block(x, block):
+    """Every provider's call: the set's own block copy on the set's input
+    (torch.compile traces this once; the copies' parameters are graph
+    inputs, so the other copies reuse the compiled code)."""
+    return block(x)
+
+
+class ResNetBlockOp(Op):
+    """A torchvision-layout BasicBlock / Bottleneck (``bench.models``, random
+    weights, calibrated BN, eval, channels_last), input C x H x W.
+
+    eager: the plain block; compile*: torch.compile of it; resfuse-*:
+    ``resfuse.nn.fuse_block(block, backend=...)`` (2 or 3 kernels, the
+    projection shortcut inside the last). Each argument set holds its own
+    input and its own copy of the block (same values, own memory), so a sweep
+    moves the weights as well as the activations through memory."""
+    name = "resnet_block"
+
+    def describe(self, case):
+        return case.spec.describe()
+
+    def cost(self, case, batch, dtype):
+        return cost_model.block_cost(case.spec, batch, dtype_name(dtype))
+
+    def floor(self, case, batch, dtype, ceilings):
+        peak = ceilings.peak(dtype_name(dtype))
+        if peak is None:
+            return None
+        return cost_model.block_floor(case.spec, batch, dtype_name(dtype), peak, ceilings.bandwidth)
+
+    def max_sets(self):
+        return 64  # each set is a block copy: bounded like the layers' sets, but by fewer
+
+    def make_workload(self, case, device, dtype, batch, n_sets, seed):
+        s: BlockSpec = case.spec
+        base = _calibrated_block(s, seed)
+        cl = torch.channels_last
+        blocks = [copy.deepcopy(base).to(device=device, dtype=dtype).to(memory_format=cl).eval()
+                  for _ in range(n_sets)]
+        gen = torch.Generator(device=device).manual_seed(seed + 1)
+        sets = [(torch.randn(batch, s.C, s.H, s.W, generator=gen, device=device).to(dtype)
+                 .contiguous(memory_format=cl), blk) for blk in blocks]
+        ref_block = copy.deepcopy(blocks[0]).to(torch.float64).to(memory_format=torch.contiguous_format)
+        with torch.no_grad():
+            ref = ref_block(sets[0][0].to(torch.float64).contiguous())
+        del ref_block
+        return Workload(case, device, dtype, batch, sets, ref, state={"blocks": blocks})
+
+    def build(self, provider, wl):
+        if provider == "eager":
+            return _call_block
+        if provider.startswith("compile"):
+            reset_compile_state()
+            return compiled(_call_block, provider)
+        if provider.startswith("resfuse-"):
+            from resfuse.nn import fuse_block
+            backend = resfuse_backend(provider)
+            fused = {id(b): fuse_block(b, backend=backend) for b in wl.state["blocks"]}
+            # What ran, checked once: every conv of the main branch in a fused
+            # kernel on this backend (a block that silently ran its original
+            # forward would time eager under resfuse's name).
+            x0, b0 = wl.arg_sets[0]
+            f0 = fused[id(b0)]
+            with torch.no_grad():
+                f0(x0)
+            ran = {name: f"{d.op}:{d.backend}" for name, d in f0.last_decisions.items()}
+            want = [name for name, _ in wl.case.spec.main_convs()]
+            if sorted(ran) != sorted(want) or any(not v.endswith(":" + backend) for v in ran.values()):
+                raise RuntimeError(f"fused block did not run {want} on {backend}: ran {ran or 'nothing fused'}")
+            wl.state.setdefault("ran", {})[provider] = [ran[n] for n in want]
+
+            def run(x, block):
+                return fused[id(block)](x)
+            return run
+        raise ValueError(f"resnet_block has no provider {provider!r}")
+
+    def note(self, wl, provider):
+        ran = wl.state.get("ran", {}).get(provider)
+        if not ran:
+            return ""
+        return f"{len(ran)} kernels: " + ", ".join(r.split(":")[0] for r in ran)
+
+
+OPS: Dict[str, Op] = {"conv_bn_act": ConvBNActOp(), "resnet_block": ResNetBlockOp(), "model": ModelOp()}
+KINDS = {"conv_bn_act": "layer", "resnet_block": "block", "model": "model"}
 REGISTRY: Dict[str, Case] = {}
 
 
@@ -303,6 +410,10 @@ def register(case: Case) -> Case:
 QUICK_LAYERS = {"resnet50.stem", "resnet50.conv2_x.0.conv2", "resnet50.conv2_x.0.conv3",
                 "resnet50.conv3_x.0.conv2", "resnet18.conv2_x.0.conv2", "vgg16_bn.features.3"}
 QUICK_MODELS = {"model.resnet18", "model.resnet50"}
+#: Blocks in --quick: ResNet-50's first block (projection shortcut at
+#: stride 1, the block the byte model's hand test spells out), a ResNet-50
+#: identity block and ResNet-18's strided projection block.
+QUICK_BLOCKS = {"block.resnet50.conv2_x.0", "block.resnet50.conv3_x.1", "block.resnet18.conv3_x.0"}
 
 
 def _register_builtin() -> None:
@@ -310,6 +421,10 @@ def _register_builtin() -> None:
         for spec, names in distinct_convs(ARCHS[arch]()).items():
             name = f"{arch}.{friendly_name(arch, names[0])}"
             register(Case(name, "conv_bn_act", arch, spec, tuple(names), quick=name in QUICK_LAYERS))
+    for arch, depth in RESNET_BLOCK_ARCHS.items():
+        for spec, names in distinct_blocks(resnet_blocks(depth)).items():
+            name = f"block.{arch}.{friendly_name(arch, names[0])}"
+            register(Case(name, "resnet_block", arch, spec, tuple(names), quick=name in QUICK_BLOCKS))
     for arch in ARCHS:
         name = f"model.{arch}"
         register(Case(name, "model", arch, arch, (), quick=name in QUICK_MODELS))

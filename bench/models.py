@@ -5,7 +5,8 @@ Same module tree, names, parameter shapes and forward as torchvision's
 tests/test_bench_model.py where it is importable), so a state_dict loads in
 either and ``resfuse.convert`` sees what it would see in a user's model.
 The GPU box has no torchvision; ``build(name, prefer_torchvision=True)``
-takes torchvision's model when it can be imported.
+takes torchvision's model when it can be imported. ``make_block(spec)``
+builds one residual block (``bench.model.BlockSpec``) the same way.
 
 Weights are random (no download anywhere). ``calibrate_bn`` gives the BN
 layers realistic running statistics, so activations stay O(1) through 50
@@ -198,6 +199,35 @@ def calibrate_bn(model: nn.Module, example: torch.Tensor) -> nn.Module:
     for m, mom in zip(bns, saved):
         m.momentum = mom
     return model.eval()
+
+
+def build_block(spec) -> nn.Module:
+    """The torchvision-layout block a ``bench.model.BlockSpec`` describes
+    (``downsample`` = Sequential(1x1 conv with the stride, BN) when the spec
+    has a projection shortcut), with ResNet's conv init."""
+    cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[spec.kind]
+    downsample = None
+    if spec.projection:
+        downsample = nn.Sequential(_conv1x1(spec.C, spec.K, spec.stride), nn.BatchNorm2d(spec.K, eps=spec.eps))
+    block = cls(spec.C, spec.planes, spec.stride, downsample)
+    for m in block.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            m.eps = spec.eps
+    return block
+
+
+def make_block(spec, *, seed: int = 0, calib_batch: int = 2) -> nn.Module:
+    """A reproducible random-weight block with calibrated BN (on a
+    N(0, 1) input of the spec's shape), fp32 on CPU, eval."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        block = build_block(spec)
+    randomize_bn_affine(block, gen)
+    example = torch.randn(calib_batch, spec.C, spec.H, spec.W, generator=gen)
+    return calibrate_bn(block, example)
 
 
 def make_model(name: str, *, seed: int = 0, image: int = 224, calib_batch: int = 4,

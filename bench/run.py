@@ -4,6 +4,7 @@ FLOP/byte model's floor.
     python bench/run.py --quick                      # small subset (CPU or GPU)
     python bench/run.py                              # every case, dtype, batch
     python bench/run.py --case resnet50.conv --dtype bf16 --batch 32 --provider eager,resfuse-triton
+    python bench/run.py --kind block --dtype bf16    # every ResNet-18/50 residual block shape
     python bench/run.py --model-only                 # the model's columns for every case, no timing
 
 Prints a markdown table and writes ``<stamp>-<device>-<tag>.{md,csv,png}``
@@ -61,7 +62,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the small subset (cases marked quick, fewer dtypes/batches)")
     p.add_argument("--case", action="append", help="substring of case names (repeatable, comma-separated)")
-    p.add_argument("--kind", choices=("layer", "model"), action="append", help="only layer or model cases")
+    p.add_argument("--kind", choices=("layer", "block", "model"), action="append",
+                   help="only layer, block or model cases (repeatable)")
     p.add_argument("--dtype", help="comma-separated: fp32,fp16,bf16")
     p.add_argument("--batch", help="comma-separated batch sizes (default 1,32,256; --quick: 32,1 on GPU)")
     p.add_argument("--provider", help="comma-separated, from: " + ", ".join(prov.PROVIDERS))
@@ -277,9 +279,9 @@ class Runner:
             row["pct_floor"] = 100.0 * row["floor_us"] / row["time_us"]
         if p == "resfuse-triton" and not self.plan.gpu:
             row["note"] = "Triton interpreter: checked, but its timing means nothing"
-        if wl.case.op == "model" and p.startswith("resfuse-"):
-            fused = case_registry.ModelOp.fused_summary(wl, p)
-            row["note"] = "; ".join(x for x in (row.get("note"), fused) if x)
+        extra = op.note(wl, p)  # models: 'n/m convs fused'; blocks: which fused ops ran
+        if extra:
+            row["note"] = "; ".join(x for x in (row.get("note"), extra) if x)
         return row
 
 
