@@ -86,7 +86,7 @@ def cuda_extension():
     """(module, "") when resfuse._C is built and importable, else (None, why)."""
     try:
         mod = importlib.import_module("resfuse._C")
-    except ImportError as e:
+    except ImportError:
         return None, "the CUDA extension resfuse._C is not built"
     return mod, ""
 

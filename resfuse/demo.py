@@ -10,7 +10,6 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
 
 from . import dispatch
 from .convert import convert

@@ -242,22 +242,25 @@ def alloc_output(p: ConvBNActProblem) -> torch.Tensor:
     return out
 
 
-def _triton_check(p: ConvBNActProblem) -> List[str]:
+def triton_check(p) -> List[str]:
+    """Why the Triton conv kernel cannot run problem `p` (any op built on it)."""
     reasons = triton_reasons(p.device, p.dtype)
     if p.groups != 1:
         reasons.append(f"groups={p.groups}: the Triton kernel implements groups=1 only")
     return reasons
 
 
-def _triton_run(p: ConvBNActProblem) -> torch.Tensor:
+def launch_triton_conv(p: ConvBNActProblem, **launcher_kwargs) -> torch.Tensor:
+    """Run the Triton conv kernel on problem `p` into a fresh output;
+    `launcher_kwargs` select its optional epilogues (e.g. projection=...)."""
     kern = kernels_module("conv_bn_act")
     out = alloc_output(p)
     args = (p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps, p.residual,
             p.stride, p.padding, p.dilation, ACTIVATIONS[p.activation].triton_id, out)
-    if p.x.device.type == "cuda":
-        with torch.cuda.device(p.x.device):
-            return kern.conv_bn_act_fwd(*args, allow_tf32=conv_allows_tf32())
-    return kern.conv_bn_act_fwd(*args, allow_tf32=False)
+    if p.device.type == "cuda":
+        with torch.cuda.device(p.device):
+            return kern.conv_bn_act_fwd(*args, allow_tf32=conv_allows_tf32(), **launcher_kwargs)
+    return kern.conv_bn_act_fwd(*args, allow_tf32=False, **launcher_kwargs)
 
 
 def _cuda_check(p: ConvBNActProblem) -> List[str]:
@@ -274,7 +277,7 @@ def _cuda_run(p: ConvBNActProblem) -> torch.Tensor:
 
 
 dispatch.register(OP, "eager", lambda p: [], _eager_run)
-dispatch.register(OP, "triton", _triton_check, _triton_run)
+dispatch.register(OP, "triton", triton_check, launch_triton_conv)
 dispatch.register(OP, "cuda", _cuda_check, _cuda_run)
 
 

@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import dispatch
-from ._backends import conv_allows_tf32, cuda_reasons, kernels_module, triton_reasons
-from .activations import ACTIVATIONS, get_activation
-from .ops import (ConvBNActProblem, _check_tensor, _pair, activation_grad, alloc_output, branch_grads,
-                  make_problem, output_memory_format, pre_activation)
+from ._backends import cuda_reasons
+from .activations import get_activation
+from .ops import (ConvBNActProblem, _check_tensor, _pair, activation_grad, branch_grads, launch_triton_conv,
+                  make_problem, output_memory_format, pre_activation, triton_check)
 
 OP = "conv_bn_proj_act"
 
@@ -94,24 +93,9 @@ def _eager_run(p: ConvBNProjProblem) -> torch.Tensor:
     return y.contiguous(memory_format=output_memory_format(p.x))
 
 
-def _triton_check(p) -> List[str]:
-    reasons = triton_reasons(p.device, p.dtype)
-    if p.groups != 1:
-        reasons.append(f"groups={p.groups}: the Triton kernel implements groups=1 only")
-    return reasons
-
-
 def _triton_run(p: ConvBNProjProblem) -> torch.Tensor:
-    kern = kernels_module("conv_bn_act")
-    out = alloc_output(p)
-    projection = (p.xs, p.weight_d, p.bias_d, p.bn_mean_d, p.bn_var_d, p.bn_weight_d, p.bn_bias_d, p.eps_d,
-                  p.stride_d)
-    args = (p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps, None,
-            p.stride, p.padding, p.dilation, ACTIVATIONS[p.activation].triton_id, out)
-    if p.device.type == "cuda":
-        with torch.cuda.device(p.device):
-            return kern.conv_bn_act_fwd(*args, allow_tf32=conv_allows_tf32(), projection=projection)
-    return kern.conv_bn_act_fwd(*args, allow_tf32=False, projection=projection)
+    return launch_triton_conv(p, projection=(p.xs, p.weight_d, p.bias_d, p.bn_mean_d, p.bn_var_d,
+                                             p.bn_weight_d, p.bn_bias_d, p.eps_d, p.stride_d))
 
 
 def _cuda_check(p) -> List[str]:
@@ -119,7 +103,7 @@ def _cuda_check(p) -> List[str]:
 
 
 dispatch.register(OP, "eager", lambda p: [], _eager_run)
-dispatch.register(OP, "triton", _triton_check, _triton_run)
+dispatch.register(OP, "triton", triton_check, _triton_run)
 # No cuda implementation is registered yet: `auto` passes over it with that reason.
 
 

@@ -21,8 +21,8 @@ import torch.nn as nn
 import resfuse
 from resfuse.nn import FusedSequential
 from numerics import assert_matches, rel_err
-from seed_models import (BackboneVGG, ResidualLayer, ResNet, downsample, float64_reference,
-                               randomize_bn, vgg16_bn_features)
+from seed_models import (BackboneVGG, ResNet, downsample, float64_reference, randomize_bn,
+                         vgg16_bn_features)
 
 
 @pytest.fixture

@@ -12,6 +12,26 @@ from ..ops import resolve_padding
 from ..patterns import bn_tensors
 
 
+class FusedModuleMixin:
+    """The ``backend`` attribute every fused module has (validated; not in
+    the state_dict) and ``last_decisions`` (what ran last, per conv),
+    which a change of backend invalidates."""
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = dispatch.validate_backend(value)
+        self.last_decisions = {}  # observed under the old setting
+
+    def _apply(self, *args, **kwargs):
+        # .to()/.half()/.cuda(): what ran before may not be what runs now.
+        self.last_decisions = {}
+        return super()._apply(*args, **kwargs)
+
+
 def _compute_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype eager autocast would run F.conv2d in (float64 is not
     autocast-eligible and stays as it is); None: no cast."""

@@ -12,15 +12,14 @@ output read in the epilogue. Otherwise (train mode) it runs the original
 block class's own forward, so training semantics are exactly the original's.
 """
 
-from typing import Dict, Optional
+from typing import Optional
 
 import torch.nn as nn
 
-from .. import dispatch
 from .. import models as _reference_blocks
 from ..block_patterns import BlockSpec, match_block
 from ..patterns import bn_uses_running_stats, hooks_reason
-from ._call import fused_conv_bn
+from ._call import FusedModuleMixin, fused_conv_bn
 
 _MODULE_STATE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set",
                  "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
@@ -29,7 +28,7 @@ _MODULE_STATE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers
                  "_forward_pre_hooks_with_kwargs")
 
 
-class FusedResidualBlock(nn.Module):
+class FusedResidualBlock(FusedModuleMixin, nn.Module):
     """Base of the fused blocks. Attributes: ``backend``, ``spec`` (the
     matched structure), ``last_decisions`` (conv name -> what ran)."""
 
@@ -41,16 +40,8 @@ class FusedResidualBlock(nn.Module):
                              f"{len(spec.stages)}; use resfuse.nn.fuse_block() to pick the class")
         self.spec = spec
         self._source_cls = source_cls
-        self.backend = backend
-        self.last_decisions: Dict[str, dispatch.Decision] = {}
+        self.backend = backend  # also resets last_decisions
 
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self._backend = dispatch.validate_backend(value)
 
     @classmethod
     def from_module(cls, block: nn.Module, backend: str = "auto") -> "FusedResidualBlock":

@@ -15,10 +15,9 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-from .. import dispatch
 from ..activations import ACTIVATIONS, activation_of_module
-from ._call import fused_conv_bn
-from ..patterns import (FusedGroup, Plan, bn_reason, bn_tensors, bn_uses_running_stats, conv_reason,
+from ._call import FusedModuleMixin, fused_conv_bn
+from ..patterns import (FusedGroup, Plan, bn_reason, bn_uses_running_stats, conv_reason,
                         plan_sequential)
 
 _ACT_MODULES = {
@@ -35,7 +34,7 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-class FusedSequential(nn.Sequential):
+class FusedSequential(FusedModuleMixin, nn.Sequential):
     """``nn.Sequential`` that fuses its Conv2d -> BN (-> act) runs.
 
     Attributes:
@@ -49,22 +48,8 @@ class FusedSequential(nn.Sequential):
         self._init_fused(backend)
 
     def _init_fused(self, backend: str) -> None:
-        self.backend = backend
-        self.last_decisions: Dict[str, dispatch.Decision] = {}
+        self.backend = backend  # also resets last_decisions
 
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self._backend = dispatch.validate_backend(value)
-        self.last_decisions = {}  # observed under the old setting
-
-    def _apply(self, *args, **kwargs):
-        # .to()/.half()/.cuda(): what ran before may not be what runs now.
-        self.last_decisions = {}
-        return super()._apply(*args, **kwargs)
 
     @classmethod
     def from_sequential(cls, seq: nn.Sequential, backend: str = "auto") -> "FusedSequential":
