@@ -2,6 +2,7 @@
 marker, and the `device` fixture every kernel test is parametrized over."""
 
 import os
+import zlib
 
 import torch
 
@@ -41,3 +42,13 @@ def device(request):
     if request.param == "cpu" and not INTERPRET:
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1; this machine tests the kernels on cuda")
     return torch.device(request.param)
+
+
+@pytest.fixture
+def seed(request):
+    """Per-test seed derived from the test id, set globally and printed, so
+    a failure can be replayed."""
+    s = zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF
+    torch.manual_seed(s)
+    print(f"seed={s}")
+    return s

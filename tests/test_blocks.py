@@ -6,7 +6,6 @@ and the rest of nn.Module life."""
 import copy
 import io
 import pickle
-import sys
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from resfuse import models as rf_models
 from resfuse.models import randomize_bn
 from resfuse.nn.blocks import BasicBlock, Bottleneck, FusedResidualBlock, fuse_block
 from resfuse.nn.stem import ConvBNHead
+from testutil import launches as _launches
 from numerics import assert_matches
 
 
@@ -25,11 +25,6 @@ def _tv():
     """torchvision, or a visible skip (the GPU box has none; the tests that
     need no torchvision use resfuse.models, which has its layout)."""
     return pytest.importorskip("torchvision")
-
-
-def _launches():
-    mod = sys.modules.get("resfuse.kernels.conv_bn_act")
-    return 0 if mod is None else mod.LAUNCHES
 
 
 def _prep(model, seed=0, dtype=torch.float32, device="cpu"):

@@ -10,9 +10,7 @@ reference, relative norm error within max(2 x eager's error, floor).
 import copy
 import io
 import pickle
-import sys
 import warnings
-import zlib
 
 import pytest
 import torch
@@ -20,27 +18,10 @@ import torch.nn as nn
 
 import resfuse
 from resfuse.nn import FusedSequential
+from testutil import generator as _gen, launches as _launches
 from numerics import assert_matches, rel_err
 from seed_models import (BackboneVGG, ResNet, downsample, float64_reference, randomize_bn,
                          vgg16_bn_features)
-
-
-@pytest.fixture
-def seed(request):
-    """Per-test seed, printed so that a failure can be replayed."""
-    s = zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF
-    torch.manual_seed(s)
-    print(f"seed={s}")
-    return s
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _launches():
-    mod = sys.modules.get("resfuse.kernels.conv_bn_act")
-    return mod.LAUNCHES if mod is not None else 0
 
 
 def _fused_groups(model):

@@ -4,23 +4,13 @@ reason for every conv that is not fused."""
 
 import copy
 import dataclasses
-import zlib
 
-import pytest
 import torch
 import torch.nn as nn
 
 import resfuse
 from resfuse._backends import cuda_reasons
 from seed_models import ResNet, randomize_bn, vgg16_bn_features
-
-
-@pytest.fixture
-def seed(request):
-    s = zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF
-    torch.manual_seed(s)
-    print(f"seed={s}")
-    return s
 
 
 def _by_name(report):

@@ -8,8 +8,6 @@ compute (outputs, running statistics, num_batches_tracked, gradients).
 
 import copy
 import pickle
-import sys
-import zlib
 
 import pytest
 import torch
@@ -17,32 +15,15 @@ import torch.nn as nn
 
 import resfuse
 from resfuse.nn import ConvBNAct, FusedSequential
+from testutil import generator as _gen, launches as _launches
 from numerics import assert_matches, rel_err
 from seed_models import float64_reference, randomize_bn
-
-
-@pytest.fixture
-def seed(request):
-    """Per-test seed, printed so that a failure can be replayed."""
-    s = zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF
-    torch.manual_seed(s)
-    print(f"seed={s}")
-    return s
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def _plain(cin, cout, k, stride=1, padding=0, bias=False, act=True, momentum=0.1, dilation=1):
     mods = [nn.Conv2d(cin, cout, k, stride, padding, dilation, bias=bias),
             nn.BatchNorm2d(cout, momentum=momentum)]
     return nn.Sequential(*(mods + [nn.ReLU()] if act else mods))
-
-
-def _launches():
-    mod = sys.modules.get("resfuse.kernels.conv_bn_act")
-    return mod.LAUNCHES if mod is not None else 0
 
 
 # ----------------------------------------------------------------------------
