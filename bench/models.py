@@ -1,4 +1,4 @@
-"""ResNet-18/50 and VGG16-bn without torchvision.
+"""ResNet-18/50 and VGG16-bn without torchvision (resfuse.models).
 
 Same module tree, names, parameter shapes and forward as torchvision's
 ``resnet18``, ``resnet50`` and ``vgg16_bn`` (checked against torchvision in
@@ -13,145 +13,30 @@ layers realistic running statistics, so activations stay O(1) through 50
 layers in float16 and the eval-mode fold is not an identity.
 """
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 
-from .archs import RESNET_BLOCKS, VGG16_CFG
+from resfuse import models as rf_models
 
-
-def _conv3x3(cin, cout, stride=1):
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+from .archs import RESNET_BLOCKS
 
 
 def _conv1x1(cin, cout, stride=1):
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = _conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-        self.stride = stride
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+def resnet18(num_classes=1000) -> nn.Module:
+    return rf_models.ResNet(rf_models.BasicBlock, RESNET_BLOCKS[18][1], num_classes)
 
 
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = _conv1x1(inplanes, planes)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = _conv1x1(planes, planes * self.expansion)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+def resnet50(num_classes=1000) -> nn.Module:
+    return rf_models.ResNet(rf_models.Bottleneck, RESNET_BLOCKS[50][1], num_classes)
 
 
-class ResNet(nn.Module):
-    def __init__(self, block, layers, num_classes=1000):
-        super().__init__()
-        self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def _make_layer(self, block, planes, blocks, stride=1):
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(_conv1x1(self.inplanes, planes * block.expansion, stride),
-                                       nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-class VGG(nn.Module):
-    def __init__(self, cfg=VGG16_CFG, num_classes=1000):
-        super().__init__()
-        mods: List[nn.Module] = []
-        cin = 3
-        for v in cfg:
-            if v == "M":
-                mods.append(nn.MaxPool2d(kernel_size=2, stride=2))
-            else:
-                mods += [nn.Conv2d(cin, v, kernel_size=3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
-                cin = v
-        self.features = nn.Sequential(*mods)
-        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
-        self.classifier = nn.Sequential(
-            nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(),
-            nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(),
-            nn.Linear(4096, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x):
-        x = self.avgpool(self.features(x))
-        return self.classifier(torch.flatten(x, 1))
-
-
-def resnet18(num_classes=1000) -> ResNet:
-    return ResNet(BasicBlock, RESNET_BLOCKS[18][1], num_classes)
-
-
-def resnet50(num_classes=1000) -> ResNet:
-    return ResNet(Bottleneck, RESNET_BLOCKS[50][1], num_classes)
-
-
-def vgg16_bn(num_classes=1000) -> VGG:
-    return VGG(VGG16_CFG, num_classes)
+def vgg16_bn(num_classes=1000) -> nn.Module:
+    return rf_models.vgg16_bn(num_classes)
 
 
 BUILDERS: Dict[str, Callable[[], nn.Module]] = {"resnet18": resnet18, "resnet50": resnet50, "vgg16_bn": vgg16_bn}
@@ -205,7 +90,7 @@ def build_block(spec) -> nn.Module:
     """The torchvision-layout block a ``bench.model.BlockSpec`` describes
     (``downsample`` = Sequential(1x1 conv with the stride, BN) when the spec
     has a projection shortcut), with ResNet's conv init."""
-    cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[spec.kind]
+    cls = {"basic": rf_models.BasicBlock, "bottleneck": rf_models.Bottleneck}[spec.kind]
     downsample = None
     if spec.projection:
         downsample = nn.Sequential(_conv1x1(spec.C, spec.K, spec.stride), nn.BatchNorm2d(spec.K, eps=spec.eps))

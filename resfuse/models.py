@@ -26,10 +26,10 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
+    def forward(self, x):  # torchvision's order: main path, then the shortcut
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
 
 
@@ -48,11 +48,11 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
+    def forward(self, x):  # torchvision's order: main path, then the shortcut
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
 
 
@@ -76,6 +76,9 @@ class ResNet(nn.Module):
         if include_top:
             self.avgpool = nn.AdaptiveAvgPool2d(1)
             self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
+        for m in self.modules():  # torchvision's init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None
@@ -120,6 +123,34 @@ def vgg16_bn_features(width_div: int = 1) -> nn.Sequential:
             layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
             cin = cout
     return nn.Sequential(*layers)
+
+
+class VGG(nn.Module):
+    """torchvision's VGG layout (features, avgpool, classifier) and init."""
+
+    def __init__(self, features: nn.Sequential, num_classes: int = 1000):
+        super().__init__()
+        self.features = features
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        c = features[-4].out_channels if len(features) >= 4 else 512
+        self.classifier = nn.Sequential(
+            nn.Linear(c * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(),
+            nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(),
+            nn.Linear(4096, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def vgg16_bn(num_classes: int = 1000) -> VGG:
+    return VGG(vgg16_bn_features(), num_classes)
 
 
 @torch.no_grad()
