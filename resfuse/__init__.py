@@ -1,7 +1,7 @@
 """resfuse: fused GPU kernels for convolutional networks.
 
     import resfuse
-    fast = resfuse.convert(model)        # fuses conv -> BN -> (ReLU) runs
+    fast = resfuse.convert(model)        # fuses conv -> BN -> (ReLU) runs, HorNet's gnconv
     print(resfuse.explain(fast))         # what runs where, and why
 
 Importing resfuse needs neither a GPU, Triton nor the CUDA extension; the
@@ -12,13 +12,16 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: F401  (registers torch.ops.resfuse.*)
 from . import ops_proj  # noqa: F401
+from . import ops_gnconv  # noqa: F401
 from . import nn  # noqa: F401
 from .convert import convert
 from .dispatch import BACKENDS, BackendUnavailable, last_decision
 from .explain import explain
 from .ops import conv_bn_act
+from .ops_gnconv import gnconv, gnconv_chain, layernorm_conv1x1
 from .ops_proj import conv_bn_proj_act
-from .reference import conv_bn_act_reference
+from .reference import conv_bn_act_reference, gnconv_reference
 
-__all__ = ["convert", "explain", "conv_bn_act", "conv_bn_proj_act", "conv_bn_act_reference", "nn", "ops",
+__all__ = ["convert", "explain", "conv_bn_act", "conv_bn_proj_act", "conv_bn_act_reference", "gnconv",
+           "gnconv_chain", "layernorm_conv1x1", "gnconv_reference", "nn", "ops",
            "BACKENDS", "BackendUnavailable", "last_decision", "__version__"]

@@ -14,6 +14,7 @@ from . import dispatch
 from .block_patterns import match_block
 from .nn.blocks import FusedResidualBlock, convert_blocks, fuse_block
 from .nn.conv_bn_act import FusedSequential
+from .nn.gnconv import convert_gnconv
 from .nn.stem import convert_stems
 from .patterns import FusedGroup, is_plain_sequential, plan_sequential
 
@@ -28,7 +29,12 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
     - a ResNet-style stem (conv1, bn1, relu/act1 of a module with layer1)
       becomes one kernel (``resfuse.nn.stem``);
     - every Conv2d -> BatchNorm (-> activation) run inside an
-      ``nn.Sequential`` runs as one kernel (``resfuse.nn.FusedSequential``).
+      ``nn.Sequential`` runs as one kernel (``resfuse.nn.FusedSequential``);
+    - every HorNet gnconv (recognised by structure: proj_in, dwconv, pws,
+      proj_out, scale) becomes ``resfuse.nn.GnConv`` (two kernels), and
+      every HorNet Block / yoloair HorBlock ``resfuse.nn.FusedHorBlock``
+      (its channels-first LayerNorm norm1 inside the projection kernel, the
+      layer scale and residual inside the second).
 
     backend: 'auto' | 'triton' | 'cuda' | 'eager', set on every fused module
         (``RESFUSE_BACKEND`` overrides 'auto' at run time).
@@ -45,6 +51,7 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
     if isinstance(model, FusedResidualBlock) or not isinstance(match_block(model), str):
         model = fuse_block(model, backend) if not isinstance(model, FusedResidualBlock) else model
         model.backend = backend
+    model = convert_gnconv(model, backend)
     absorbed = convert_blocks(model, backend)
     if isinstance(model, FusedResidualBlock) and model.spec.shortcut == "projection":
         absorbed.add(id(model._modules[model.spec.downsample]))

@@ -1,5 +1,6 @@
 """``resfuse.explain``: per conv layer, what runs, on which backend, and why."""
 
+import dataclasses
 from dataclasses import dataclass
 from typing import List
 
@@ -10,8 +11,10 @@ from . import dispatch
 from .block_patterns import match_block
 from .nn.blocks import FusedResidualBlock
 from .nn.conv_bn_act import FusedSequential
+from .nn.gnconv import FusedHorBlock, GnConv, match_gnconv
 from .nn.stem import ConvBNHead, head_fuses, stem_parts
 from .ops import OP, ProblemSignature
+from .ops_gnconv import OP_CHAIN, OP_PROJ, signature_reasons
 from .patterns import FusedGroup, bn_uses_running_stats, is_plain_sequential, plan_sequential
 
 
@@ -155,6 +158,63 @@ def _other_rows(prefix, parent):
             yield Record(_join(prefix, child), "conv", "eager", why, True)
 
 
+def _gnconv_row(name, kind, decision) -> Record:
+    if isinstance(decision, dispatch.BackendUnavailable):
+        return Record(name, kind, decision.backend, "cannot run: " + "; ".join(decision.reasons))
+    return Record(name, kind, decision.backend, decision.reason() if decision.fell_back else "")
+
+
+def _gnconv_rows(prefix, gn: nn.Module, block):
+    """One row per conv of a gnconv: proj_in, dwconv (or the gflayer
+    filter's convs), pws.i, proj_out, with the kernel each runs in."""
+    spec = match_gnconv(gn)
+    if isinstance(spec, str):  # has gnconv's children, but something does not fit
+        for n in ("proj_in", "dwconv", "proj_out"):
+            if isinstance(gn._modules[n], nn.Conv2d):
+                yield Record(_join(prefix, n), "conv", "eager", f"gnconv not fused: {spec}", True)
+        for i, pw in enumerate(gn._modules["pws"] if isinstance(gn._modules["pws"], nn.ModuleList) else ()):
+            if isinstance(pw, nn.Conv2d):
+                yield Record(_join(prefix, f"pws.{i}"), "conv", "eager", f"gnconv not fused: {spec}", True)
+        return
+    names = ["proj_in"] + ([] if spec.gflayer else ["dwconv"]) + [f"pws.{i}" for i in range(spec.order - 1)] \
+        + ["proj_out"]
+    filter_convs = [] if not spec.gflayer else [
+        _join("dwconv", n) for n, m in gn._modules["dwconv"].named_modules() if isinstance(m, nn.Conv2d)]
+    if not isinstance(gn, GnConv):
+        why = "HorNet gnconv: fusable into 2 kernels, but not converted (resfuse.convert)"
+        for n in names + filter_convs:
+            yield Record(_join(prefix, n), "conv", "eager", why, True)
+        return
+    why = gn.unfused_reason()
+    if why:
+        for n in names + filter_convs:
+            yield Record(_join(prefix, n), "conv", "eager", f"gnconv runs its original forward: {why}", True)
+        return
+    block_fused = block is not None and not block.unfused_reason()
+    observed = {op: gn.last_decisions.get(key) for op, key in ((OP_PROJ, "proj_in"), (OP_CHAIN, "chain"))}
+    predicted = None
+    if None in observed.values():
+        w = gn._modules["proj_in"].weight
+        predicted = signature_reasons(w.device, w.dtype, spec.order, gn.backend)
+    decision = {op: d if d is not None else predicted[op] for op, d in observed.items()}
+    seen = {op: d is not None for op, d in observed.items()}
+    k1, k2 = "[gnconv kernel 1/2]", "[gnconv kernel 2/2]"
+    for n in names:
+        if n == "proj_in":
+            kind, op = ("norm1+" if block_fused else "") + f"conv1x1 {k1}", OP_PROJ
+        elif n == "dwconv":
+            kind, op = f"dw{spec.ksize}x{spec.ksize}+bias+scale+gate {k2}", OP_CHAIN
+        elif n == "proj_out":
+            kind, op = "conv1x1" + ("+gamma1+residual" if block_fused else "") + f" {k2}", OP_CHAIN
+        else:
+            kind, op = f"conv1x1+gate {k2}", OP_CHAIN
+        row = _gnconv_row(_join(prefix, n), kind, decision[op])
+        yield dataclasses.replace(row, observed=seen[op])
+    for n in filter_convs:
+        yield Record(_join(prefix, n), "conv", "eager",
+                     "inside the gflayer filter (FFT-based), which runs eager between gnconv's two kernels", True)
+
+
 def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
     """Report, for every Conv2d in `model`, whether it runs fused and where.
 
@@ -170,6 +230,8 @@ def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
                 m.last_decisions.clear()  # report this run only
             elif isinstance(m, ConvBNHead):
                 m.__dict__.pop("last_decision", None)
+            elif isinstance(m, GnConv):
+                m.last_decisions.clear()
         with torch.no_grad():
             saved = [(b, b.clone()) for b in model.buffers()]
             try:
@@ -180,9 +242,25 @@ def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
     records = []
     absorbed = {id(m._modules[m.spec.downsample]) for m in model.modules()
                 if isinstance(m, FusedResidualBlock) and m.spec.shortcut == "projection"}
+    # gnconvs (converted or not): their rows come from _gnconv_rows, which
+    # also covers the pws ModuleList and a gflayer filter's insides.
+    gnconvs, handled = {}, set()
+    for m in model.modules():
+        if isinstance(m, GnConv) or all(n in m._modules for n in ("proj_in", "dwconv", "pws", "proj_out")):
+            gnconvs[id(m)] = None
+            handled.add(id(m._modules["pws"]))
+            spec = match_gnconv(m)
+            if not isinstance(spec, str) and spec.gflayer:
+                handled.update(id(x) for x in m._modules["dwconv"].modules())
+    for m in model.modules():
+        if isinstance(m, FusedHorBlock):
+            gnconvs[id(m._modules["gnconv"])] = m
     for prefix, parent in model.named_modules():
-        if id(parent) in absorbed:
-            continue  # rows come from the block that computes it
+        if id(parent) in absorbed or id(parent) in handled:
+            continue  # rows come from the block or gnconv that computes it
+        if id(parent) in gnconvs:
+            records.extend(_gnconv_rows(prefix, parent, gnconvs[id(parent)]))
+            continue
         if isinstance(parent, ConvBNHead):
             kind = "conv+bn" + _act_suffix(parent.fused_activation)
             if head_fuses(parent, parent.fused_bn):

@@ -45,3 +45,83 @@ def conv_bn_act_reference(
 def to_float64(*tensors):
     """Upcast every tensor (None passes through) for the float64 oracle."""
     return tuple(None if t is None else t.detach().to(torch.float64) for t in tensors)
+
+
+# ----------------------------------------------------------------------------
+# HorNet's gnconv (recursive gated convolution)
+# ----------------------------------------------------------------------------
+
+def gnconv_dims(dim: int, order: int):
+    """HorNet's channel split: ``[dim / 2^(order-1), ..., dim / 2, dim]``."""
+    if order < 1:
+        raise ValueError(f"order must be >= 1, got {order}")
+    if dim < 1 or dim % (1 << (order - 1)):
+        raise ValueError(f"dim={dim} must be a positive multiple of 2^(order-1) = {1 << (order - 1)}")
+    return [dim >> (order - 1 - i) for i in range(order)]
+
+
+def layer_norm_channels_first_reference(x, weight=None, bias=None, eps: float = 1e-6):
+    """HorNet's ``LayerNorm(data_format="channels_first")``: normalize each
+    pixel over the channel dimension (biased variance), then the affine."""
+    u = x.mean(1, keepdim=True)
+    s = (x - u).pow(2).mean(1, keepdim=True)
+    x = (x - u) / torch.sqrt(s + eps)
+    if weight is not None:
+        x = weight[:, None, None] * x
+    if bias is not None:
+        x = x + bias[:, None, None]
+    return x
+
+
+def layernorm_conv1x1_reference(x, weight, bias=None, norm_weight=None, norm_bias=None,
+                                norm_eps: Optional[float] = None):
+    """``conv1x1(LN_channels_first(x))`` (no LayerNorm when norm_eps is None):
+    a HorBlock's ``norm1`` followed by its gnconv's ``proj_in``."""
+    if norm_eps is not None:
+        x = layer_norm_channels_first_reference(x, norm_weight, norm_bias, norm_eps)
+    return F.conv2d(x, weight, bias)
+
+
+def gnconv_chain_reference(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale: float,
+                           residual=None, layer_scale=None):
+    """Everything of HorNet's gnconv after ``proj_in``, as HorNet writes it.
+
+    fused: proj_in's output (N, 2*dim, H, W). The gates are
+    ``dwconv(abc) * scale`` with the depthwise conv (w_dw, b_dw, padding
+    k//2), or ``gates * scale`` when a gflayer's output is given instead.
+    Optionally ``residual + layer_scale * y`` (a HorBlock's first half)."""
+    dim, order = w_out.shape[0], len(w_pws) + 1
+    dims = gnconv_dims(dim, order)
+    pwa, abc = torch.split(fused, (dims[0], sum(dims)), dim=1)
+    if gates is None:
+        k = w_dw.shape[-1]
+        gates = F.conv2d(abc, w_dw, b_dw, padding=k // 2, groups=sum(dims))
+    dw_list = torch.split(gates * scale, dims, dim=1)
+    x = pwa * dw_list[0]
+    for i in range(order - 1):
+        x = F.conv2d(x, w_pws[i], b_pws[i]) * dw_list[i + 1]
+    y = F.conv2d(x, w_out, b_out)
+    if layer_scale is not None:
+        y = layer_scale[:, None, None] * y
+    if residual is not None:
+        y = residual + y
+    return y
+
+
+def gnconv_reference(x, w_in, b_in, w_dw, b_dw, w_pws, b_pws, w_out, b_out, scale: float, *,
+                     norm_weight=None, norm_bias=None, norm_eps: Optional[float] = None,
+                     residual=None, layer_scale=None):
+    """HorNet's gnconv (recursive gated convolution), the definition::
+
+        dims = [dim/2^(order-1), ..., dim]
+        pwa, abc = split(proj_in(x), (dims[0], sum(dims)))
+        dw_0, ..., dw_{order-1} = split(dwconv7x7(abc) * scale, dims)
+        x = pwa * dw_0;  x = pws[i](x) * dw_{i+1}  for i < order-1
+        return proj_out(x)
+
+    with, optionally, a channels-first LayerNorm before proj_in and
+    ``residual + layer_scale * out`` after proj_out (a HorBlock's
+    ``x + gamma1 * gnconv(norm1(x))``)."""
+    fused = layernorm_conv1x1_reference(x, w_in, b_in, norm_weight, norm_bias, norm_eps)
+    return gnconv_chain_reference(fused, w_dw, b_dw, None, w_pws, b_pws, w_out, b_out, scale,
+                                  residual, layer_scale)

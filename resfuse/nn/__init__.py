@@ -2,7 +2,8 @@
 
 from .blocks import BasicBlock, Bottleneck, FusedResidualBlock, fuse_block
 from .conv_bn_act import ConvBNAct, FusedSequential
+from .gnconv import FusedHorBlock, GnConv
 from .stem import ConvBNHead, FoldedBatchNorm2d
 
 __all__ = ["ConvBNAct", "FusedSequential", "BasicBlock", "Bottleneck", "FusedResidualBlock", "fuse_block",
-           "ConvBNHead", "FoldedBatchNorm2d"]
+           "ConvBNHead", "FoldedBatchNorm2d", "GnConv", "FusedHorBlock"]

@@ -1,0 +1,586 @@
+"""HorNet's recursive gated convolution (gnconv) forward in two Triton kernels.
+
+Definition (resfuse/reference.py::gnconv_reference, HorNet's ``gnconv``)::
+
+    dims = [D/2^(o-1), ..., D/2, D]        (o = order, d0 = dims[0], S = sum(dims) = 2D - d0)
+    h    = LN_cf(x)  (optional: HorBlock's norm1, channels-first LayerNorm)
+    f    = W_in h + b_in                   (1x1, D -> 2D)    f = [pwa (d0) | abc (S)]
+    g    = s * (dwconv_kxk(abc) + b_dw)     (depthwise, k odd, padding k//2)  g = [g_0 | ... | g_{o-1}]
+    x_0  = pwa * g_0
+    x_i  = (W_{i-1} x_{i-1} + b_{i-1}) * g_i          i = 1..o-1    (1x1, dims[i-1] -> dims[i])
+    y    = W_out x_{o-1} + b_out            (1x1, D -> D)
+    y    = residual + layer_scale * y       (optional: HorBlock's ``x + gamma1 * gnconv(norm1(x))``)
+
+Kernels (two launches per gnconv; HorNet's eager code runs 2o+3 kernels, ten
+more for the LayerNorm and two for the residual):
+
+1. ``_ln_conv1x1_kernel``: f = W_in LN(x) + b_in. A 1x1 conv is a GEMM over
+   pixels (M = N*H*W) x output channels; the LayerNorm is a prologue: each
+   program first reduces its pixels' mean and variance over all C channels
+   (two passes over its x tile, served by L2), then normalizes each x tile in
+   registers before ``tl.dot``. Reads x once from HBM, writes f once.
+2. ``_gnconv_chain_kernel``: everything after f, per tile of BLOCK_M pixels,
+   in one program: the depthwise kxk conv of each channel block of abc is
+   computed where its gate is needed (k*k masked loads of the f tile, the
+   halo served by L1/L2), multiplied into pwa or into the 1x1 GEMM of the
+   previous stage, and the stage's output x_i goes to a per-program scratch
+   slot (D x BLOCK_M, ping-pong between two slots) that the next stage reads
+   back as its GEMM operand; proj_out (+ layer scale + residual) is the
+   epilogue. The grid is persistent (a fixed number of programs, each looping
+   over pixel tiles) so the scratch is a few MB reused tile after tile: it
+   can live in L2 rather than reach HBM. Reads f once (pwa and abc), writes
+   y once. ``tl.debug_barrier()`` orders the slot's writes and reads between
+   stages (all threads of the program share the slot).
+
+Both kernels use (channels x pixels) tiles: each 1x1 is computed as
+out^T = W @ x^T, so pixels are the fast axis, which is what NCHW stores
+contiguously and what keeps per-pixel index vectors to a few registers per
+thread.
+
+f must reach memory: the kxk depthwise needs a (k-1)/2-pixel halo of f around
+every tile, which the projection of the neighbouring tiles produces.
+
+Byte model (``resfuse.gnconv_traffic``, bench/model.py's rules; per pixel,
+in elements, weights apart; S = 2D - d0)::
+
+    eager HorNet  3D + 4S + 3 d0 + sum_i (dims[i] + 4 dims[i+1]) + 2D   (2o + 3 kernels)
+    stepwise      3D + (2D + S) + sum_i (dims[i] + 2 dims[i+1]) + 2D   (o + 2: dw+gate0, one GEMM per gate)
+    fused (this)  3D (kernel 1) + 3D (kernel 2) = 6D                   (2 kernels)
+    minimal       2D (x read, y written: one kernel, ruled out by the halo)
+
+HorNet-T at batch 32, fp16, weights included (``python -m
+resfuse.gnconv_traffic``), eager -> fused MB: stage 1 (D=64, o=2, 56x56)
+218.4 -> 77.1 (2.83x less), stage 2 (128, o=3, 28x28) 125.4 -> 38.7 (3.24x),
+stage 3 (256, o=4, 14x14) 67.2 -> 19.8 (3.39x), stage 4 (512, o=5, 7x7)
+36.3 -> 11.7 (3.12x); the stepwise fusion would move 141.3 / 80.4 / 43.1 /
+23.9 MB. With norm1 in kernel 1 and ``x + gamma1 * .`` in kernel 2 (the
+HorBlock's first half; eager adds HorNet's 10-kernel LayerNorm and 2
+kernels): 464.3 -> 90.0, 247.9 -> 45.1, 128.3 -> 23.0, 66.9 -> 13.3 MB
+(5.0-5.6x), 19..25 kernels -> 2.
+
+Layouts: every tensor is addressed through its own strides (NCHW,
+channels_last, channel-sliced views such as f's pwa/abc halves). Offsets
+are int64 when a tensor spans 2**31 elements or more (``INT64``).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+#: Launch counters (tests read them to prove the Triton path ran).
+LAUNCHES = 0
+LAUNCHES_BY_KERNEL = {"ln_conv1x1": 0, "gnconv_chain": 0}
+
+#: Pixels of scratch per SM for the chain kernel: the persistent grid has
+#: NUM_SMS * SCRATCH_PIXELS_PER_SM // BLOCK_M programs at most, each with a
+#: 2 x D x BLOCK_M scratch slot, so the scratch is NUM_SMS * 64 * 2D elements
+#: whatever the tile (17 MB fp16 for D = 512 on 132 SMs, 13 MB of it touched:
+#: a third of an H100's 50 MB L2).
+SCRATCH_PIXELS_PER_SM = 64
+#: Programs of the chain kernel in the interpreter: few, so that the tests
+#: exercise the persistent loop (each program handles several tiles).
+INTERPRETER_PROGRAMS = 2
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _span(t):
+    """Largest element offset reachable in t, plus one."""
+    if t is None or t.numel() == 0:
+        return 0
+    return 1 + sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride()))
+
+
+def _needs_int64(*tensors, extra=0):
+    return max([_span(t) for t in tensors] + [extra]) >= 2**31
+
+
+def _precision(dtype, allow_tf32):
+    if dtype == torch.float32 and allow_tf32 and not _interpreting():
+        return "tf32"
+    return "ieee"  # ignored by tl.dot for 16-bit operands
+
+
+# ----------------------------------------------------------------------------
+# Kernel 1: (channels-first LayerNorm) -> 1x1 conv + bias
+# ----------------------------------------------------------------------------
+
+def _ln_conv1x1_configs():
+    """GPU autotune space: the tiles that compile without register spills on
+    sm_90 with and without the LayerNorm prologue (ptxas -v, fp16; 128x128
+    and 128x256 tiles spill with it). The interpreter bypasses the
+    autotuner (it needs a driver to benchmark)."""
+    cfgs = []
+    for bm, bn, bk, warps, stages in [
+        (128, 64, 32, 4, 4), (64, 64, 64, 4, 3), (64, 64, 32, 4, 4), (64, 32, 32, 2, 5),
+    ]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                  num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+def _ln_conv1x1_prune(configs, named_args, **kwargs):
+    M, K, C = named_args["M"], named_args["K"], named_args["C"]
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(K))
+            and c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(M))
+            and c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(C))]
+    return kept or configs[-1:]
+
+
+@triton.jit
+def _ln_conv1x1_kernel(
+    x_ptr, w_ptr, b_ptr, lnw_ptr, lnb_ptr, y_ptr,
+    M, C, K, HW, W, eps,
+    sx_n, sx_c, sx_h, sx_w,
+    sw_k, sw_c,
+    sy_n, sy_c, sy_h, sy_w,
+    HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+    INT64: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y[n,k,h,w] = b[k] + sum_c W[k,c] * LN(x)[n,c,h,w],
+    LN(x)[c] = (x[c] - mean) * rsqrt(var + eps) * lnw[c] + lnb[c] over the C
+    channels of one pixel (biased variance, as HorNet's LayerNorm), or x
+    itself without HAS_NORM. x: (N, C, H, W), W: (K, C) via strides, y: (N, K, H, W).
+    Reads x (C per pixel; twice more from L2 for the statistics), W and the
+    vectors once per tile; writes y once. fp32 statistics and accumulation;
+    the normalized tile is rounded to x's dtype before the dot (as eager's
+    LayerNorm output is).
+
+    Tiles are (channels x pixels): y^T = W @ LN(x)^T, so pixels are the
+    fast axis of every tile. In NCHW, pixels are what is contiguous in
+    memory (and per-pixel vectors then cost a couple of registers per
+    thread, not one per tile row)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_K)
+    if INT64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        offs_c = offs_c.to(tl.int64)
+    m_ok = offs_m < M
+    n_ok = offs_n < K
+    img = offs_m // HW
+    rem = offs_m % HW
+    x_pix = img * sx_n + (rem // W) * sx_h + (rem % W) * sx_w
+
+    if HAS_NORM:
+        # Two passes (mean, then centred variance) rather than E[x^2]-E[x]^2,
+        # which cancels catastrophically when |mean| >> std.
+        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_K):
+            cc = c0 + offs_c
+            a = tl.load(x_ptr + cc[:, None] * sx_c + x_pix[None, :], mask=(cc < C)[:, None] & m_ok[None, :],
+                        other=0.0)
+            total += tl.sum(a.to(tl.float32), axis=0)
+        mean = total / C
+        sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_K):
+            cc = c0 + offs_c
+            ok = (cc < C)[:, None] & m_ok[None, :]
+            a = tl.load(x_ptr + cc[:, None] * sx_c + x_pix[None, :], mask=ok, other=0.0)
+            d = tl.where(ok, a.to(tl.float32) - mean[None, :], 0.0)
+            sq += tl.sum(d * d, axis=0)
+        rstd = 1.0 / tl.sqrt(sq / C + eps)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_K):
+        cc = c0 + offs_c
+        c_ok = cc < C
+        xt = tl.load(x_ptr + cc[:, None] * sx_c + x_pix[None, :], mask=c_ok[:, None] & m_ok[None, :], other=0.0)
+        if HAS_NORM:
+            v = (xt.to(tl.float32) - mean[None, :]) * rstd[None, :]
+            if HAS_NORM_W:
+                v = v * tl.load(lnw_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)[:, None]
+            if HAS_NORM_B:
+                v = v + tl.load(lnb_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)[:, None]
+            # K lanes past C must stay exactly zero (a NaN mean would leak).
+            xt = tl.where(c_ok[:, None], v, 0.0).to(x_ptr.dtype.element_ty)
+        wt = tl.load(w_ptr + offs_n[:, None] * sw_k + cc[None, :] * sw_c, mask=n_ok[:, None] & c_ok[None, :],
+                     other=0.0)
+        if DOT_IN_FP32:
+            # Interpreter only: its bf16 tl.dot multiplies raw bit patterns.
+            wt = wt.to(tl.float32)
+            xt = xt.to(tl.float32)
+        acc = tl.dot(wt, xt, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    y_pix = img * sy_n + (rem // W) * sy_h + (rem % W) * sy_w
+    tl.store(y_ptr + offs_n[:, None] * sy_c + y_pix[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & m_ok[None, :])
+
+
+_ln_conv1x1_tuned = triton.autotune(
+    configs=_ln_conv1x1_configs(), key=["M", "K", "C", "HAS_NORM"],
+    prune_configs_by={"early_config_prune": _ln_conv1x1_prune})(_ln_conv1x1_kernel)
+
+
+def _interpreter_blocks_ln(C, K):
+    """Small tiles in the interpreter so that the tests cross tile edges;
+    RESFUSE_INTERPRET_BLOCKS="M,N,K" overrides (as in conv_bn_act)."""
+    env = os.environ.get("RESFUSE_INTERPRET_BLOCKS")
+    if env:
+        bm, bn, bk = (int(v) for v in env.split(","))
+        return bm, bn, bk
+    return 32, (16 if K <= 32 else 32), (16 if C <= 32 else 32)
+
+
+def ln_conv1x1_fwd(x, weight, bias, norm_weight, norm_bias, norm_eps, out, *, allow_tf32, force_int64=False):
+    """Launch kernel 1. Inputs are validated by resfuse.ops_gnconv; `out` is
+    a preallocated (N, K, H, W) tensor. norm_eps None: no LayerNorm."""
+    global LAUNCHES
+    N, C, H, W = x.shape
+    K = weight.shape[0]
+    M = N * H * W
+    if M == 0:
+        return out
+    interpret = _interpreting()
+    has_norm = norm_eps is not None
+    bias, norm_weight, norm_bias = (None if v is None else v.contiguous() for v in (bias, norm_weight, norm_bias))
+    dummy = x
+    int64 = force_int64 or _needs_int64(x, out, extra=M)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
+
+    if interpret:
+        bm, bn, bk = _interpreter_blocks_ln(C, K)
+        kernel, tiles = _ln_conv1x1_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
+    else:
+        kernel, tiles = _ln_conv1x1_tuned, {}
+    kernel[grid](
+        x, weight, bias if bias is not None else dummy,
+        norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
+        out,
+        M, C, K, H * W, W, float(norm_eps) if has_norm else 0.0,
+        *x.stride(), weight.stride(0), weight.stride(1), *out.stride(),
+        HAS_BIAS=bias is not None, HAS_NORM=has_norm,
+        HAS_NORM_W=has_norm and norm_weight is not None, HAS_NORM_B=has_norm and norm_bias is not None,
+        INT64=bool(int64), DOT_IN_FP32=interpret and x.dtype == torch.bfloat16,
+        INPUT_PRECISION=_precision(x.dtype, allow_tf32), **tiles,
+    )
+    LAUNCHES += 1
+    LAUNCHES_BY_KERNEL["ln_conv1x1"] += 1
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Kernel 2: depthwise kxk + gates + 1x1 chain + proj_out (+ layer scale + residual)
+# ----------------------------------------------------------------------------
+
+@triton.jit
+def _pick(i: tl.constexpr, a, b, c, d):
+    """The i-th of four arguments, chosen at compile time (the pws pointers
+    and strides of stage i; order <= 5 means at most four)."""
+    r = d
+    if i == 0:
+        r = a
+    if i == 1:
+        r = b
+    if i == 2:
+        r = c
+    return r
+
+
+@triton.jit
+def _gate(f_ptr, g_ptr, wdw_ptr, bdw_ptr, f_pix, g_pix, h, w, m_ok, cn, n_ok, H, W, scale,
+          sf_c, sf_h, sf_w, sg_c, sdw_c, sdw_r, sdw_s,
+          D0: tl.constexpr, OFF: tl.constexpr, KS: tl.constexpr,
+          GATES_GIVEN: tl.constexpr, HAS_B_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """s * (dwconv_kxk(abc) + b_dw) for abc channels OFF + cn (f channels
+    D0 + OFF + cn) at the tile's pixels, in fp32: (BLOCK_N, BLOCK_M). With
+    GATES_GIVEN the conv is replaced by a tensor (HorNet's gflayer output)."""
+    if GATES_GIVEN:
+        g = tl.load(g_ptr + (OFF + cn)[:, None] * sg_c + g_pix[None, :],
+                    mask=n_ok[:, None] & m_ok[None, :], other=0.0).to(tl.float32)
+    else:
+        PAD: tl.constexpr = KS // 2
+        g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        # Only 1-D offsets stay live across the taps; each tap's 2-D pointer
+        # tile is formed and consumed at once (a hoisted tile of 64-bit
+        # pointers costs 2 registers per element). Not unrolled: unrolled,
+        # the compiler hoists many tap loads at once and spills.
+        ch_off = (D0 + OFF + cn) * sf_c
+        w_ch = wdw_ptr + (OFF + cn) * sdw_c
+        for r in tl.range(KS, loop_unroll_factor=1):
+            hh = h + (r - PAD)
+            row_ok = m_ok & (hh >= 0) & (hh < H)
+            row_off = f_pix + (r - PAD) * sf_h
+            for s in tl.range(KS, loop_unroll_factor=1):
+                ww = w + (s - PAD)
+                ok = row_ok & (ww >= 0) & (ww < W)
+                v = tl.load(f_ptr + ch_off[:, None] + (row_off + (s - PAD) * sf_w)[None, :],
+                            mask=n_ok[:, None] & ok[None, :], other=0.0)
+                wt = tl.load(w_ch + (r * sdw_r + s * sdw_s), mask=n_ok, other=0.0)
+                g += v.to(tl.float32) * wt.to(tl.float32)[:, None]
+        if HAS_B_DW:
+            g += tl.load(bdw_ptr + OFF + cn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    return g * scale
+
+
+@triton.jit
+def _gemm_from_scratch(src, w_ptr, sw_n, sw_k, cn, n_ok, KDIM: tl.constexpr,
+                       DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc[n, m] = sum_k W[n, k] * src[k, m] for k < KDIM: (BLOCK_N, BLOCK_M).
+    src is this program's scratch slot, channel-major (channel k of the
+    previous stage's output at src + k * BLOCK_M)."""
+    cols = tl.arange(0, BLOCK_M)
+    kk0 = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, KDIM, BLOCK_K):
+        kk = k0 + kk0
+        k_ok = kk < KDIM
+        a = tl.load(w_ptr + cn[:, None] * sw_n + kk[None, :] * sw_k, mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        b = tl.load(src + kk[:, None] * BLOCK_M + cols[None, :], mask=k_ok[:, None], other=0.0)
+        if DOT_IN_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _gnconv_chain_kernel(
+    f_ptr, g_ptr, wdw_ptr, bdw_ptr,
+    w0_ptr, w1_ptr, w2_ptr, w3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr,
+    wout_ptr, bout_ptr, ls_ptr, res_ptr, y_ptr, scr_ptr,
+    M, H, W, scale,
+    sf_n, sf_c, sf_h, sf_w,
+    sg_n, sg_c, sg_h, sg_w,
+    sdw_c, sdw_r, sdw_s,
+    sw0_n, sw0_k, sw1_n, sw1_k, sw2_n, sw2_k, sw3_n, sw3_k,
+    swo_n, swo_k,
+    sr_n, sr_c, sr_h, sr_w,
+    sy_n, sy_c, sy_h, sy_w,
+    D0: tl.constexpr, ORDER: tl.constexpr, KS: tl.constexpr,
+    GATES_GIVEN: tl.constexpr, HAS_B_DW: tl.constexpr, PWS_BIAS: tl.constexpr, HAS_B_OUT: tl.constexpr,
+    HAS_LS: tl.constexpr, HAS_RES: tl.constexpr,
+    INT64: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """gnconv after the projection, for BLOCK_M-pixel tiles (module docstring).
+
+    f: (N, 2D, H, W) = [pwa | abc]; gates (GATES_GIVEN): (N, S, H, W);
+    w_dw: (S, 1, KS, KS); pws i: (dims[i+1], dims[i]); w_out: (D, D); y and
+    residual: (N, D, H, W); all through strides. dims[i] = D0 << i.
+    PWS_BIAS: bit i set when pws i has a bias. scr: per-program slots of
+    2 x D x BLOCK_M elements of y's dtype (x_i is rounded to it, as eager
+    rounds each stage's output).
+
+    Per tile: reads f's pwa and abc once (the halo from cache), the weights
+    (from L2); x_0 .. x_{o-1} go through the scratch slot; writes y once.
+    Tiles are (channels x pixels), pixels the fast axis (see
+    _ln_conv1x1_kernel); each 1x1 is out^T = W @ x^T."""
+    D: tl.constexpr = D0 << (ORDER - 1)
+    SLOT: tl.constexpr = BLOCK_M * D
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    scr = scr_ptr + pid.to(tl.int64) * (2 * SLOT)
+    cols = tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_N)
+    HW = H * W
+    num_tiles = tl.cdiv(M, BLOCK_M)
+    for tile in tl.range(pid, num_tiles, nprog):
+        offs_m = tile * BLOCK_M + cols
+        if INT64:
+            offs_m = offs_m.to(tl.int64)
+        m_ok = offs_m < M
+        img = offs_m // HW
+        rem = offs_m % HW
+        h = rem // W
+        w = rem % W
+        f_pix = img * sf_n + h * sf_h + w * sf_w
+        g_pix = img * sg_n + h * sg_h + w * sg_w
+
+        for i in tl.static_range(ORDER):
+            DI = D0 << i
+            OFF = D0 * ((1 << i) - 1)  # channel of g_i inside abc
+            dst = scr + (i % 2) * SLOT
+            src = scr + ((i + 1) % 2) * SLOT
+            for n0 in range(0, DI, BLOCK_N):
+                cn = n0 + rows
+                if INT64:
+                    cn = cn.to(tl.int64)
+                n_ok = cn < DI
+                gate = _gate(f_ptr, g_ptr, wdw_ptr, bdw_ptr, f_pix, g_pix, h, w, m_ok, cn, n_ok, H, W, scale,
+                             sf_c, sf_h, sf_w, sg_c, sdw_c, sdw_r, sdw_s,
+                             D0, OFF, KS, GATES_GIVEN, HAS_B_DW, BLOCK_M, BLOCK_N)
+                if i == 0:
+                    v = tl.load(f_ptr + cn[:, None] * sf_c + f_pix[None, :],
+                                mask=n_ok[:, None] & m_ok[None, :], other=0.0).to(tl.float32)
+                else:
+                    v = _gemm_from_scratch(src, _pick(i - 1, w0_ptr, w1_ptr, w2_ptr, w3_ptr),
+                                           _pick(i - 1, sw0_n, sw1_n, sw2_n, sw3_n),
+                                           _pick(i - 1, sw0_k, sw1_k, sw2_k, sw3_k),
+                                           cn, n_ok, DI // 2, DOT_IN_FP32, INPUT_PRECISION,
+                                           BLOCK_M, BLOCK_N, BLOCK_K)
+                    if (PWS_BIAS >> (i - 1)) & 1:
+                        bias = _pick(i - 1, b0_ptr, b1_ptr, b2_ptr, b3_ptr)
+                        v += tl.load(bias + cn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+                tl.store(dst + cn[:, None] * BLOCK_M + cols[None, :], (v * gate).to(scr_ptr.dtype.element_ty),
+                         mask=n_ok[:, None])
+            # x_i complete in the slot before the next stage reads it (and
+            # x_{i-1}'s slot is free before stage i+1 overwrites it).
+            tl.debug_barrier()
+
+        last = scr + ((ORDER - 1) % 2) * SLOT
+        y_pix = img * sy_n + h * sy_h + w * sy_w
+        r_pix = img * sr_n + h * sr_h + w * sr_w
+        for n0 in range(0, D, BLOCK_N):
+            cn = n0 + rows
+            if INT64:
+                cn = cn.to(tl.int64)
+            n_ok = cn < D
+            out = _gemm_from_scratch(last, wout_ptr, swo_n, swo_k, cn, n_ok, D, DOT_IN_FP32, INPUT_PRECISION,
+                                     BLOCK_M, BLOCK_N, BLOCK_K)
+            if HAS_B_OUT:
+                out += tl.load(bout_ptr + cn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            ok = n_ok[:, None] & m_ok[None, :]
+            if HAS_LS:
+                out = out * tl.load(ls_ptr + cn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            if HAS_RES:
+                out += tl.load(res_ptr + cn[:, None] * sr_c + r_pix[None, :], mask=ok, other=0.0).to(tl.float32)
+            tl.store(y_ptr + cn[:, None] * sy_c + y_pix[None, :], out.to(y_ptr.dtype.element_ty), mask=ok)
+        # The next tile's stage 0 overwrites slot 0, which proj_out may have read.
+        tl.debug_barrier()
+
+
+def _chain_configs():
+    """Tiles that compile without register spills on sm_90 (ptxas -v of the
+    fp16 kernel, orders 2 and 5, D0 1 and 32; 64x64x32 at 8 warps spills 16
+    bytes at order 2). 64x64 tiles at 4 warps and 128x64 spill hundreds of
+    bytes: the per-tap and per-k 2-D pointer tiles cost 2 registers an
+    element."""
+    cfgs = []
+    for bm, bn, bk, warps, stages in [
+        (64, 64, 32, 8, 2), (128, 32, 32, 8, 2), (64, 32, 32, 4, 3), (32, 32, 32, 4, 2), (16, 64, 32, 4, 2),
+    ]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+def _chain_prune(configs, named_args, **kwargs):
+    """Drop tiles far wider than the stages, and pixel tiles so large that
+    the grid would leave SMs idle on small feature maps."""
+    args = {**named_args, **kwargs}  # the autotuner passes keyword (constexpr) arguments apart
+    D = args["D0"] << (args["ORDER"] - 1)
+    M = args["M"]
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(D))
+            and c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(D))
+            and (c.kwargs["BLOCK_M"] <= 32 or M >= 64 * _num_sms())]
+    return kept or configs[-1:]
+
+
+_gnconv_chain_tuned = triton.autotune(
+    configs=_chain_configs(), key=["M", "D0", "ORDER", "KS", "GATES_GIVEN", "HAS_RES"],
+    prune_configs_by={"early_config_prune": _chain_prune})(_gnconv_chain_kernel)
+
+_SMS = {}
+
+
+def _num_sms(device=None) -> int:
+    if _interpreting() or not torch.cuda.is_available():
+        return 1
+    idx = torch.cuda.current_device() if device is None else device.index
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def _interpreter_blocks_chain(D):
+    env = os.environ.get("RESFUSE_INTERPRET_BLOCKS")
+    if env:
+        bm, bn, bk = (int(v) for v in env.split(","))
+        return bm, bn, bk
+    return 32, 16, 16 if D <= 32 else 32
+
+
+def _alloc_scratch(n_elems, dtype, device):
+    s = torch.empty(n_elems, dtype=dtype, device=device)
+    if os.environ.get("RESFUSE_POISON_OUTPUTS") == "1":
+        s.fill_(float("nan"))  # a read of a slot element no stage wrote fails the test
+    return s
+
+
+def gnconv_chain_fwd(f, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale, out, *,
+                     allow_tf32, force_int64=False):
+    """Launch kernel 2. Validated by resfuse.ops_gnconv. f: (N, 2D, H, W);
+    exactly one of w_dw (S, 1, k, k) and gates (N, S, H, W); w_pws/b_pws:
+    order-1 weights (dims[i+1], dims[i], 1, 1) and biases (or None);
+    `out`: preallocated (N, D, H, W)."""
+    global LAUNCHES
+    N, _, H, W = f.shape
+    D = w_out.shape[0]
+    order = len(w_pws) + 1
+    if order > 5:
+        raise ValueError(f"the Triton gnconv kernel supports order <= 5, got {order}")
+    d0 = D >> (order - 1)
+    M = N * H * W
+    if M == 0:
+        return out
+    interpret = _interpreting()
+    dummy = f
+    b_dw, b_out, layer_scale = (None if v is None else v.contiguous() for v in (b_dw, b_out, layer_scale))
+    b_pws = [None if b is None else b.contiguous() for b in b_pws]
+    ws = list(w_pws) + [dummy] * (4 - len(w_pws))
+    bs = [b if b is not None else dummy for b in b_pws] + [dummy] * (4 - len(b_pws))
+    w_strides = []
+    for i in range(4):
+        w_strides += [w_pws[i].stride(0), w_pws[i].stride(1)] if i < len(w_pws) else [0, 0]
+    pws_bias = sum(1 << i for i, b in enumerate(b_pws) if b is not None)
+    gs = gates.stride() if gates is not None else (0, 0, 0, 0)
+    rs = residual.stride() if residual is not None else (0, 0, 0, 0)
+    dws = (w_dw.stride(0), w_dw.stride(2), w_dw.stride(3)) if w_dw is not None else (0, 0, 0)
+    ks = w_dw.shape[-1] if w_dw is not None else 1
+    int64 = force_int64 or _needs_int64(f, gates, residual, out, extra=M)
+    n_sms = _num_sms(f.device)
+
+    if interpret:
+        bm, bn, bk = _interpreter_blocks_chain(D)
+        kernel, tiles = _gnconv_chain_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        max_pixels = INTERPRETER_PROGRAMS * bm
+    else:
+        kernel, tiles = _gnconv_chain_tuned, {}
+        max_pixels = n_sms * SCRATCH_PIXELS_PER_SM
+
+    def grid(meta):
+        bm_ = meta["BLOCK_M"]
+        return (max(1, min(triton.cdiv(M, bm_), max_pixels // bm_)),)
+
+    # Slots for the largest grid any configuration launches (same pixel budget).
+    scratch = _alloc_scratch(max_pixels * 2 * D, out.dtype, out.device)
+    kernel[grid](
+        f, gates if gates is not None else dummy, w_dw if w_dw is not None else dummy,
+        b_dw if b_dw is not None else dummy,
+        *ws, *bs,
+        w_out, b_out if b_out is not None else dummy, layer_scale if layer_scale is not None else dummy,
+        residual if residual is not None else dummy, out, scratch,
+        M, H, W, float(scale),
+        *f.stride(), *gs, *dws, *w_strides, w_out.stride(0), w_out.stride(1), *rs, *out.stride(),
+        D0=d0, ORDER=order, KS=ks,
+        GATES_GIVEN=gates is not None, HAS_B_DW=b_dw is not None, PWS_BIAS=pws_bias, HAS_B_OUT=b_out is not None,
+        HAS_LS=layer_scale is not None, HAS_RES=residual is not None,
+        INT64=bool(int64), DOT_IN_FP32=interpret and f.dtype == torch.bfloat16,
+        INPUT_PRECISION=_precision(f.dtype, allow_tf32), **tiles,
+    )
+    LAUNCHES += 1
+    LAUNCHES_BY_KERNEL["gnconv_chain"] += 1
+    return out

@@ -1,0 +1,402 @@
+"""The ops of HorNet's gnconv: ``torch.ops.resfuse.layernorm_conv1x1`` and
+``torch.ops.resfuse.gnconv_chain`` (schema, validation, dispatch, fake
+kernels, autograd), and the composite ``resfuse.gnconv``.
+
+    f = layernorm_conv1x1(x, W_in, b_in, [LN])              proj_in (after norm1)
+    y = gnconv_chain(f, W_dw, b_dw | gates, pws, W_out, b_out, s, [residual, layer_scale])
+
+Two ops, not one, because the projection's output must reach memory: the
+7x7 depthwise conv needs a 3-pixel halo of it around every tile. The split
+is also where HorNet's gflayer variant runs its FFT filter eagerly on
+``abc = f[:, d0:]`` before the chain op takes the filter's output as
+``gates``. The definition of both is ``resfuse/reference.py``
+(``layernorm_conv1x1_reference``, ``gnconv_chain_reference``), the kernels
+``kernels/gnconv.py``.
+
+Backends: ``triton``, ``eager`` (the reference in the input's dtype: HorNet's
+own op sequence) and ``cuda`` (registered; reports that resfuse._C has no
+gnconv kernel until one is built).
+
+Autograd (a documented choice until the backward kernels land): the
+backward recomputes the forward with the eager reference, in the inputs'
+dtype, and differentiates it with torch.autograd. Gradients are therefore
+eager PyTorch's own, the fused forward saves only its inputs (no
+intermediate activations), and the price is one eager forward per backward.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import dispatch
+from ._backends import conv_allows_tf32, cuda_reasons, kernels_module, triton_reasons
+from .ops import _check_tensor, alloc_output, output_memory_format
+from .reference import gnconv_chain_reference, gnconv_dims, layernorm_conv1x1_reference
+
+OP_PROJ = "layernorm_conv1x1"
+OP_CHAIN = "gnconv_chain"
+MAX_TRITON_ORDER = 5  # the chain kernel addresses at most four pws convs
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------
+# Problems and validation
+# ----------------------------------------------------------------------------
+
+def _check_x(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def _check_vec(t, name, n, like):
+    if t is not None:
+        _check_tensor(t, name, dims=1, device=like.device, dtype=like.dtype, shape=(n,))
+
+
+@dataclass
+class LNConv1x1Problem:
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    norm_weight: Optional[torch.Tensor]
+    norm_bias: Optional[torch.Tensor]
+    norm_eps: Optional[float]
+    out_shape: tuple
+
+    @property
+    def device(self):
+        return self.x.device
+
+    @property
+    def dtype(self):
+        return self.x.dtype
+
+
+def make_ln_conv1x1_problem(x, weight, bias, norm_weight, norm_bias, norm_eps) -> LNConv1x1Problem:
+    _check_x(x, "x")
+    N, C, H, W = x.shape
+    if C == 0:
+        raise ValueError(f"x has 0 channels (shape {tuple(x.shape)})")
+    _check_tensor(weight, "weight", dims=4, device=x.device, dtype=x.dtype)
+    K = weight.shape[0]
+    if K == 0 or tuple(weight.shape[1:]) != (C, 1, 1):
+        raise ValueError(f"weight must be a 1x1 conv weight (K>0, {C}, 1, 1) for x with {C} channels, "
+                         f"got {tuple(weight.shape)}")
+    _check_vec(bias, "bias", K, x)
+    if norm_eps is None:
+        if norm_weight is not None or norm_bias is not None:
+            raise ValueError("norm_weight/norm_bias given without norm_eps (the LayerNorm is off)")
+    else:
+        if not isinstance(norm_eps, (int, float)) or not norm_eps >= 0:
+            raise ValueError(f"norm_eps must be a non-negative float, got {norm_eps!r}")
+        _check_vec(norm_weight, "norm_weight", C, x)
+        _check_vec(norm_bias, "norm_bias", C, x)
+    return LNConv1x1Problem(x, weight, bias, norm_weight, norm_bias,
+                            None if norm_eps is None else float(norm_eps), (N, K, H, W))
+
+
+@dataclass
+class GnConvChainProblem:
+    fused: torch.Tensor
+    w_dw: Optional[torch.Tensor]
+    b_dw: Optional[torch.Tensor]
+    gates: Optional[torch.Tensor]
+    w_pws: List[torch.Tensor]
+    b_pws: List[Optional[torch.Tensor]]
+    w_out: torch.Tensor
+    b_out: Optional[torch.Tensor]
+    scale: float
+    residual: Optional[torch.Tensor]
+    layer_scale: Optional[torch.Tensor]
+    dims: List[int]
+    out_shape: tuple
+
+    @property
+    def x(self):  # what alloc_output reads: dtype, device, memory format
+        return self.fused
+
+    @property
+    def device(self):
+        return self.fused.device
+
+    @property
+    def dtype(self):
+        return self.fused.dtype
+
+    @property
+    def order(self) -> int:
+        return len(self.dims)
+
+
+def make_chain_problem(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual,
+                       layer_scale) -> GnConvChainProblem:
+    _check_x(fused, "fused")
+    dev, dt = fused.device, fused.dtype
+    _check_tensor(w_out, "w_out", dims=4, device=dev, dtype=dt)
+    D = w_out.shape[0]
+    if D == 0 or tuple(w_out.shape[1:]) != (D, 1, 1):
+        raise ValueError(f"w_out must be a 1x1 conv weight (dim, dim, 1, 1), got {tuple(w_out.shape)}")
+    if not isinstance(w_pws, (list, tuple)) or not isinstance(b_pws, (list, tuple)):
+        raise TypeError("w_pws and b_pws must be lists (one entry per pws conv)")
+    if len(b_pws) != len(w_pws):
+        raise ValueError(f"b_pws has {len(b_pws)} entries, w_pws {len(w_pws)}; give None for a conv without bias")
+    order = len(w_pws) + 1
+    try:
+        dims = gnconv_dims(D, order)
+    except ValueError as e:
+        raise ValueError(f"w_out's dim and len(w_pws)+1 = order: {e}") from None
+    S = sum(dims)
+    N, C2, H, W = fused.shape
+    if C2 != dims[0] + S:
+        raise ValueError(f"fused must have dims[0] + sum(dims) = 2*dim = {dims[0] + S} channels "
+                         f"([pwa | abc], dims={dims}), got {C2}")
+    if (w_dw is None) == (gates is None):
+        raise ValueError("give exactly one of w_dw (the depthwise conv) and gates (a gflayer's output)")
+    if w_dw is not None:
+        _check_tensor(w_dw, "w_dw", dims=4, device=dev, dtype=dt)
+        k = w_dw.shape[-1]
+        if tuple(w_dw.shape) != (S, 1, k, k) or k % 2 == 0:
+            raise ValueError(f"w_dw must be a depthwise weight ({S}, 1, k, k) with k odd, got {tuple(w_dw.shape)}")
+        _check_vec(b_dw, "b_dw", S, fused)
+    else:
+        if b_dw is not None:
+            raise ValueError("b_dw given with gates: the bias belongs to the depthwise conv")
+        _check_tensor(gates, "gates", dims=4, device=dev, dtype=dt, shape=(N, S, H, W))
+    for i, (w, b) in enumerate(zip(w_pws, b_pws)):
+        _check_tensor(w, f"w_pws[{i}]", dims=4, device=dev, dtype=dt, shape=(dims[i + 1], dims[i], 1, 1))
+        _check_vec(b, f"b_pws[{i}]", dims[i + 1], fused)
+    _check_vec(b_out, "b_out", D, fused)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a float, got {scale!r}")
+    if residual is not None:
+        _check_tensor(residual, "residual", dims=4, device=dev, dtype=dt, shape=(N, D, H, W))
+    _check_vec(layer_scale, "layer_scale", D, fused)
+    return GnConvChainProblem(fused, w_dw, b_dw, gates, list(w_pws), list(b_pws), w_out, b_out, float(scale),
+                              residual, layer_scale, dims, (N, D, H, W))
+
+
+@dataclass
+class GnConvSignature:
+    """Enough of a problem to ask the backends (``explain``, before any input)."""
+    device: torch.device
+    dtype: torch.dtype
+    order: int = 1
+
+
+# ----------------------------------------------------------------------------
+# Backends
+# ----------------------------------------------------------------------------
+
+def _proj_eager(p: LNConv1x1Problem):
+    y = layernorm_conv1x1_reference(p.x, p.weight, p.bias, p.norm_weight, p.norm_bias, p.norm_eps)
+    return y.contiguous(memory_format=output_memory_format(p.x))
+
+
+def _launch(fn, device, *args, **kw):
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return fn(*args, allow_tf32=conv_allows_tf32(), **kw)
+    return fn(*args, allow_tf32=False, **kw)
+
+
+def _proj_triton(p: LNConv1x1Problem):
+    out = alloc_output(p)
+    return _launch(kernels_module("gnconv").ln_conv1x1_fwd, p.device, p.x, p.weight, p.bias, p.norm_weight,
+                   p.norm_bias, p.norm_eps, out)
+
+
+def _chain_eager(p: GnConvChainProblem):
+    y = gnconv_chain_reference(p.fused, p.w_dw, p.b_dw, p.gates, p.w_pws, p.b_pws, p.w_out, p.b_out, p.scale,
+                               p.residual, p.layer_scale)
+    return y.contiguous(memory_format=output_memory_format(p.fused))
+
+
+def _chain_triton_check(p) -> List[str]:
+    reasons = triton_reasons(p.device, p.dtype)
+    if p.order > MAX_TRITON_ORDER:
+        reasons.append(f"order {p.order} > {MAX_TRITON_ORDER}: the chain kernel addresses at most "
+                       f"{MAX_TRITON_ORDER - 1} pws convs")
+    return reasons
+
+
+def _chain_triton(p: GnConvChainProblem):
+    out = alloc_output(p)
+    return _launch(kernels_module("gnconv").gnconv_chain_fwd, p.device, p.fused, p.w_dw, p.b_dw, p.gates,
+                   p.w_pws, p.b_pws, p.w_out, p.b_out, p.scale, p.residual, p.layer_scale, out)
+
+
+def _cuda_check(op):
+    """The CUDA candidate: not built today (resfuse._C has no gnconv
+    kernel); should one appear, it must be wired here before auto picks it."""
+    def check(p) -> List[str]:
+        return cuda_reasons(op, p.device) or [f"resfuse._C.{op} exists but resfuse.ops_gnconv does not call it yet"]
+    return check
+
+
+def _cuda_run(p):  # unreachable: _cuda_check never passes
+    raise NotImplementedError("resfuse._C gnconv kernels are not wired")
+
+
+dispatch.register(OP_PROJ, "eager", lambda p: [], _proj_eager)
+dispatch.register(OP_PROJ, "triton", lambda p: triton_reasons(p.device, p.dtype), _proj_triton)
+dispatch.register(OP_PROJ, "cuda", _cuda_check(OP_PROJ), _cuda_run)
+dispatch.register(OP_CHAIN, "eager", lambda p: [], _chain_eager)
+dispatch.register(OP_CHAIN, "triton", _chain_triton_check, _chain_triton)
+dispatch.register(OP_CHAIN, "cuda", _cuda_check(OP_CHAIN), _cuda_run)
+
+
+# ----------------------------------------------------------------------------
+# torch.library: layernorm_conv1x1
+# ----------------------------------------------------------------------------
+
+@torch.library.custom_op("resfuse::layernorm_conv1x1", mutates_args=())
+def _layernorm_conv1x1_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
+                          norm_eps: Optional[float], backend: str) -> torch.Tensor:
+    p = make_ln_conv1x1_problem(x, weight, bias, norm_weight, norm_bias, norm_eps)
+    return dispatch.run(OP_PROJ, backend, p)
+
+
+@_layernorm_conv1x1_op.register_fake
+def _layernorm_conv1x1_fake(x, weight, bias, norm_weight, norm_bias, norm_eps, backend):
+    p = make_ln_conv1x1_problem(x, weight, bias, norm_weight, norm_bias, norm_eps)
+    dispatch.validate_backend(backend)
+    return torch.empty(p.out_shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+def _vjp_through(reference, tensors, needs, grad, rebuild):
+    """Gradients of ``reference(*rebuild(leaves))`` w.r.t. the tensors whose
+    `needs` flag is set, recomputed eagerly (the module docstring's choice)."""
+    leaves = [None if t is None else t.detach().requires_grad_(bool(n)) for t, n in zip(tensors, needs)]
+    wanted = [i for i, (t, n) in enumerate(zip(leaves, needs)) if t is not None and n]
+    grads = [None] * len(leaves)
+    if not wanted:
+        return grads
+    with torch.enable_grad():
+        out = reference(*rebuild(leaves))
+        got = torch.autograd.grad(out, [leaves[i] for i in wanted], grad, allow_unused=True)
+    for i, g in zip(wanted, got):
+        grads[i] = g if g is not None else torch.zeros_like(leaves[i])
+    return grads
+
+
+def _proj_setup(ctx, inputs, output):
+    x, weight, bias, norm_weight, norm_bias, norm_eps, _ = inputs
+    ctx.save_for_backward(x, weight, bias, norm_weight, norm_bias)
+    ctx.norm_eps = norm_eps
+
+
+def _proj_backward(ctx, grad):
+    tensors = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:5]
+    g = _vjp_through(lambda x, w, b, nw, nb: layernorm_conv1x1_reference(x, w, b, nw, nb, ctx.norm_eps),
+                     tensors, needs, grad, lambda leaves: leaves)
+    return (*g, None, None)
+
+
+_layernorm_conv1x1_op.register_autograd(_proj_backward, setup_context=_proj_setup)
+
+
+# ----------------------------------------------------------------------------
+# torch.library: gnconv_chain
+# ----------------------------------------------------------------------------
+
+@torch.library.custom_op("resfuse::gnconv_chain", mutates_args=())
+def _gnconv_chain_op(fused: torch.Tensor, w_dw: Optional[torch.Tensor], b_dw: Optional[torch.Tensor],
+                     gates: Optional[torch.Tensor], w_pws: List[torch.Tensor], b_pws: List[Optional[torch.Tensor]],
+                     w_out: torch.Tensor, b_out: Optional[torch.Tensor], scale: float,
+                     residual: Optional[torch.Tensor], layer_scale: Optional[torch.Tensor],
+                     backend: str) -> torch.Tensor:
+    p = make_chain_problem(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale)
+    return dispatch.run(OP_CHAIN, backend, p)
+
+
+@_gnconv_chain_op.register_fake
+def _gnconv_chain_fake(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale,
+                       backend):
+    p = make_chain_problem(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale)
+    dispatch.validate_backend(backend)
+    return torch.empty(p.out_shape, dtype=fused.dtype, device=fused.device,
+                       memory_format=output_memory_format(fused))
+
+
+def _chain_setup(ctx, inputs, output):
+    fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale, _ = inputs
+    ctx.n_pws = len(w_pws)
+    ctx.scale = scale
+    ctx.save_for_backward(fused, w_dw, b_dw, gates, w_out, b_out, residual, layer_scale, *w_pws, *b_pws)
+
+
+def _chain_backward(ctx, grad):
+    t = ctx.saved_tensors
+    n = ctx.n_pws
+    need = ctx.needs_input_grad
+    # needs_input_grad has one flag per argument; a list argument's flag
+    # covers all of its tensors.
+    needs = [need[0], need[1], need[2], need[3], need[6], need[7], need[9], need[10]] + [need[4]] * n + [need[5]] * n
+
+    def rebuild(leaves):
+        fused, w_dw, b_dw, gates, w_out, b_out, residual, layer_scale = leaves[:8]
+        return (fused, w_dw, b_dw, gates, leaves[8:8 + n], leaves[8 + n:], w_out, b_out, ctx.scale, residual,
+                layer_scale)
+
+    g = _vjp_through(gnconv_chain_reference, t, needs, grad, rebuild)
+    g_pws = g[8:8 + n] if need[4] else None
+    g_bpws = g[8 + n:] if need[5] else None
+    return (g[0], g[1], g[2], g[3], g_pws, g_bpws, g[4], g[5], None, g[6], g[7], None)
+
+
+_gnconv_chain_op.register_autograd(_chain_backward, setup_context=_chain_setup)
+
+
+# ----------------------------------------------------------------------------
+# Python entry points
+# ----------------------------------------------------------------------------
+
+def layernorm_conv1x1(x, weight, bias=None, *, norm_weight=None, norm_bias=None, norm_eps=None,
+                      backend: str = "auto"):
+    """``conv1x1(LN_channels_first(x), weight, bias)`` in one kernel (no
+    LayerNorm when ``norm_eps`` is None): a HorBlock's norm1 + proj_in."""
+    dispatch.validate_backend(backend)
+    return torch.ops.resfuse.layernorm_conv1x1(x, weight, bias, norm_weight, norm_bias,
+                                               None if norm_eps is None else float(norm_eps), backend)
+
+
+def gnconv_chain(fused, w_pws: Sequence, b_pws: Sequence, w_out, b_out=None, *, w_dw=None, b_dw=None, gates=None,
+                 scale: float = 1.0, residual=None, layer_scale=None, backend: str = "auto"):
+    """gnconv after proj_in in one kernel: depthwise conv (or given gates),
+    bias, scale, the gated 1x1 chain, proj_out, and optionally
+    ``residual + layer_scale * y``."""
+    dispatch.validate_backend(backend)
+    return torch.ops.resfuse.gnconv_chain(fused, w_dw, b_dw, gates, list(w_pws), list(b_pws), w_out, b_out,
+                                          float(scale), residual, layer_scale, backend)
+
+
+def gnconv(x, w_in, b_in, w_dw, b_dw, w_pws: Sequence, b_pws: Sequence, w_out, b_out, scale: float = 1.0, *,
+           norm_weight=None, norm_bias=None, norm_eps=None, residual=None, layer_scale=None,
+           backend: str = "auto"):
+    """HorNet's gnconv forward (``resfuse.reference.gnconv_reference``) in two
+    kernels: ``layernorm_conv1x1`` then ``gnconv_chain``."""
+    f = layernorm_conv1x1(x, w_in, b_in, norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps,
+                          backend=backend)
+    return gnconv_chain(f, w_pws, b_pws, w_out, b_out, w_dw=w_dw, b_dw=b_dw, scale=scale, residual=residual,
+                        layer_scale=layer_scale, backend=backend)
+
+
+def signature_reasons(device, dtype, order: int, backend: str):
+    """(decision, None) or (None, BackendUnavailable) for both ops of a
+    gnconv of this device/dtype/order (for ``explain``)."""
+    sig = GnConvSignature(device, dtype, order)
+    out = {}
+    for op in (OP_PROJ, OP_CHAIN):
+        try:
+            out[op] = dispatch.plan(op, backend, sig)[0]
+        except dispatch.BackendUnavailable as e:
+            out[op] = e
+    return out
+
