@@ -12,6 +12,25 @@ from ..ops import resolve_padding
 from ..patterns import bn_tensors
 
 
+_MODULE_STATE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set",
+                 "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                 "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                 "_load_state_dict_post_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                 "_forward_pre_hooks_with_kwargs")
+
+
+def adopt(cls, module: nn.Module) -> nn.Module:
+    """A `cls` instance sharing `module`'s children, parameters, buffers,
+    hooks and attributes (own containers, same entries)."""
+    self = cls.__new__(cls)
+    nn.Module.__init__(self)
+    for k, v in module.__dict__.items():
+        if k in _MODULE_STATE and hasattr(v, "copy"):
+            v = v.copy()
+        self.__dict__[k] = v
+    return self
+
+
 class FusedModuleMixin:
     """The ``backend`` attribute every fused module has (validated; not in
     the state_dict) and ``last_decisions`` (what ran last, per conv),

@@ -19,14 +19,7 @@ import torch.nn as nn
 from .. import models as _reference_blocks
 from ..block_patterns import BlockSpec, match_block
 from ..patterns import bn_uses_running_stats, hooks_reason
-from ._call import FusedModuleMixin, fused_conv_bn
-
-_MODULE_STATE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set",
-                 "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                 "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-                 "_load_state_dict_post_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-                 "_forward_pre_hooks_with_kwargs")
-
+from ._call import FusedModuleMixin, adopt, fused_conv_bn
 
 class FusedResidualBlock(FusedModuleMixin, nn.Module):
     """Base of the fused blocks. Attributes: ``backend``, ``spec`` (the
@@ -51,12 +44,7 @@ class FusedResidualBlock(FusedModuleMixin, nn.Module):
         if isinstance(spec, str):
             raise ValueError(f"{cls.__name__}.from_module: {type(block).__name__} is not a fusable residual "
                              f"block: {spec}")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        for k, v in block.__dict__.items():
-            if k in _MODULE_STATE and hasattr(v, "copy"):
-                v = v.copy()  # same entries, own containers
-            self.__dict__[k] = v
+        self = adopt(cls, block)
         src = type(block)
         for attr in ("expansion",):
             if hasattr(src, attr) and attr not in self.__dict__:

@@ -25,7 +25,7 @@ Both keep the original module's children, parameters, buffers and hooks
 """
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -33,26 +33,7 @@ import torch.nn as nn
 from .. import dispatch
 from ..patterns import conv_reason, hooks_reason
 from ..reference import gnconv_dims
-from ._call import _cast, _compute_dtype
-
-_MODULE_STATE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set",
-                 "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                 "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-                 "_load_state_dict_post_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-                 "_forward_pre_hooks_with_kwargs")
-
-
-def _adopt(cls, module: nn.Module) -> nn.Module:
-    """A `cls` instance sharing `module`'s children, parameters, buffers,
-    hooks and attributes (own containers, same entries)."""
-    self = cls.__new__(cls)
-    nn.Module.__init__(self)
-    for k, v in module.__dict__.items():
-        if k in _MODULE_STATE and hasattr(v, "copy"):
-            v = v.copy()
-        self.__dict__[k] = v
-    return self
-
+from ._call import FusedModuleMixin, _cast, _compute_dtype, adopt
 
 # ----------------------------------------------------------------------------
 # Recognition by structure
@@ -176,7 +157,7 @@ def match_horblock(m: nn.Module) -> Union[GnConvSpec, str]:
 # GnConv
 # ----------------------------------------------------------------------------
 
-class GnConv(nn.Module):
+class GnConv(FusedModuleMixin, nn.Module):
     """HorNet's gnconv, fused. Attributes: ``backend`` ('auto' | 'triton' |
     'cuda' | 'eager'), ``last_decisions`` ({'proj_in', 'chain'} -> the
     dispatch decision of the last eager-mode call)."""
@@ -199,21 +180,7 @@ class GnConv(nn.Module):
         self._init_fused(backend)
 
     def _init_fused(self, backend: str) -> None:
-        self.backend = backend
-        self.last_decisions: Dict[str, dispatch.Decision] = {}
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self._backend = dispatch.validate_backend(value)
-        self.last_decisions = {}
-
-    def _apply(self, *args, **kwargs):
-        self.last_decisions = {}  # .to()/.half(): what ran before may not run now
-        return super()._apply(*args, **kwargs)
+        self.backend = backend  # also resets last_decisions
 
     @classmethod
     def from_module(cls, module: nn.Module, backend: str = "auto") -> "GnConv":
@@ -222,7 +189,7 @@ class GnConv(nn.Module):
         spec = match_gnconv(module)
         if isinstance(spec, str):
             raise ValueError(f"GnConv.from_module: {type(module).__name__} is not a gnconv: {spec}")
-        self = _adopt(cls, module)
+        self = adopt(cls, module)
         self.__dict__.setdefault("order", spec.order)
         self.__dict__.setdefault("dims", spec.dims)
         if not isinstance(module, GnConv):
@@ -317,7 +284,7 @@ class FusedHorBlock(nn.Module):
         spec = match_horblock(block)
         if isinstance(spec, str):
             raise ValueError(f"FusedHorBlock.from_module: {type(block).__name__} is not a HorBlock: {spec}")
-        self = _adopt(cls, block)
+        self = adopt(cls, block)
         self.__dict__["_source_cls"] = block._source_cls if isinstance(block, FusedHorBlock) else type(block)
         gn = self._modules["gnconv"]
         if not isinstance(gn, GnConv):
