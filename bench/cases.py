@@ -8,15 +8,17 @@ knows the case's cost (``bench.model``), makes a ``Workload`` (inputs on a
 device, in a dtype, at a batch; several rotated argument sets; the float64
 reference) and builds each provider's callable for it.
 
-Adding an op later (gnconv, say) is: write an ``Op`` subclass, put it in
-``OPS``, and ``register`` its cases.
+Adding an op is: write an ``Op`` subclass, put it in ``OPS`` (and its
+kind in ``KINDS``), and ``register`` its cases.
 
 Now registered: the distinct conv-BN-act layers of ResNet-18, ResNet-50
 (stem, conv2_x..conv5_x, strided and downsample convs) and VGG16-bn, each
 with the layers it stands for; the distinct residual blocks of ResNet-18
 (BasicBlock) and ResNet-50 (Bottleneck), identity and projection shortcut,
 strided or not, each with the blocks it stands for (``block.resnet50.conv3_x.0``
-stands for ``layer2.0``); and the three whole models.
+stands for ``layer2.0``); HorNet-T's gnconv (op ``gnconv``) at each of its
+four stage shapes (``gnconv.hornet_t.stage3`` stands for the 18 gnconvs of
+``stages.2``); and the three whole models.
 """
 
 import copy
@@ -31,6 +33,7 @@ from . import model as cost_model
 from .archs import ARCHS, RESNET_BLOCK_ARCHS, distinct_blocks, distinct_convs, friendly_name, resnet_blocks
 from .model import BlockSpec, ConvSpec, Cost, Floor
 from .providers import compiled, reset_compile_state, resfuse_backend
+from resfuse.gnconv_traffic import HORNET_T_STAGES, GnConvTraffic, gnconv_bytes
 
 BATCHES = (1, 32, 256)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -53,6 +56,9 @@ class Case:
     layers: Tuple[str, ...] = ()  # the model layers (or blocks) this case stands for
     quick: bool = False         # part of --quick
     batches: Tuple[int, ...] = BATCHES
+    #: --quick runs only these providers on this case (None: all of the run's);
+    #: keeps a costly set-up (torch.compile) out of the GPU box's quick budget
+    quick_providers: Optional[Tuple[str, ...]] = None
 
     @property
     def count(self) -> int:
@@ -60,7 +66,7 @@ class Case:
 
     @property
     def kind(self) -> str:
-        """'layer', 'block' or 'model' (``run.py --kind``, the summary's groups)."""
+        """'layer', 'block', 'gnconv' or 'model' (``run.py --kind``, the summary's groups)."""
         return KINDS.get(self.op, "layer")
 
     def describe(self) -> str:
@@ -389,8 +395,155 @@ class ResNetBlockOp(Op):
         return f"{len(ran)} kernels: " + ", ".join(r.split(":")[0] for r in ran)
 
 
-OPS: Dict[str, Op] = {"conv_bn_act": ConvBNActOp(), "resnet_block": ResNetBlockOp(), "model": ModelOp()}
-KINDS = {"conv_bn_act": "layer", "resnet_block": "block", "model": "model"}
+# ----------------------------------------------------------------------------
+# HorNet's gnconv
+# ----------------------------------------------------------------------------
+
+#: HorNet-T (hornet_tiny_7x7): blocks per stage; every gnconv uses s = 1/3.
+HORNET_T_DEPTHS = (2, 3, 18, 2)
+HORNET_T_SCALE = 1.0 / 3.0
+
+
+@dataclass(frozen=True)
+class GnConvCaseSpec:
+    """One gnconv: dim x H x W in and out, ``order`` gated 1x1 stages, a
+    ksize x ksize depthwise conv, scale ``s`` (no norm, no residual: the
+    token mixer alone, as HorNet's ``gnconv`` module runs)."""
+    dim: int
+    order: int
+    H: int
+    W: int
+    s: float = HORNET_T_SCALE
+    ksize: int = 7
+
+    @property
+    def dims(self) -> List[int]:
+        return [self.dim >> (self.order - 1 - i) for i in range(self.order)]
+
+    def describe(self) -> str:
+        s = "1/3" if abs(self.s - 1 / 3) < 1e-12 else f"{self.s:g}"
+        return (f"gnconv {self.dim}x{self.H}x{self.W} order {self.order} dims {'/'.join(map(str, self.dims))} "
+                f"dw{self.ksize}x{self.ksize} s={s}")
+
+
+def gnconv_traffic(spec: GnConvCaseSpec, batch: int, dtype: torch.dtype) -> GnConvTraffic:
+    """``resfuse.gnconv_traffic.gnconv_bytes`` for the case (the one byte model)."""
+    return gnconv_bytes(spec.dim, spec.order, spec.H, spec.W, batch, dtype_name(dtype), ksize=spec.ksize)
+
+
+def gnconv_cost(spec: GnConvCaseSpec, batch: int, dtype: torch.dtype) -> Cost:
+    """The columns, meaning what they mean for the other ops: ``fused_bytes``
+    = what resfuse's fused design moves (its 2 kernels: ``fused_bytes`` of
+    the traffic model, not its single-kernel ``minimal_bytes``),
+    ``unfused_bytes`` = what HorNet's eager op sequence moves (``eager_bytes``)."""
+    t = gnconv_traffic(spec, batch, dtype)
+    return Cost(t.flops, t.fused_bytes, t.eager_bytes)
+
+
+def gnconv_kernel_costs(spec: GnConvCaseSpec, batch: int, dtype: torch.dtype) -> List[Cost]:
+    """One Cost per fused kernel: kernel 1 = proj_in (x read, f = 2 dim
+    channels written, its weights and bias; 2 P 2 dim^2 FLOPs), kernel 2 =
+    the rest of the traffic model's totals (the chain: f read, y written,
+    every other weight). They sum to ``gnconv_cost``."""
+    total = gnconv_cost(spec, batch, dtype)
+    e = cost_model.elem_bytes(dtype_name(dtype))
+    P, D = batch * spec.H * spec.W, spec.dim
+    k1 = Cost(2 * P * 2 * D * D, (P * 3 * D + 2 * D * D + 2 * D) * e, (P * 3 * D + 2 * D * D + 2 * D) * e)
+    k2 = Cost(total.flops - k1.flops, total.fused_bytes - k1.fused_bytes, total.fused_bytes - k1.fused_bytes)
+    return [k1, k2]
+
+
+@lru_cache(maxsize=4)
+def _seeded_gnconv(spec: GnConvCaseSpec, seed: int):
+    from .models import make_gnconv
+    return make_gnconv(spec.dim, spec.order, spec.s, spec.ksize, seed=seed)
+
+
+class GnConvOp(Op):
+    """HorNet's gnconv (``bench.models.PlainGnConv``: HorNet's structure and
+    forward, random O(1)-gain weights, eval, channels_last), input
+    dim x H x W.
+
+    eager: the plain module (one PyTorch op per step); compile*:
+    torch.compile of it; resfuse-*: ``resfuse.nn.GnConv.from_module(plain,
+    backend=...)`` (2 kernels: proj_in, then dwconv + gates + pws chain +
+    proj_out). Each argument set holds its own input and its own module copy,
+    so weights rotate too. Byte/FLOP model: ``resfuse.gnconv_traffic``."""
+    name = "gnconv"
+
+    def describe(self, case):
+        return case.spec.describe()
+
+    def cost(self, case, batch, dtype):
+        return gnconv_cost(case.spec, batch, dtype)
+
+    def floor(self, case, batch, dtype, ceilings):
+        peak = ceilings.peak(dtype_name(dtype))
+        if peak is None:
+            return None
+        return cost_model.layers_floor(gnconv_kernel_costs(case.spec, batch, dtype), peak, ceilings.bandwidth)
+
+    def max_sets(self):
+        return 64
+
+    def make_workload(self, case, device, dtype, batch, n_sets, seed):
+        s: GnConvCaseSpec = case.spec
+        base = _seeded_gnconv(s, seed)
+        cl = torch.channels_last
+        mods = [copy.deepcopy(base).to(device=device, dtype=dtype).to(memory_format=cl).eval()
+                for _ in range(n_sets)]
+        gen = torch.Generator(device=device).manual_seed(seed + 1)
+        sets = [(torch.randn(batch, s.dim, s.H, s.W, generator=gen, device=device).to(dtype)
+                 .contiguous(memory_format=cl), m) for m in mods]
+        from resfuse.reference import gnconv_reference, to_float64
+        m0 = mods[0]
+        x, w_in, b_in, w_dw, b_dw, w_out, b_out = to_float64(
+            sets[0][0], m0.proj_in.weight, m0.proj_in.bias, m0.dwconv.weight, m0.dwconv.bias,
+            m0.proj_out.weight, m0.proj_out.bias)
+        w_pws = list(to_float64(*[p.weight for p in m0.pws])) if len(m0.pws) else []
+        b_pws = list(to_float64(*[p.bias for p in m0.pws])) if len(m0.pws) else []
+        with torch.no_grad():
+            ref = gnconv_reference(x.contiguous(), w_in.contiguous(), b_in, w_dw.contiguous(), b_dw,
+                                   [w.contiguous() for w in w_pws], b_pws, w_out.contiguous(), b_out, float(m0.scale))
+        return Workload(case, device, dtype, batch, sets, ref, state={"modules": mods})
+
+    def build(self, provider, wl):
+        if provider == "eager":
+            return _call_block
+        if provider.startswith("compile"):
+            reset_compile_state()
+            return compiled(_call_block, provider)
+        if provider.startswith("resfuse-"):
+            from resfuse.nn import GnConv
+            backend = resfuse_backend(provider)
+            fused = {id(m): GnConv.from_module(m, backend=backend) for m in wl.state["modules"]}
+            # What ran, checked once: both kernels on this backend (a module that
+            # silently ran its original forward would time eager under resfuse's name).
+            x0, m0 = wl.arg_sets[0]
+            f0 = fused[id(m0)]
+            with torch.no_grad():
+                f0(x0)
+            ran = {name: f"{d.op}:{d.backend}" for name, d in f0.last_decisions.items()}
+            want = ["proj_in", "chain"]
+            if sorted(ran) != sorted(want) or any(not v.endswith(":" + backend) for v in ran.values()):
+                raise RuntimeError(f"fused gnconv did not run {want} on {backend}: ran {ran or 'nothing fused'}")
+            wl.state.setdefault("ran", {})[provider] = [ran[n] for n in want]
+
+            def run(x, m):
+                return fused[id(m)](x)
+            return run
+        raise ValueError(f"gnconv has no provider {provider!r}")
+
+    def note(self, wl, provider):
+        ran = wl.state.get("ran", {}).get(provider)
+        if not ran:
+            return ""
+        return f"{len(ran)} kernels: " + ", ".join(r.split(":")[0] for r in ran)
+
+
+OPS: Dict[str, Op] = {"conv_bn_act": ConvBNActOp(), "resnet_block": ResNetBlockOp(), "gnconv": GnConvOp(),
+                      "model": ModelOp()}
+KINDS = {"conv_bn_act": "layer", "resnet_block": "block", "gnconv": "gnconv", "model": "model"}
 REGISTRY: Dict[str, Case] = {}
 
 
@@ -414,6 +567,12 @@ QUICK_MODELS = {"model.resnet18", "model.resnet50"}
 #: stride 1, the block the byte model's hand test spells out), a ResNet-50
 #: identity block and ResNet-18's strided projection block.
 QUICK_BLOCKS = {"block.resnet50.conv2_x.0", "block.resnet50.conv3_x.1", "block.resnet18.conv3_x.0"}
+#: gnconv in --quick: HorNet-T stage 3 (256 x 14 x 14, order 4: 18 of the
+#: model's 25 gnconvs), at the first quick batch only and without
+#: torch.compile (its compile and the Triton autotuning would crowd the GPU
+#: box's quick budget; the full run has every provider at every batch).
+QUICK_GNCONV = {"gnconv.hornet_t.stage3"}
+QUICK_GNCONV_PROVIDERS = ("eager", "resfuse-triton", "resfuse-cuda", "resfuse-eager")
 
 
 def _register_builtin() -> None:
@@ -425,6 +584,12 @@ def _register_builtin() -> None:
         for spec, names in distinct_blocks(resnet_blocks(depth)).items():
             name = f"block.{arch}.{friendly_name(arch, names[0])}"
             register(Case(name, "resnet_block", arch, spec, tuple(names), quick=name in QUICK_BLOCKS))
+    for i, ((dim, order, hw), depth) in enumerate(zip(HORNET_T_STAGES, HORNET_T_DEPTHS)):
+        name = f"gnconv.hornet_t.stage{i + 1}"
+        spec = GnConvCaseSpec(dim, order, hw, hw, HORNET_T_SCALE, 7)
+        register(Case(name, "gnconv", "hornet_t", spec, tuple(f"stages.{i}.{j}.gnconv" for j in range(depth)),
+                      quick=name in QUICK_GNCONV,
+                      quick_providers=QUICK_GNCONV_PROVIDERS if name in QUICK_GNCONV else None))
     for arch in ARCHS:
         name = f"model.{arch}"
         register(Case(name, "model", arch, arch, (), quick=name in QUICK_MODELS))

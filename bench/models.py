@@ -125,3 +125,58 @@ def make_model(name: str, *, seed: int = 0, image: int = 224, calib_batch: int =
     randomize_bn_affine(model, gen)
     example = torch.randn(calib_batch, 3, image, image, generator=gen)
     return calibrate_bn(model, example)
+
+
+# ----------------------------------------------------------------------------
+# HorNet's gnconv, plain eager (the GPU box has no timm)
+# ----------------------------------------------------------------------------
+
+class PlainGnConv(nn.Module):
+    """HorNet's gnconv (recursive gated convolution) as HorNet writes it,
+    one PyTorch op per step: ``proj_in`` 1x1 dim -> 2 dim, ``dwconv``
+    depthwise ksize x ksize with bias over sum(dims) channels, ``pws``
+    (order - 1 gated 1x1 convs dims[i] -> dims[i+1]), ``proj_out`` 1x1
+    dim -> dim, scale ``s``. Same child and parameter names as HorNet, so
+    ``resfuse.nn.GnConv.from_module`` takes it as it takes HorNet's."""
+
+    def __init__(self, dim: int, order: int = 5, s: float = 1.0, ksize: int = 7):
+        super().__init__()
+        self.order = order
+        self.dims = [dim >> (order - 1 - i) for i in range(order)]  # [dim / 2^(order-1), ..., dim]
+        if self.dims[0] << (order - 1) != dim:
+            raise ValueError(f"dim {dim} is not a multiple of 2^(order-1) = {1 << (order - 1)}")
+        S = sum(self.dims)
+        self.proj_in = nn.Conv2d(dim, 2 * dim, 1)
+        self.dwconv = nn.Conv2d(S, S, kernel_size=ksize, padding=ksize // 2, bias=True, groups=S)
+        self.proj_out = nn.Conv2d(dim, dim, 1)
+        self.pws = nn.ModuleList(nn.Conv2d(self.dims[i], self.dims[i + 1], 1) for i in range(order - 1))
+        self.scale = s
+
+    def forward(self, x):
+        pwa, abc = torch.split(self.proj_in(x), (self.dims[0], sum(self.dims)), dim=1)
+        gates = torch.split(self.dwconv(abc) * self.scale, self.dims, dim=1)
+        y = pwa * gates[0]
+        for i, pw in enumerate(self.pws):
+            y = pw(y) * gates[i + 1]
+        return self.proj_out(y)
+
+
+def make_gnconv(dim: int, order: int, s: float = 1.0, ksize: int = 7, *, seed: int = 0) -> PlainGnConv:
+    """A reproducible random-weight PlainGnConv, fp32 on CPU, eval. The
+    weights keep every gated product O(1) on an N(0, 1) input (1x1 convs
+    std 1/sqrt(fan_in); depthwise std 1/(s ksize), so ``s * dwconv`` is
+    O(1)), so an order-5 chain does not shrink to rounding noise and the
+    correctness check compares numbers that matter."""
+    gen = torch.Generator().manual_seed(seed)
+    m = PlainGnConv(dim, order, s, ksize)
+    with torch.no_grad():
+        for conv in m.modules():
+            if not isinstance(conv, nn.Conv2d):
+                continue
+            if conv is m.dwconv:
+                std = 1.0 / (s * ksize)
+            else:
+                std = conv.in_channels ** -0.5
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * std)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.1)
+    return m.eval()

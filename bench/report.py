@@ -94,7 +94,8 @@ def geomean(xs: Sequence[float]) -> Optional[float]:
 def summary(rows: List[dict]) -> str:
     """Per provider and dtype: how many cases ran, failed the check, or
     errored; geomean speedup vs eager and median % of floor over layer
-    cases, the same over block cases; img/s of each model case."""
+    cases, the same over block cases and over gnconv cases; img/s of each
+    model case."""
     groups = defaultdict(list)
     for r in rows:
         groups[(r["provider"], r["dtype"])].append(r)
@@ -107,17 +108,20 @@ def summary(rows: List[dict]) -> str:
         skipped = len(rs) - len(ok) - wrong - err
         layer_ok = [r for r in ok if r["kind"] == "layer"]
         block_ok = [r for r in ok if r["kind"] == "block"]
+        gn_ok = [r for r in ok if r["kind"] == "gnconv"]
         pf = sorted(r["pct_floor"] for r in layer_ok if r.get("pct_floor") is not None)
         bpf = sorted(r["pct_floor"] for r in block_ok if r.get("pct_floor") is not None)
+        gpf = sorted(r["pct_floor"] for r in gn_ok if r.get("pct_floor") is not None)
         models = ", ".join(f"{r['case'].split('.', 1)[1]}@{r['batch']} {r['img_s']:.0f}"
                            for r in ok if r["kind"] == "model" and r.get("img_s"))
         body.append((prov, dt, len(ok), wrong, err, skipped,
                      geomean([r["speedup"] for r in layer_ok]), pf[len(pf) // 2] if pf else None,
                      geomean([r["speedup"] for r in block_ok]), bpf[len(bpf) // 2] if bpf else None,
+                     geomean([r["speedup"] for r in gn_ok]), gpf[len(gpf) // 2] if gpf else None,
                      models or "-"))
     lines.append(markdown_table(("provider", "dtype", "ok", "wrong", "error", "skipped", "layers: geomean x eager",
                                  "layers: median % floor", "blocks: geomean x eager", "blocks: median % floor",
-                                 "models img/s"), body))
+                                 "gnconv: geomean x eager", "gnconv: median % floor", "models img/s"), body))
     return "\n".join(lines)
 
 

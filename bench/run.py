@@ -5,6 +5,7 @@ FLOP/byte model's floor.
     python bench/run.py                              # every case, dtype, batch
     python bench/run.py --case resnet50.conv --dtype bf16 --batch 32 --provider eager,resfuse-triton
     python bench/run.py --kind block --dtype bf16    # every ResNet-18/50 residual block shape
+    python bench/run.py --kind gnconv --dtype bf16   # HorNet-T's gnconv at its four stage shapes
     python bench/run.py --model-only                 # the model's columns for every case, no timing
 
 Prints a markdown table and writes ``<stamp>-<device>-<tag>.{md,csv,png}``
@@ -62,8 +63,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the small subset (cases marked quick, fewer dtypes/batches)")
     p.add_argument("--case", action="append", help="substring of case names (repeatable, comma-separated)")
-    p.add_argument("--kind", choices=("layer", "block", "model"), action="append",
-                   help="only layer, block or model cases (repeatable)")
+    p.add_argument("--kind", choices=("layer", "block", "gnconv", "model"), action="append",
+                   help="only layer, block, gnconv or model cases (repeatable)")
     p.add_argument("--dtype", help="comma-separated: fp32,fp16,bf16")
     p.add_argument("--batch", help="comma-separated batch sizes (default 1,32,256; --quick: 32,1 on GPU)")
     p.add_argument("--provider", help="comma-separated, from: " + ", ".join(prov.PROVIDERS))
@@ -141,8 +142,8 @@ class Plan:
         for batch in self.batches:
             for dtype in self.dtypes:
                 for case in self.cases:
-                    if self.args.quick and case.kind == "model" and batch != self.batches[0]:
-                        continue  # --quick: models at the first batch size only
+                    if self.args.quick and case.kind in ("model", "gnconv") and batch != self.batches[0]:
+                        continue  # --quick: models and gnconv at the first batch size only
                     if batch in case.batches or self.args.batch:
                         yield batch, dtype, case
 
@@ -184,12 +185,15 @@ class Runner:
     def run_workload(self, batch, dtype, case):
         plan = self.plan
         base = base_row(case, dtype, batch, self.ceilings)
-        avail = prov.available(plan.providers, plan.device, dtype)
+        providers = plan.providers
+        if plan.args.quick and case.quick_providers is not None:
+            providers = [p for p in providers if p in case.quick_providers]
+        avail = prov.available(providers, plan.device, dtype)
         for p, why in avail.items():
             if why:
                 self.unavailable.setdefault((p, base["dtype"]), "; ".join(why))
         # the baseline first: every later row gets its speedup as soon as it is measured
-        runnable = sorted((p for p in plan.providers if not avail[p]), key=lambda p: p != prov.BASELINE)
+        runnable = sorted((p for p in providers if not avail[p]), key=lambda p: p != prov.BASELINE)
         if not runnable:
             return
         if self.over_budget():

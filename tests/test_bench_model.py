@@ -455,6 +455,106 @@ def test_block_provider_that_would_not_fuse_is_an_error():
 
 
 # ----------------------------------------------------------------------------
+# gnconv (HorNet-T)
+# ----------------------------------------------------------------------------
+
+def test_gnconv_cases_registered_with_hornet_t_shapes():
+    gn = cases.select(kinds=["gnconv"])
+    assert [c.name for c in gn] == [f"gnconv.hornet_t.stage{i}" for i in (1, 2, 3, 4)]
+    # HorNet-T (7x7) at 224: dims 64/128/256/512 at 56/28/14/7, orders 2..5, s = 1/3, depths 2/3/18/2
+    assert [(c.spec.dim, c.spec.order, c.spec.H, c.spec.W) for c in gn] == [
+        (64, 2, 56, 56), (128, 3, 28, 28), (256, 4, 14, 14), (512, 5, 7, 7)]
+    assert all(c.spec.s == pytest.approx(1 / 3) and c.spec.ksize == 7 for c in gn)
+    assert [c.count for c in gn] == [2, 3, 18, 2]
+    assert cases.REGISTRY["gnconv.hornet_t.stage3"].layers[0] == "stages.2.0.gnconv"
+    assert all(c.op == "gnconv" and c.kind == "gnconv" and c.group == "hornet_t" and c.batches == cases.BATCHES
+               for c in gn)
+    assert cases.REGISTRY["gnconv.hornet_t.stage4"].spec.dims == [32, 64, 128, 256, 512]
+    assert cases.REGISTRY["gnconv.hornet_t.stage2"].describe() == \
+        "gnconv 128x28x28 order 3 dims 32/64/128 dw7x7 s=1/3"
+    quick = cases.select(quick=True, kinds=["gnconv"])
+    assert [c.name for c in quick] == ["gnconv.hornet_t.stage3"]
+    assert "compile" not in quick[0].quick_providers and "resfuse-triton" in quick[0].quick_providers
+    # the plain module has HorNet's structure: resfuse recognises it as a gnconv of that shape
+    from bench.models import make_gnconv
+    from resfuse.nn.gnconv import match_gnconv
+    for c in gn:
+        spec = match_gnconv(make_gnconv(c.spec.dim, c.spec.order, c.spec.s))
+        assert (spec.dim, spec.order, spec.ksize) == (c.spec.dim, c.spec.order, 7)
+
+
+def test_gnconv_model_columns_are_the_traffic_model():
+    from resfuse.gnconv_traffic import gnconv_bytes
+    for c in cases.select(kinds=["gnconv"]):
+        for batch, dtype, name in ((1, torch.float32, "float32"), (32, torch.bfloat16, "bfloat16"),
+                                   (256, torch.float16, "float16")):
+            t = gnconv_bytes(c.spec.dim, c.spec.order, c.spec.H, c.spec.W, batch, name)
+            cost = c.cost(batch, dtype)
+            # MB fused = resfuse's fused design (2 kernels), MB eager seq = HorNet's eager op sequence
+            assert (cost.flops, cost.fused_bytes, cost.unfused_bytes) == (t.flops, t.fused_bytes, t.eager_bytes)
+            assert cost.unfused_bytes > cost.fused_bytes > t.minimal_bytes
+            ks = cases.gnconv_kernel_costs(c.spec, batch, dtype)
+            assert len(ks) == 2 and sum(k.flops for k in ks) == t.flops
+            assert sum(k.fused_bytes for k in ks) == t.fused_bytes
+            D, P, e = c.spec.dim, batch * c.spec.H * c.spec.W, m.elem_bytes(name)
+            assert ks[0].flops == 2 * P * 2 * D * D  # proj_in
+            assert ks[0].fused_bytes == (P * D + P * 2 * D + 2 * D * D + 2 * D) * e  # x, f, weight, bias
+    # by hand: stage 1 at batch 1 in fp32 (dims 32/64, S = 96)
+    c = cases.REGISTRY["gnconv.hornet_t.stage1"].cost(1, torch.float32)
+    P = 56 * 56
+    w = (2 * 64 * 64 + 128) + (96 * 49 + 96) + (32 * 64 + 64) + (64 * 64 + 64)
+    assert c.flops == 2 * P * (2 * 64 * 64 + 96 * 49 + 32 * 64 + 64 * 64)
+    assert c.fused_bytes == 4 * (P * (64 + 128 + 128 + 64) + w)
+    # proj_in, dwconv, * s, pwa * dw0, pws.0, gate, proj_out
+    assert c.unfused_bytes == 4 * (P * (192 + 192 + 192 + 96 + 96 + 192 + 128) + w)
+    ceil = m.Ceilings(bandwidth=3e12, matmul={"bfloat16": 800e12})
+    case = cases.REGISTRY["gnconv.hornet_t.stage3"]
+    ks = cases.gnconv_kernel_costs(case.spec, 32, torch.bfloat16)
+    assert case.floor(32, torch.bfloat16, ceil).seconds == pytest.approx(
+        sum(max(k.flops / 800e12, k.fused_bytes / 3e12) for k in ks))
+    assert case.floor(32, torch.float16, ceil) is None
+
+
+def test_gnconv_workload_and_providers(device):
+    # a tiny order-3 gnconv (2 argument sets, each its own module copy); on a CPU machine
+    # resfuse-triton runs through the Triton interpreter in fp32, on the GPU box in bf16
+    spec = cases.GnConvCaseSpec(16, 3, 6, 5)
+    case = cases.Case("gnconv.test", "gnconv", "test", spec)
+    op = cases.OPS["gnconv"]
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    wl = op.make_workload(case, device, dtype, 2, n_sets=2, seed=0)
+    assert wl.reference.dtype == torch.float64 and wl.reference.shape == (2, 16, 6, 5)
+    assert 0.1 < wl.reference.std().item() < 10  # O(1): the check compares real numbers
+    (x0, m0), (x1, m1) = wl.arg_sets
+    assert x0.is_contiguous(memory_format=torch.channels_last) and not torch.equal(x0, x1)
+    assert m0 is not m1 and m0.dwconv.weight.data_ptr() != m1.dwconv.weight.data_ptr()  # weights rotate too
+    assert not m0.training
+    with torch.no_grad():
+        tol = tolerance(op.build("eager", wl)(x0, m0), wl.reference, dtype)
+    for provider in ("eager", "resfuse-eager", "resfuse-triton"):
+        fn = op.build(provider, wl)
+        with torch.no_grad():
+            for x, mod in wl.arg_sets:
+                out = fn(x, mod)
+            assert rel_err(fn(x0, m0), wl.reference) <= tol, provider
+        if provider.startswith("resfuse-"):
+            assert op.note(wl, provider) == "2 kernels: layernorm_conv1x1, gnconv_chain", provider
+            assert wl.state["ran"][provider] == [f"layernorm_conv1x1:{provider[8:]}", f"gnconv_chain:{provider[8:]}"]
+    assert out.shape == (2, 16, 6, 5)
+
+
+def test_gnconv_provider_that_would_not_fuse_is_an_error(monkeypatch):
+    from resfuse.nn.gnconv import GnConv
+    case = cases.Case("gnconv.test", "gnconv", "test", cases.GnConvCaseSpec(8, 2, 4, 4))
+    op = cases.OPS["gnconv"]
+    wl = op.make_workload(case, torch.device("cpu"), torch.float32, 1, n_sets=1, seed=0)
+    # a GnConv that runs its original forward (as it does when a member has hooks) is not a resfuse row
+    monkeypatch.setattr(GnConv, "unfused_reason", lambda self: "forced for the test")
+    with pytest.raises(RuntimeError, match="did not run"):
+        op.build("resfuse-eager", wl)
+
+
+# ----------------------------------------------------------------------------
 # Harness pieces
 # ----------------------------------------------------------------------------
 
@@ -548,7 +648,7 @@ def test_run_model_only_prints_every_case():
 
 def test_run_quick_cpu_times_and_writes_results(tmp_path):
     r = _run([sys.executable, "bench/run.py", "--quick", "--case",
-              "resnet50.conv2_x.0.conv2,block.resnet50.conv2_x.0,model.resnet18",
+              "resnet50.conv2_x.0.conv2,block.resnet50.conv2_x.0,model.resnet18,gnconv.hornet_t.stage3",
               "--cpu-threads", "1", "--out-dir", str(tmp_path), "--summary-file", str(tmp_path / "s.md")], 240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
@@ -562,7 +662,8 @@ def test_run_quick_cpu_times_and_writes_results(tmp_path):
     assert any(ln.startswith("# versions: torch") for ln in head)
     rows = list(csv.DictReader(ln for ln in lines if not ln.startswith("#")))
     assert {(r_["case"], r_["provider"]) for r_ in rows} == {
-        (c, p) for c in ("resnet50.conv2_x.0.conv2", "block.resnet50.conv2_x.0", "model.resnet18")
+        (c, p) for c in ("resnet50.conv2_x.0.conv2", "block.resnet50.conv2_x.0", "model.resnet18",
+                         "gnconv.hornet_t.stage3")
         for p in ("eager", "resfuse-eager")}
     for row in rows:
         assert row["status"] == "ok", row
@@ -576,8 +677,11 @@ def test_run_quick_cpu_times_and_writes_results(tmp_path):
     assert float(block["eager"]["fused_mb"]) == pytest.approx(8.333312)  # the hand-computed block above
     assert float(block["eager"]["unfused_mb"]) == pytest.approx(46.86848)
     assert block["resfuse-eager"]["note"] == "3 kernels: conv_bn_act, conv_bn_act, conv_bn_proj_act"
+    gn = {r_["provider"]: r_ for r_ in rows if r_["case"] == "gnconv.hornet_t.stage3"}
+    assert gn["eager"]["kind"] == "gnconv" and float(gn["eager"]["gflop"]) == pytest.approx(0.103149312)
+    assert gn["resfuse-eager"]["note"] == "2 kernels: layernorm_conv1x1, gnconv_chain"
     summary = (tmp_path / "s.md").read_text()
-    assert "provider" in summary and "blocks: geomean x eager" in summary
+    assert "provider" in summary and "blocks: geomean x eager" in summary and "gnconv: geomean x eager" in summary
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="bash script")
