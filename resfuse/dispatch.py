@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 log = logging.getLogger("resfuse")
 
@@ -53,10 +53,21 @@ _last = threading.local()
 _logged = set()
 
 
-def register(op: str, backend: str, check: Check, run: Run) -> None:
+def register(op: str, backend: str, check: Check, run: Optional[Run] = None) -> None:
+    """Register `backend`'s implementation of `op`. With run=None the backend
+    has no implementation of it yet: `check` still supplies the reasons
+    (e.g. the extension is not built), and it never runs."""
     if backend not in AUTO_ORDER:
         raise ValueError(f"backend must be one of {AUTO_ORDER}, got {backend!r}")
+    if run is None:
+        check = _never(op, backend, check)
     _REGISTRY.setdefault(op, {})[backend] = (check, run)
+
+
+def _never(op: str, backend: str, check: Check) -> Check:
+    def reasons(problem) -> List[str]:
+        return check(problem) + [f"no {backend} implementation of {op} yet"]
+    return reasons
 
 
 def validate_backend(backend: str, argname: str = "backend") -> str:

@@ -231,23 +231,19 @@ def _chain_triton(p: GnConvChainProblem):
 
 
 def _cuda_check(op):
-    """The CUDA candidate: not built today (resfuse._C has no gnconv
-    kernel); should one appear, it must be wired here before auto picks it."""
+    """The CUDA candidate has no gnconv kernel yet: it says why (extension
+    not built, or no such kernel in it) and never runs."""
     def check(p) -> List[str]:
-        return cuda_reasons(op, p.device) or [f"resfuse._C.{op} exists but resfuse.ops_gnconv does not call it yet"]
+        return cuda_reasons(op, p.device)
     return check
-
-
-def _cuda_run(p):  # unreachable: _cuda_check never passes
-    raise NotImplementedError("resfuse._C gnconv kernels are not wired")
 
 
 dispatch.register(OP_PROJ, "eager", lambda p: [], _proj_eager)
 dispatch.register(OP_PROJ, "triton", lambda p: triton_reasons(p.device, p.dtype), _proj_triton)
-dispatch.register(OP_PROJ, "cuda", _cuda_check(OP_PROJ), _cuda_run)
+dispatch.register(OP_PROJ, "cuda", _cuda_check(OP_PROJ))
 dispatch.register(OP_CHAIN, "eager", lambda p: [], _chain_eager)
 dispatch.register(OP_CHAIN, "triton", _chain_triton_check, _chain_triton)
-dispatch.register(OP_CHAIN, "cuda", _cuda_check(OP_CHAIN), _cuda_run)
+dispatch.register(OP_CHAIN, "cuda", _cuda_check(OP_CHAIN))
 
 
 # ----------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def _cuda_check(p) -> List[str]:
 
 dispatch.register(OP, "eager", lambda p: [], _eager_run)
 dispatch.register(OP, "triton", triton_check, _triton_run)
-# No cuda implementation is registered yet: `auto` passes over it with that reason.
+dispatch.register(OP, "cuda", _cuda_check)  # no CUDA kernel yet: reasons only
 
 
 @torch.library.custom_op("resfuse::conv_bn_proj_act", mutates_args=())

@@ -57,3 +57,18 @@ def test_env_var_replaces_auto_only(toy, monkeypatch):
 def test_invalid_backend_names_argument(bad):
     with pytest.raises(ValueError, match="backend"):
         dispatch.validate_backend(bad)
+
+
+def test_reasons_only_candidate_never_runs(monkeypatch):
+    """A backend registered without an implementation reports why and is
+    passed over, even when its check finds nothing wrong."""
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    dispatch.register("toy_plan_only", "cuda", lambda p: [])
+    dispatch.register("toy_plan_only", "eager", lambda p: [], lambda p: "eager")
+    try:
+        assert dispatch.run("toy_plan_only", "auto", None) == "eager"
+        assert dispatch.last_decision().skipped["cuda"] == ["no cuda implementation of toy_plan_only yet"]
+        with pytest.raises(dispatch.BackendUnavailable, match="no cuda implementation"):
+            dispatch.run("toy_plan_only", "cuda", None)
+    finally:
+        dispatch._REGISTRY.pop("toy_plan_only", None)
