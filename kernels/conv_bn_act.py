@@ -50,6 +50,22 @@ def _apply_activation(v, ACT: tl.constexpr):
 
 
 @triton.jit
+def grouped_tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of this program for an M x N output in
+    grouped order: GROUP_M row tiles share the same weight columns while
+    they are hot in L2. Shared by every GEMM-shaped kernel here."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def _bn_scale_shift(bias_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_n, n_valid, eps,
                     HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_GAMMA: tl.constexpr,
                     HAS_BETA: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -147,17 +163,7 @@ def _conv_bn_act_fwd_kernel(
     INT64: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M row tiles share the same weight columns
-    # while they are hot in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(K, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    group_id = pid // group_size
-    first_m = group_id * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
+    pid_m, pid_n = grouped_tile_ids(M, K, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -69,6 +69,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .conv_bn_act import grouped_tile_ids
+
 #: Launch counters (tests read them to prove the Triton path ran).
 LAUNCHES = 0
 LAUNCHES_BY_KERNEL = {"ln_conv1x1": 0, "gnconv_chain": 0}
@@ -156,14 +158,7 @@ def _ln_conv1x1_kernel(
     fast axis of every tile. In NCHW, pixels are what is contiguous in
     memory (and per-pixel vectors then cost a couple of registers per
     thread, not one per tile row)."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(K, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
+    pid_m, pid_n = grouped_tile_ids(M, K, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
