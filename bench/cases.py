@@ -319,6 +319,23 @@ def _call_block(x, block):
     return block(x)
 
 
+def _check_fused_ran(wl, provider, backend, module, x, want, what):
+    """Run a fused module once and require that exactly the ops `want` ran,
+    each on `backend` (a module that silently ran its original forward would
+    time eager under resfuse's name). Records them for the row's note."""
+    with torch.no_grad():
+        module(x)
+    ran = {name: f"{d.op}:{d.backend}" for name, d in module.last_decisions.items()}
+    if sorted(ran) != sorted(want) or any(not v.endswith(":" + backend) for v in ran.values()):
+        raise RuntimeError(f"{what} did not run {want} on {backend}: ran {ran or 'nothing fused'}")
+    wl.state.setdefault("ran", {})[provider] = [ran[n] for n in want]
+
+
+def _kernels_note(wl, provider) -> str:
+    ran = wl.state.get("ran", {}).get(provider)
+    return f"{len(ran)} kernels: " + ", ".join(r.split(":")[0] for r in ran) if ran else ""
+
+
 class ResNetBlockOp(Op):
     """A torchvision-layout BasicBlock / Bottleneck (``bench.models``, random
     weights, calibrated BN, eval, channels_last), input C x H x W.
@@ -374,14 +391,8 @@ class ResNetBlockOp(Op):
             # kernel on this backend (a block that silently ran its original
             # forward would time eager under resfuse's name).
             x0, b0 = wl.arg_sets[0]
-            f0 = fused[id(b0)]
-            with torch.no_grad():
-                f0(x0)
-            ran = {name: f"{d.op}:{d.backend}" for name, d in f0.last_decisions.items()}
-            want = [name for name, _ in wl.case.spec.main_convs()]
-            if sorted(ran) != sorted(want) or any(not v.endswith(":" + backend) for v in ran.values()):
-                raise RuntimeError(f"fused block did not run {want} on {backend}: ran {ran or 'nothing fused'}")
-            wl.state.setdefault("ran", {})[provider] = [ran[n] for n in want]
+            _check_fused_ran(wl, provider, backend, fused[id(b0)], x0,
+                             [name for name, _ in wl.case.spec.main_convs()], "fused block")
 
             def run(x, block):
                 return fused[id(block)](x)
@@ -389,10 +400,7 @@ class ResNetBlockOp(Op):
         raise ValueError(f"resnet_block has no provider {provider!r}")
 
     def note(self, wl, provider):
-        ran = wl.state.get("ran", {}).get(provider)
-        if not ran:
-            return ""
-        return f"{len(ran)} kernels: " + ", ".join(r.split(":")[0] for r in ran)
+        return _kernels_note(wl, provider)
 
 
 # ----------------------------------------------------------------------------
@@ -520,14 +528,7 @@ class GnConvOp(Op):
             # What ran, checked once: both kernels on this backend (a module that
             # silently ran its original forward would time eager under resfuse's name).
             x0, m0 = wl.arg_sets[0]
-            f0 = fused[id(m0)]
-            with torch.no_grad():
-                f0(x0)
-            ran = {name: f"{d.op}:{d.backend}" for name, d in f0.last_decisions.items()}
-            want = ["proj_in", "chain"]
-            if sorted(ran) != sorted(want) or any(not v.endswith(":" + backend) for v in ran.values()):
-                raise RuntimeError(f"fused gnconv did not run {want} on {backend}: ran {ran or 'nothing fused'}")
-            wl.state.setdefault("ran", {})[provider] = [ran[n] for n in want]
+            _check_fused_ran(wl, provider, backend, fused[id(m0)], x0, ["proj_in", "chain"], "fused gnconv")
 
             def run(x, m):
                 return fused[id(m)](x)
@@ -535,10 +536,7 @@ class GnConvOp(Op):
         raise ValueError(f"gnconv has no provider {provider!r}")
 
     def note(self, wl, provider):
-        ran = wl.state.get("ran", {}).get(provider)
-        if not ran:
-            return ""
-        return f"{len(ran)} kernels: " + ", ".join(r.split(":")[0] for r in ran)
+        return _kernels_note(wl, provider)
 
 
 OPS: Dict[str, Op] = {"conv_bn_act": ConvBNActOp(), "resnet_block": ResNetBlockOp(), "gnconv": GnConvOp(),
