@@ -63,17 +63,24 @@ channels_last, channel-sliced views such as f's pwa/abc halves). Offsets
 are int64 when a tensor spans 2**31 elements or more (``INT64``).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .conv_bn_act import grouped_tile_ids
+from ._common import LAUNCHES_BY_KERNEL, alloc_scratch, count_launch, declare_kernels, dot_precision
+from ._common import interpreter_blocks
+from ._common import interpreting, needs_int64, num_sms
 
-#: Launch counters (tests read them to prove the Triton path ran).
-LAUNCHES = 0
-LAUNCHES_BY_KERNEL = {"ln_conv1x1": 0, "gnconv_chain": 0}
+#: The kernels of the gnconv family; ``LAUNCHES`` (module attribute) is
+#: their total, LAUNCHES_BY_KERNEL[name] each one's (tests read both).
+GNCONV_KERNELS = ("ln_conv1x1", "gnconv_chain")
+declare_kernels(*GNCONV_KERNELS)
+
+
+def __getattr__(name):
+    if name == "LAUNCHES":
+        return sum(LAUNCHES_BY_KERNEL[k] for k in GNCONV_KERNELS)
+    raise AttributeError(name)
 
 #: Pixels of scratch per SM for the chain kernel: the persistent grid has
 #: NUM_SMS * SCRATCH_PIXELS_PER_SM // BLOCK_M programs at most, each with a
@@ -84,194 +91,6 @@ SCRATCH_PIXELS_PER_SM = 64
 #: Programs of the chain kernel in the interpreter: few, so that the tests
 #: exercise the persistent loop (each program handles several tiles).
 INTERPRETER_PROGRAMS = 2
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _span(t):
-    """Largest element offset reachable in t, plus one."""
-    if t is None or t.numel() == 0:
-        return 0
-    return 1 + sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride()))
-
-
-def _needs_int64(*tensors, extra=0):
-    return max([_span(t) for t in tensors] + [extra]) >= 2**31
-
-
-def _precision(dtype, allow_tf32):
-    if dtype == torch.float32 and allow_tf32 and not _interpreting():
-        return "tf32"
-    return "ieee"  # ignored by tl.dot for 16-bit operands
-
-
-# ----------------------------------------------------------------------------
-# Kernel 1: (channels-first LayerNorm) -> 1x1 conv + bias
-# ----------------------------------------------------------------------------
-
-def _ln_conv1x1_configs():
-    """GPU autotune space: the tiles that compile without register spills on
-    sm_90 with and without the LayerNorm prologue (ptxas -v, fp16; 128x128
-    and 128x256 tiles spill with it). The interpreter bypasses the
-    autotuner (it needs a driver to benchmark)."""
-    cfgs = []
-    for bm, bn, bk, warps, stages in [
-        (128, 64, 32, 4, 4), (64, 64, 64, 4, 3), (64, 64, 32, 4, 4), (64, 32, 32, 2, 5),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                  num_warps=warps, num_stages=stages))
-    return cfgs
-
-
-def _ln_conv1x1_prune(configs, named_args, **kwargs):
-    M, K, C = named_args["M"], named_args["K"], named_args["C"]
-    kept = [c for c in configs
-            if c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(K))
-            and c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(M))
-            and c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(C))]
-    return kept or configs[-1:]
-
-
-@triton.jit
-def _ln_conv1x1_kernel(
-    x_ptr, w_ptr, b_ptr, lnw_ptr, lnb_ptr, y_ptr,
-    M, C, K, HW, W, eps,
-    sx_n, sx_c, sx_h, sx_w,
-    sw_k, sw_c,
-    sy_n, sy_c, sy_h, sy_w,
-    HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
-    INT64: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """y[n,k,h,w] = b[k] + sum_c W[k,c] * LN(x)[n,c,h,w],
-    LN(x)[c] = (x[c] - mean) * rsqrt(var + eps) * lnw[c] + lnb[c] over the C
-    channels of one pixel (biased variance, as HorNet's LayerNorm), or x
-    itself without HAS_NORM. x: (N, C, H, W), W: (K, C) via strides, y: (N, K, H, W).
-    Reads x (C per pixel; twice more from L2 for the statistics), W and the
-    vectors once per tile; writes y once. fp32 statistics and accumulation;
-    the normalized tile is rounded to x's dtype before the dot (as eager's
-    LayerNorm output is).
-
-    Tiles are (channels x pixels): y^T = W @ LN(x)^T, so pixels are the
-    fast axis of every tile. In NCHW, pixels are what is contiguous in
-    memory (and per-pixel vectors then cost a couple of registers per
-    thread, not one per tile row)."""
-    pid_m, pid_n = grouped_tile_ids(M, K, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = tl.arange(0, BLOCK_K)
-    if INT64:
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-        offs_c = offs_c.to(tl.int64)
-    m_ok = offs_m < M
-    n_ok = offs_n < K
-    img = offs_m // HW
-    rem = offs_m % HW
-    x_pix = img * sx_n + (rem // W) * sx_h + (rem % W) * sx_w
-
-    if HAS_NORM:
-        # Two passes (mean, then centred variance) rather than E[x^2]-E[x]^2,
-        # which cancels catastrophically when |mean| >> std.
-        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_K):
-            cc = c0 + offs_c
-            a = tl.load(x_ptr + cc[:, None] * sx_c + x_pix[None, :], mask=(cc < C)[:, None] & m_ok[None, :],
-                        other=0.0)
-            total += tl.sum(a.to(tl.float32), axis=0)
-        mean = total / C
-        sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_K):
-            cc = c0 + offs_c
-            ok = (cc < C)[:, None] & m_ok[None, :]
-            a = tl.load(x_ptr + cc[:, None] * sx_c + x_pix[None, :], mask=ok, other=0.0)
-            d = tl.where(ok, a.to(tl.float32) - mean[None, :], 0.0)
-            sq += tl.sum(d * d, axis=0)
-        rstd = 1.0 / tl.sqrt(sq / C + eps)
-
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_K):
-        cc = c0 + offs_c
-        c_ok = cc < C
-        xt = tl.load(x_ptr + cc[:, None] * sx_c + x_pix[None, :], mask=c_ok[:, None] & m_ok[None, :], other=0.0)
-        if HAS_NORM:
-            v = (xt.to(tl.float32) - mean[None, :]) * rstd[None, :]
-            if HAS_NORM_W:
-                v = v * tl.load(lnw_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)[:, None]
-            if HAS_NORM_B:
-                v = v + tl.load(lnb_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)[:, None]
-            # K lanes past C must stay exactly zero (a NaN mean would leak).
-            xt = tl.where(c_ok[:, None], v, 0.0).to(x_ptr.dtype.element_ty)
-        wt = tl.load(w_ptr + offs_n[:, None] * sw_k + cc[None, :] * sw_c, mask=n_ok[:, None] & c_ok[None, :],
-                     other=0.0)
-        if DOT_IN_FP32:
-            # Interpreter only: its bf16 tl.dot multiplies raw bit patterns.
-            wt = wt.to(tl.float32)
-            xt = xt.to(tl.float32)
-        acc = tl.dot(wt, xt, acc, input_precision=INPUT_PRECISION)
-
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    y_pix = img * sy_n + (rem // W) * sy_h + (rem % W) * sy_w
-    tl.store(y_ptr + offs_n[:, None] * sy_c + y_pix[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=n_ok[:, None] & m_ok[None, :])
-
-
-_ln_conv1x1_tuned = triton.autotune(
-    configs=_ln_conv1x1_configs(), key=["M", "K", "C", "HAS_NORM"],
-    prune_configs_by={"early_config_prune": _ln_conv1x1_prune})(_ln_conv1x1_kernel)
-
-
-def _interpreter_blocks_ln(C, K):
-    """Small tiles in the interpreter so that the tests cross tile edges;
-    RESFUSE_INTERPRET_BLOCKS="M,N,K" overrides (as in conv_bn_act)."""
-    env = os.environ.get("RESFUSE_INTERPRET_BLOCKS")
-    if env:
-        bm, bn, bk = (int(v) for v in env.split(","))
-        return bm, bn, bk
-    return 32, (16 if K <= 32 else 32), (16 if C <= 32 else 32)
-
-
-def ln_conv1x1_fwd(x, weight, bias, norm_weight, norm_bias, norm_eps, out, *, allow_tf32, force_int64=False):
-    """Launch kernel 1. Inputs are validated by resfuse.ops_gnconv; `out` is
-    a preallocated (N, K, H, W) tensor. norm_eps None: no LayerNorm."""
-    global LAUNCHES
-    N, C, H, W = x.shape
-    K = weight.shape[0]
-    M = N * H * W
-    if M == 0:
-        return out
-    interpret = _interpreting()
-    has_norm = norm_eps is not None
-    bias, norm_weight, norm_bias = (None if v is None else v.contiguous() for v in (bias, norm_weight, norm_bias))
-    dummy = x
-    int64 = force_int64 or _needs_int64(x, out, extra=M)
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
-
-    if interpret:
-        bm, bn, bk = _interpreter_blocks_ln(C, K)
-        kernel, tiles = _ln_conv1x1_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
-    else:
-        kernel, tiles = _ln_conv1x1_tuned, {}
-    kernel[grid](
-        x, weight, bias if bias is not None else dummy,
-        norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
-        out,
-        M, C, K, H * W, W, float(norm_eps) if has_norm else 0.0,
-        *x.stride(), weight.stride(0), weight.stride(1), *out.stride(),
-        HAS_BIAS=bias is not None, HAS_NORM=has_norm,
-        HAS_NORM_W=has_norm and norm_weight is not None, HAS_NORM_B=has_norm and norm_bias is not None,
-        INT64=bool(int64), DOT_IN_FP32=interpret and x.dtype == torch.bfloat16,
-        INPUT_PRECISION=_precision(x.dtype, allow_tf32), **tiles,
-    )
-    LAUNCHES += 1
-    LAUNCHES_BY_KERNEL["ln_conv1x1"] += 1
-    return out
 
 
 # ----------------------------------------------------------------------------
@@ -480,7 +299,7 @@ def _chain_prune(configs, named_args, **kwargs):
     kept = [c for c in configs
             if c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(D))
             and c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(D))
-            and (c.kwargs["BLOCK_M"] <= 32 or M >= 64 * _num_sms())]
+            and (c.kwargs["BLOCK_M"] <= 32 or M >= 64 * num_sms())]
     return kept or configs[-1:]
 
 
@@ -488,31 +307,8 @@ _gnconv_chain_tuned = triton.autotune(
     configs=_chain_configs(), key=["M", "D0", "ORDER", "KS", "GATES_GIVEN", "HAS_RES"],
     prune_configs_by={"early_config_prune": _chain_prune})(_gnconv_chain_kernel)
 
-_SMS = {}
-
-
-def _num_sms(device=None) -> int:
-    if _interpreting() or not torch.cuda.is_available():
-        return 1
-    idx = torch.cuda.current_device() if device is None else device.index
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SMS[idx]
-
-
 def _interpreter_blocks_chain(D):
-    env = os.environ.get("RESFUSE_INTERPRET_BLOCKS")
-    if env:
-        bm, bn, bk = (int(v) for v in env.split(","))
-        return bm, bn, bk
-    return 32, 16, 16 if D <= 32 else 32
-
-
-def _alloc_scratch(n_elems, dtype, device):
-    s = torch.empty(n_elems, dtype=dtype, device=device)
-    if os.environ.get("RESFUSE_POISON_OUTPUTS") == "1":
-        s.fill_(float("nan"))  # a read of a slot element no stage wrote fails the test
-    return s
+    return interpreter_blocks((32, 16, 16 if D <= 32 else 32))
 
 
 def gnconv_chain_fwd(f, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale, out, *,
@@ -521,7 +317,6 @@ def gnconv_chain_fwd(f, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, re
     exactly one of w_dw (S, 1, k, k) and gates (N, S, H, W); w_pws/b_pws:
     order-1 weights (dims[i+1], dims[i], 1, 1) and biases (or None);
     `out`: preallocated (N, D, H, W)."""
-    global LAUNCHES
     N, _, H, W = f.shape
     D = w_out.shape[0]
     order = len(w_pws) + 1
@@ -531,7 +326,7 @@ def gnconv_chain_fwd(f, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, re
     M = N * H * W
     if M == 0:
         return out
-    interpret = _interpreting()
+    interpret = interpreting()
     dummy = f
     b_dw, b_out, layer_scale = (None if v is None else v.contiguous() for v in (b_dw, b_out, layer_scale))
     b_pws = [None if b is None else b.contiguous() for b in b_pws]
@@ -545,8 +340,8 @@ def gnconv_chain_fwd(f, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, re
     rs = residual.stride() if residual is not None else (0, 0, 0, 0)
     dws = (w_dw.stride(0), w_dw.stride(2), w_dw.stride(3)) if w_dw is not None else (0, 0, 0)
     ks = w_dw.shape[-1] if w_dw is not None else 1
-    int64 = force_int64 or _needs_int64(f, gates, residual, out, extra=M)
-    n_sms = _num_sms(f.device)
+    int64 = force_int64 or needs_int64(f, gates, residual, out, extra=M)
+    n_sms = num_sms(f.device)
 
     if interpret:
         bm, bn, bk = _interpreter_blocks_chain(D)
@@ -561,7 +356,7 @@ def gnconv_chain_fwd(f, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, re
         return (max(1, min(triton.cdiv(M, bm_), max_pixels // bm_)),)
 
     # Slots for the largest grid any configuration launches (same pixel budget).
-    scratch = _alloc_scratch(max_pixels * 2 * D, out.dtype, out.device)
+    scratch = alloc_scratch(max_pixels * 2 * D, out.dtype, out.device)
     kernel[grid](
         f, gates if gates is not None else dummy, w_dw if w_dw is not None else dummy,
         b_dw if b_dw is not None else dummy,
@@ -574,8 +369,7 @@ def gnconv_chain_fwd(f, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, re
         GATES_GIVEN=gates is not None, HAS_B_DW=b_dw is not None, PWS_BIAS=pws_bias, HAS_B_OUT=b_out is not None,
         HAS_LS=layer_scale is not None, HAS_RES=residual is not None,
         INT64=bool(int64), DOT_IN_FP32=interpret and f.dtype == torch.bfloat16,
-        INPUT_PRECISION=_precision(f.dtype, allow_tf32), **tiles,
+        INPUT_PRECISION=dot_precision(f.dtype, allow_tf32), **tiles,
     )
-    LAUNCHES += 1
-    LAUNCHES_BY_KERNEL["gnconv_chain"] += 1
+    count_launch("gnconv_chain")
     return out

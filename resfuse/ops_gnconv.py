@@ -206,7 +206,7 @@ def _launch(fn, device, *args, **kw):
 
 def _proj_triton(p: LNConv1x1Problem):
     out = alloc_output(p)
-    return _launch(kernels_module("gnconv").ln_conv1x1_fwd, p.device, p.x, p.weight, p.bias, p.norm_weight,
+    return _launch(kernels_module("conv1x1").ln_conv1x1_fwd, p.device, p.x, p.weight, p.bias, p.norm_weight,
                    p.norm_bias, p.norm_eps, out)
 
 

@@ -231,7 +231,7 @@ def test_int64_offsets(kernel, device):
     t = make_inputs(case, device, seed_of(case.name + kernel))
     kern = _kern()
     f = torch.empty(case.N, 2 * case.dim, case.H, case.W, dtype=case.dtype, device=device).fill_(float("nan"))
-    kern.ln_conv1x1_fwd(t["x"], t["w_in"], t["b_in"], t["norm_weight"], t["norm_bias"], t["norm_eps"], f,
+    kernels_module("conv1x1").ln_conv1x1_fwd(t["x"], t["w_in"], t["b_in"], t["norm_weight"], t["norm_bias"], t["norm_eps"], f,
                         allow_tf32=False, force_int64=kernel == "ln_conv1x1")
     y = torch.empty(case.N, case.dim, case.H, case.W, dtype=case.dtype, device=device).fill_(float("nan"))
     kern.gnconv_chain_fwd(*chain_args(t, f), case.s, t["residual"], t["layer_scale"], y, allow_tf32=False,
@@ -288,7 +288,8 @@ def test_autotune_pruning_reads_keyword_constexprs():
     assert small and all(c.kwargs["BLOCK_M"] <= 32 for c in small)
     big = k._chain_prune(k._chain_configs(), {"M": 10 ** 7}, D0=1, ORDER=2, KS=7)
     assert big and all(c.kwargs["BLOCK_N"] <= 32 for c in big)
-    assert k._ln_conv1x1_prune(k._ln_conv1x1_configs(), {"M": 10 ** 6, "K": 1024, "C": 512})
+    k1 = kernels_module("conv1x1")
+    assert k1._ln_conv1x1_prune(k1._ln_conv1x1_configs(), {"M": 10 ** 6, "K": 1024, "C": 512})
 
 
 # ----------------------------------------------------------------------------
@@ -695,6 +696,7 @@ except ImportError as e:
     print(json.dumps({"skip": f"no AOT API: {e}"})); sys.exit(0)
 from resfuse._backends import kernels_module
 k = kernels_module("gnconv")
+k1 = kernels_module("conv1x1")
 out = []
 
 def compile_(fn, consts, warps, stages, scalar_f32):
@@ -708,10 +710,10 @@ for cfg in k._chain_configs():
     consts = dict(D0=32, ORDER=5, KS=7, GATES_GIVEN=False, HAS_B_DW=True, PWS_BIAS=15, HAS_B_OUT=True,
                   HAS_LS=True, HAS_RES=True, INT64=False, DOT_IN_FP32=False, INPUT_PRECISION="ieee", **cfg.kwargs)
     out.append(("chain", cfg.kwargs, compile_(k._gnconv_chain_kernel, consts, cfg.num_warps, cfg.num_stages, "scale")))
-for cfg in k._ln_conv1x1_configs()[:2]:
+for cfg in k1._ln_conv1x1_configs()[:2]:
     consts = dict(HAS_BIAS=True, HAS_NORM=True, HAS_NORM_W=True, HAS_NORM_B=True, INT64=False, DOT_IN_FP32=False,
                   INPUT_PRECISION="ieee", **cfg.kwargs)
-    out.append(("ln", cfg.kwargs, compile_(k._ln_conv1x1_kernel, consts, cfg.num_warps, cfg.num_stages, "eps")))
+    out.append(("ln", cfg.kwargs, compile_(k1._ln_conv1x1_kernel, consts, cfg.num_warps, cfg.num_stages, "eps")))
 print(json.dumps({"compiled": out}))
 """
 
