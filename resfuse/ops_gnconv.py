@@ -17,11 +17,9 @@ Backends: ``triton``, ``eager`` (the reference in the input's dtype: HorNet's
 own op sequence) and ``cuda`` (registered; reports that resfuse._C has no
 gnconv kernel until one is built).
 
-Autograd (a documented choice until the backward kernels land): the
-backward recomputes the forward with the eager reference, in the inputs'
-dtype, and differentiates it with torch.autograd. Gradients are therefore
-eager PyTorch's own, the fused forward saves only its inputs (no
-intermediate activations), and the price is one eager forward per backward.
+Autograd: ``resfuse.ops_gnconv_bwd`` registers it: each op's backward is
+an op of its own (``*_backward``) with Triton kernels and an eager
+fallback; double backward raises.
 """
 
 from dataclasses import dataclass
@@ -113,6 +111,7 @@ class GnConvChainProblem:
     scale: float
     residual: Optional[torch.Tensor]
     layer_scale: Optional[torch.Tensor]
+    sample_scale: Optional[torch.Tensor]
     dims: List[int]
     out_shape: tuple
 
@@ -134,7 +133,7 @@ class GnConvChainProblem:
 
 
 def make_chain_problem(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual,
-                       layer_scale) -> GnConvChainProblem:
+                       layer_scale, sample_scale=None) -> GnConvChainProblem:
     _check_x(fused, "fused")
     dev, dt = fused.device, fused.dtype
     _check_tensor(w_out, "w_out", dims=4, device=dev, dtype=dt)
@@ -176,8 +175,9 @@ def make_chain_problem(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, sca
     if residual is not None:
         _check_tensor(residual, "residual", dims=4, device=dev, dtype=dt, shape=(N, D, H, W))
     _check_vec(layer_scale, "layer_scale", D, fused)
+    _check_vec(sample_scale, "sample_scale", N, fused)
     return GnConvChainProblem(fused, w_dw, b_dw, gates, list(w_pws), list(b_pws), w_out, b_out, float(scale),
-                              residual, layer_scale, dims, (N, D, H, W))
+                              residual, layer_scale, sample_scale, dims, (N, D, H, W))
 
 
 @dataclass
@@ -212,7 +212,7 @@ def _proj_triton(p: LNConv1x1Problem):
 
 def _chain_eager(p: GnConvChainProblem):
     y = gnconv_chain_reference(p.fused, p.w_dw, p.b_dw, p.gates, p.w_pws, p.b_pws, p.w_out, p.b_out, p.scale,
-                               p.residual, p.layer_scale)
+                               p.residual, p.layer_scale, p.sample_scale)
     return y.contiguous(memory_format=output_memory_format(p.fused))
 
 
@@ -226,8 +226,9 @@ def _chain_triton_check(p) -> List[str]:
 
 def _chain_triton(p: GnConvChainProblem):
     out = alloc_output(p)
+    extra = {} if p.sample_scale is None else {"sample_scale": p.sample_scale}
     return _launch(kernels_module("gnconv").gnconv_chain_fwd, p.device, p.fused, p.w_dw, p.b_dw, p.gates,
-                   p.w_pws, p.b_pws, p.w_out, p.b_out, p.scale, p.residual, p.layer_scale, out)
+                   p.w_pws, p.b_pws, p.w_out, p.b_out, p.scale, p.residual, p.layer_scale, out, **extra)
 
 
 def _cuda_check(op):
@@ -265,39 +266,6 @@ def _layernorm_conv1x1_fake(x, weight, bias, norm_weight, norm_bias, norm_eps, b
     return torch.empty(p.out_shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
 
-def _vjp_through(reference, tensors, needs, grad, rebuild):
-    """Gradients of ``reference(*rebuild(leaves))`` w.r.t. the tensors whose
-    `needs` flag is set, recomputed eagerly (the module docstring's choice)."""
-    leaves = [None if t is None else t.detach().requires_grad_(bool(n)) for t, n in zip(tensors, needs)]
-    wanted = [i for i, (t, n) in enumerate(zip(leaves, needs)) if t is not None and n]
-    grads = [None] * len(leaves)
-    if not wanted:
-        return grads
-    with torch.enable_grad():
-        out = reference(*rebuild(leaves))
-        got = torch.autograd.grad(out, [leaves[i] for i in wanted], grad, allow_unused=True)
-    for i, g in zip(wanted, got):
-        grads[i] = g if g is not None else torch.zeros_like(leaves[i])
-    return grads
-
-
-def _proj_setup(ctx, inputs, output):
-    x, weight, bias, norm_weight, norm_bias, norm_eps, _ = inputs
-    ctx.save_for_backward(x, weight, bias, norm_weight, norm_bias)
-    ctx.norm_eps = norm_eps
-
-
-def _proj_backward(ctx, grad):
-    tensors = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:5]
-    g = _vjp_through(lambda x, w, b, nw, nb: layernorm_conv1x1_reference(x, w, b, nw, nb, ctx.norm_eps),
-                     tensors, needs, grad, lambda leaves: leaves)
-    return (*g, None, None)
-
-
-_layernorm_conv1x1_op.register_autograd(_proj_backward, setup_context=_proj_setup)
-
-
 # ----------------------------------------------------------------------------
 # torch.library: gnconv_chain
 # ----------------------------------------------------------------------------
@@ -307,47 +275,20 @@ def _gnconv_chain_op(fused: torch.Tensor, w_dw: Optional[torch.Tensor], b_dw: Op
                      gates: Optional[torch.Tensor], w_pws: List[torch.Tensor], b_pws: List[Optional[torch.Tensor]],
                      w_out: torch.Tensor, b_out: Optional[torch.Tensor], scale: float,
                      residual: Optional[torch.Tensor], layer_scale: Optional[torch.Tensor],
-                     backend: str) -> torch.Tensor:
-    p = make_chain_problem(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale)
+                     sample_scale: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    p = make_chain_problem(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale,
+                           sample_scale)
     return dispatch.run(OP_CHAIN, backend, p)
 
 
 @_gnconv_chain_op.register_fake
 def _gnconv_chain_fake(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale,
-                       backend):
-    p = make_chain_problem(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale)
+                       sample_scale, backend):
+    p = make_chain_problem(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale,
+                           sample_scale)
     dispatch.validate_backend(backend)
     return torch.empty(p.out_shape, dtype=fused.dtype, device=fused.device,
                        memory_format=output_memory_format(fused))
-
-
-def _chain_setup(ctx, inputs, output):
-    fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale, _ = inputs
-    ctx.n_pws = len(w_pws)
-    ctx.scale = scale
-    ctx.save_for_backward(fused, w_dw, b_dw, gates, w_out, b_out, residual, layer_scale, *w_pws, *b_pws)
-
-
-def _chain_backward(ctx, grad):
-    t = ctx.saved_tensors
-    n = ctx.n_pws
-    need = ctx.needs_input_grad
-    # needs_input_grad has one flag per argument; a list argument's flag
-    # covers all of its tensors.
-    needs = [need[0], need[1], need[2], need[3], need[6], need[7], need[9], need[10]] + [need[4]] * n + [need[5]] * n
-
-    def rebuild(leaves):
-        fused, w_dw, b_dw, gates, w_out, b_out, residual, layer_scale = leaves[:8]
-        return (fused, w_dw, b_dw, gates, leaves[8:8 + n], leaves[8 + n:], w_out, b_out, ctx.scale, residual,
-                layer_scale)
-
-    g = _vjp_through(gnconv_chain_reference, t, needs, grad, rebuild)
-    g_pws = g[8:8 + n] if need[4] else None
-    g_bpws = g[8 + n:] if need[5] else None
-    return (g[0], g[1], g[2], g[3], g_pws, g_bpws, g[4], g[5], None, g[6], g[7], None)
-
-
-_gnconv_chain_op.register_autograd(_chain_backward, setup_context=_chain_setup)
 
 
 # ----------------------------------------------------------------------------
@@ -364,24 +305,25 @@ def layernorm_conv1x1(x, weight, bias=None, *, norm_weight=None, norm_bias=None,
 
 
 def gnconv_chain(fused, w_pws: Sequence, b_pws: Sequence, w_out, b_out=None, *, w_dw=None, b_dw=None, gates=None,
-                 scale: float = 1.0, residual=None, layer_scale=None, backend: str = "auto"):
+                 scale: float = 1.0, residual=None, layer_scale=None, sample_scale=None, backend: str = "auto"):
     """gnconv after proj_in in one kernel: depthwise conv (or given gates),
     bias, scale, the gated 1x1 chain, proj_out, and optionally
-    ``residual + layer_scale * y``."""
+    ``residual + sample_scale[n] * layer_scale * y`` (sample_scale: drop
+    path's per-sample multiplier, not differentiated)."""
     dispatch.validate_backend(backend)
     return torch.ops.resfuse.gnconv_chain(fused, w_dw, b_dw, gates, list(w_pws), list(b_pws), w_out, b_out,
-                                          float(scale), residual, layer_scale, backend)
+                                          float(scale), residual, layer_scale, sample_scale, backend)
 
 
 def gnconv(x, w_in, b_in, w_dw, b_dw, w_pws: Sequence, b_pws: Sequence, w_out, b_out, scale: float = 1.0, *,
-           norm_weight=None, norm_bias=None, norm_eps=None, residual=None, layer_scale=None,
+           norm_weight=None, norm_bias=None, norm_eps=None, residual=None, layer_scale=None, sample_scale=None,
            backend: str = "auto"):
     """HorNet's gnconv forward (``resfuse.reference.gnconv_reference``) in two
     kernels: ``layernorm_conv1x1`` then ``gnconv_chain``."""
     f = layernorm_conv1x1(x, w_in, b_in, norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps,
                           backend=backend)
     return gnconv_chain(f, w_pws, b_pws, w_out, b_out, w_dw=w_dw, b_dw=b_dw, scale=scale, residual=residual,
-                        layer_scale=layer_scale, backend=backend)
+                        layer_scale=layer_scale, sample_scale=sample_scale, backend=backend)
 
 
 def signature_reasons(device, dtype, order: int, backend: str):

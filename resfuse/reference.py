@@ -83,13 +83,14 @@ def layernorm_conv1x1_reference(x, weight, bias=None, norm_weight=None, norm_bia
 
 
 def gnconv_chain_reference(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale: float,
-                           residual=None, layer_scale=None):
+                           residual=None, layer_scale=None, sample_scale=None):
     """Everything of HorNet's gnconv after ``proj_in``, as HorNet writes it.
 
     fused: proj_in's output (N, 2*dim, H, W). The gates are
     ``dwconv(abc) * scale`` with the depthwise conv (w_dw, b_dw, padding
     k//2), or ``gates * scale`` when a gflayer's output is given instead.
-    Optionally ``residual + layer_scale * y`` (a HorBlock's first half)."""
+    Optionally ``residual + sample_scale[n] * layer_scale * y`` (a HorBlock's
+    first half; ``sample_scale`` is drop path's per-sample multiplier)."""
     dim, order = w_out.shape[0], len(w_pws) + 1
     dims = gnconv_dims(dim, order)
     pwa, abc = torch.split(fused, (dims[0], sum(dims)), dim=1)
@@ -101,11 +102,26 @@ def gnconv_chain_reference(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out,
     for i in range(order - 1):
         x = F.conv2d(x, w_pws[i], b_pws[i]) * dw_list[i + 1]
     y = F.conv2d(x, w_out, b_out)
+    return _scale_add(y, layer_scale, sample_scale, residual)
+
+
+def _scale_add(y, layer_scale, sample_scale, residual):
+    """``residual + sample_scale[n] * (layer_scale[c] * y)``, each part optional,
+    in the order a HorBlock applies them (gamma, then drop path, then add)."""
     if layer_scale is not None:
         y = layer_scale[:, None, None] * y
+    if sample_scale is not None:
+        y = y * sample_scale[:, None, None, None]
     if residual is not None:
         y = residual + y
     return y
+
+
+def gelu_conv1x1_reference(a, weight, bias=None, layer_scale=None, sample_scale=None, residual=None):
+    """``residual + sample_scale[n] * layer_scale * conv1x1(gelu(a), weight, bias)``:
+    the second half of a HorBlock's MLP (``act`` -> ``pwconv2`` -> ``gamma2``
+    -> drop path -> ``x + .``) on (N, C, H, W) tensors; exact (erf) GELU."""
+    return _scale_add(F.conv2d(F.gelu(a), weight, bias), layer_scale, sample_scale, residual)
 
 
 def gnconv_reference(x, w_in, b_in, w_dw, b_dw, w_pws, b_pws, w_out, b_out, scale: float, *,

@@ -375,7 +375,8 @@ def test_gradcheck_float64(norm, res, gates):
 
     def fn(x, w_in, b_in, nw, nb, w_pw, b_pw, w_out, b_out, w_dw, b_dw, g, r, ls):
         f = torch.ops.resfuse.layernorm_conv1x1(x, w_in, b_in, nw, nb, t["norm_eps"], "eager")
-        return torch.ops.resfuse.gnconv_chain(f, w_dw, b_dw, g, [w_pw], [b_pw], w_out, b_out, case.s, r, ls, "eager")
+        return torch.ops.resfuse.gnconv_chain(f, w_dw, b_dw, g, [w_pw], [b_pw], w_out, b_out, case.s, r, ls, None,
+                                              "eager")
 
     args = (t["x"], t["w_in"], t["b_in"], t["norm_weight"], t["norm_bias"], t["w_pws"][0], t["b_pws"][0],
             t["w_out"], t["b_out"], t["w_dw"], t["b_dw"], t["gates"], t["residual"], t["layer_scale"])
@@ -394,7 +395,7 @@ def test_opcheck(backend, device):
                           (t["x"], t["w_in"], t["b_in"], t["norm_weight"], t["norm_bias"], 1e-6, backend))
     f = resfuse.layernorm_conv1x1(t["x"], t["w_in"], t["b_in"], backend=backend).detach()
     torch.library.opcheck(torch.ops.resfuse.gnconv_chain.default,
-                          (*chain_args(t, f), case.s, t["residual"], t["layer_scale"], backend))
+                          (*chain_args(t, f), case.s, t["residual"], t["layer_scale"], None, backend))
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""The second half of a HorBlock's MLP as one op:
+``torch.ops.resfuse.gelu_conv1x1``.
+
+    out = residual + sample_scale[n] * layer_scale * (W gelu(a) + b)
+
+a is the pre-activation of ``pwconv1`` (written by ``layernorm_conv1x1``
+with the block's ``norm2`` as its prologue), W/b are ``pwconv2``'s (a
+Linear over channels is a 1x1 conv), ``layer_scale`` is ``gamma2``,
+``sample_scale`` drop path's per-sample multiplier, ``residual`` the block's
+stream. GELU is the exact (erf) form. The definition is
+``resfuse.reference.gelu_conv1x1_reference``; the Triton kernel is
+``kernels/conv1x1.py``'s 1x1 GEMM with the GELU as a prologue on its input
+tiles and the scales and the add in its epilogue, so neither gelu(a) nor
+the branch output reaches memory.
+
+Backends: ``triton``, ``eager`` (the reference in the input's dtype) and
+``cuda`` (registered; reports that resfuse._C has no such kernel).
+Autograd: ``resfuse.ops_gnconv_bwd``.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from . import dispatch
+from ._backends import cuda_reasons, kernels_module, triton_reasons
+from .ops import _check_tensor, alloc_output, output_memory_format
+from .ops_gnconv import _check_vec, _check_x, _launch
+from .reference import gelu_conv1x1_reference
+
+OP_GELU_CONV1X1 = "gelu_conv1x1"
+
+
+@dataclass
+class GeluConv1x1Problem:
+    x: torch.Tensor          # a, the pre-activation (named x for alloc_output)
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    layer_scale: Optional[torch.Tensor]
+    sample_scale: Optional[torch.Tensor]
+    residual: Optional[torch.Tensor]
+    out_shape: tuple
+
+    @property
+    def device(self):
+        return self.x.device
+
+    @property
+    def dtype(self):
+        return self.x.dtype
+
+
+def make_gelu_conv1x1_problem(a, weight, bias, layer_scale, sample_scale, residual) -> GeluConv1x1Problem:
+    _check_x(a, "a")
+    N, C, H, W = a.shape
+    if C == 0:
+        raise ValueError(f"a has 0 channels (shape {tuple(a.shape)})")
+    _check_tensor(weight, "weight", dims=4, device=a.device, dtype=a.dtype)
+    K = weight.shape[0]
+    if K == 0 or tuple(weight.shape[1:]) != (C, 1, 1):
+        raise ValueError(f"weight must be a 1x1 conv weight (K>0, {C}, 1, 1) for a with {C} channels, "
+                         f"got {tuple(weight.shape)}")
+    _check_vec(bias, "bias", K, a)
+    _check_vec(layer_scale, "layer_scale", K, a)
+    _check_vec(sample_scale, "sample_scale", N, a)
+    if residual is not None:
+        _check_tensor(residual, "residual", dims=4, device=a.device, dtype=a.dtype, shape=(N, K, H, W))
+    return GeluConv1x1Problem(a, weight, bias, layer_scale, sample_scale, residual, (N, K, H, W))
+
+
+def _eager(p: GeluConv1x1Problem):
+    y = gelu_conv1x1_reference(p.x, p.weight, p.bias, p.layer_scale, p.sample_scale, p.residual)
+    return y.contiguous(memory_format=output_memory_format(p.x))
+
+
+def _triton(p: GeluConv1x1Problem):
+    out = alloc_output(p)
+    return _launch(kernels_module("conv1x1").ln_conv1x1_fwd, p.device, p.x, p.weight, p.bias, None, None, None,
+                   out, prologue_gelu=True, layer_scale=p.layer_scale, sample_scale=p.sample_scale,
+                   residual=p.residual)
+
+
+def _cuda_check(p) -> List[str]:
+    return cuda_reasons(OP_GELU_CONV1X1, p.device)
+
+
+dispatch.register(OP_GELU_CONV1X1, "eager", lambda p: [], _eager)
+dispatch.register(OP_GELU_CONV1X1, "triton", lambda p: triton_reasons(p.device, p.dtype), _triton)
+dispatch.register(OP_GELU_CONV1X1, "cuda", _cuda_check)
+
+
+@torch.library.custom_op("resfuse::gelu_conv1x1", mutates_args=())
+def _gelu_conv1x1_op(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     layer_scale: Optional[torch.Tensor], sample_scale: Optional[torch.Tensor],
+                     residual: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    p = make_gelu_conv1x1_problem(a, weight, bias, layer_scale, sample_scale, residual)
+    return dispatch.run(OP_GELU_CONV1X1, backend, p)
+
+
+@_gelu_conv1x1_op.register_fake
+def _gelu_conv1x1_fake(a, weight, bias, layer_scale, sample_scale, residual, backend):
+    p = make_gelu_conv1x1_problem(a, weight, bias, layer_scale, sample_scale, residual)
+    dispatch.validate_backend(backend)
+    return torch.empty(p.out_shape, dtype=a.dtype, device=a.device, memory_format=output_memory_format(a))
+
+
+def gelu_conv1x1(a, weight, bias=None, *, layer_scale=None, sample_scale=None, residual=None,
+                 backend: str = "auto"):
+    """``residual + sample_scale[n] * layer_scale * conv1x1(gelu(a), weight, bias)``
+    in one kernel. `weight`: (K, C, 1, 1) or a Linear's (K, C)."""
+    dispatch.validate_backend(backend)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        weight = weight[:, :, None, None]
+    return torch.ops.resfuse.gelu_conv1x1(a, weight, bias, layer_scale, sample_scale, residual, backend)
