@@ -412,8 +412,8 @@ def _(grad, a, weight, bias, layer_scale, sample_scale, needs, backend):
 # Autograd of the forward ops
 # ----------------------------------------------------------------------------
 
-def _not_differentiable(ctx, index, what):
-    if ctx.needs_input_grad[index]:
+def _not_differentiable(t, what):
+    if t is not None and t.requires_grad:
         raise RuntimeError(f"{what} is not differentiable (drop path's per-sample multiplier): pass it detached")
 
 
@@ -431,7 +431,7 @@ def _proj_backward(ctx, grad):
 
 def _chain_setup(ctx, inputs, output):
     fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale, sample_scale, backend = inputs
-    _not_differentiable(ctx, 11, "gnconv_chain's sample_scale")
+    _not_differentiable(sample_scale, "gnconv_chain's sample_scale")
     ctx.n_pws, ctx.scale, ctx.backend = len(w_pws), scale, backend
     ctx.save_for_backward(fused, w_dw, b_dw, gates, w_out, b_out, layer_scale, sample_scale, *w_pws, *b_pws)
 
@@ -457,7 +457,7 @@ def _chain_backward(ctx, grad):
 
 def _gelu_setup(ctx, inputs, output):
     a, weight, bias, layer_scale, sample_scale, residual, backend = inputs
-    _not_differentiable(ctx, 4, "gelu_conv1x1's sample_scale")
+    _not_differentiable(sample_scale, "gelu_conv1x1's sample_scale")
     ctx.backend = backend
     ctx.save_for_backward(a, weight, bias, layer_scale, sample_scale)
 

@@ -9,16 +9,24 @@ checkpoints load as they are. Its forward is two kernels
 gflayer (HorNet's GlobalLocalFilter, FFT-based) in place of the depthwise
 conv, the filter runs eagerly between the two kernels. When a member has
 hooks (which a fused kernel would not fire) it runs the original forward.
-Gradients: the ops' backward recomputes the eager reference (see
-``resfuse.ops_gnconv``), so training through the module gives eager's
-gradients.
+Gradients: every op has a backward op of its own with Triton kernels
+(``resfuse.ops_gnconv_bwd``), so training runs fused too.
 
 ``FusedHorBlock`` wraps a HorNet ``Block``/yoloair ``HorBlock`` (children
 norm1, gnconv, norm2, pwconv1, act, pwconv2, drop_path; parameters gamma1,
-gamma2): ``norm1`` (channels-first LayerNorm) runs inside the projection
-kernel and ``x + gamma1 * gnconv(.)`` inside the chain kernel's epilogue;
-the MLP half runs as HorNet writes it. With an active DropPath (training)
-or hooks it runs the original block's forward.
+gamma2) in four kernels, forward and backward: ``norm1`` (channels-first
+LayerNorm) inside the projection kernel, ``x + drop_path(gamma1 *
+gnconv(.))`` in the chain kernel's epilogue; ``norm2`` (LayerNorm over
+channels) inside ``pwconv1``'s GEMM, which writes the pre-activation;
+GELU on ``pwconv2``'s input tiles and ``x + drop_path(gamma2 * .)`` in its
+epilogue. Drop path keeps its semantics: in training the block calls its
+own ``drop_path`` module on a (N, 1, 1, 1) tensor of ones for each branch,
+in the order the original forward does, so the per-sample multipliers and
+the RNG stream are the original's (seeded runs agree), and the kernels
+multiply by them. A drop-path module without a ``drop_prob`` attribute
+(unknown semantics), hooks on a member, or autocast with an active drop
+path run the original forward; an MLP that is not LayerNorm -> Linear ->
+exact GELU -> Linear runs its half as HorNet writes it.
 
 Both keep the original module's children, parameters, buffers and hooks
 (``from_module`` shares them), so state_dict keys are the original's.
@@ -234,10 +242,12 @@ class GnConv(FusedModuleMixin, nn.Module):
             x = self.pws[i](x) * dw_list[i + 1]
         return self.proj_out(x)
 
-    def fused_forward(self, x, norm: Optional[nn.Module] = None, residual=None, layer_scale=None):
-        """``residual + layer_scale * gnconv(norm(x))`` in two kernels (each
-        optional part absent when None). `norm`: a channels-first LayerNorm
-        module, applied inside the projection kernel."""
+    def fused_forward(self, x, norm: Optional[nn.Module] = None, residual=None, layer_scale=None,
+                      sample_scale=None):
+        """``residual + sample_scale[n] * layer_scale * gnconv(norm(x))`` in two
+        kernels (each optional part absent when None). `norm`: a
+        channels-first LayerNorm module, applied inside the projection
+        kernel; `sample_scale`: drop path's per-sample multiplier (N,)."""
         dt = _compute_dtype(x)
         x = _cast(x, dt)
         mods = self._modules
@@ -261,7 +271,8 @@ class GnConv(FusedModuleMixin, nn.Module):
             f, w_dw, b_dw, gates, [_cast(p.weight, dt) for p in pws], [_cast(p.bias, dt) for p in pws],
             _cast(proj_out.weight, dt), _cast(proj_out.bias, dt), float(self.scale),
             None if residual is None else residual.to(f.dtype),
-            None if layer_scale is None else layer_scale.to(f.dtype), self._backend)
+            None if layer_scale is None else layer_scale.to(f.dtype),
+            None if sample_scale is None else sample_scale.to(f.dtype), self._backend)
         if record:
             self.last_decisions["chain"] = dispatch.last_decision()
         return y
@@ -274,10 +285,62 @@ class GnConv(FusedModuleMixin, nn.Module):
 # HorBlock
 # ----------------------------------------------------------------------------
 
+def _drop_path_reason(dp) -> Optional[str]:
+    """Why drop path's semantics cannot be reproduced per sample (None: they can)."""
+    if dp is None or isinstance(dp, nn.Identity):
+        return None
+    p = getattr(dp, "drop_prob", None)
+    if not isinstance(p, (int, float)) or isinstance(p, bool):
+        return (f"drop_path is {type(dp).__name__} without a numeric drop_prob: its per-sample semantics "
+                f"are unknown")
+    return None
+
+
+def _drop_path_active(dp) -> bool:
+    return dp is not None and not isinstance(dp, nn.Identity) and dp.training and float(dp.drop_prob) != 0.0
+
+
+def _sample_scales(dp, x) -> tuple:
+    """(gnconv branch, MLP branch) per-sample multipliers, drawn by the
+    block's own drop_path module in the original forward's order; (None,
+    None) when it is inactive."""
+    if not _drop_path_active(dp):
+        return None, None
+    ones = torch.ones((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
+    return dp(ones).reshape(-1), dp(ones).reshape(-1)
+
+
+def mlp_reason(block: nn.Module) -> Optional[str]:
+    """Why a HorBlock's MLP half (norm2 -> pwconv1 -> act -> pwconv2 ->
+    gamma2) cannot run as two fused kernels (None: it can)."""
+    mods = block._modules
+    n2, l1, act, l2 = mods["norm2"], mods["pwconv1"], mods["act"], mods["pwconv2"]
+    dim = mods["gnconv"]._modules["proj_out"].out_channels
+    if isinstance(n2, nn.LayerNorm):
+        if tuple(n2.normalized_shape) != (dim,):
+            return f"norm2 normalizes {tuple(n2.normalized_shape)}, not the {dim} channels"
+    elif getattr(n2, "data_format", None) != "channels_last" or not isinstance(getattr(n2, "eps", None), float) \
+            or not isinstance(getattr(n2, "weight", None), torch.Tensor) or tuple(n2.weight.shape) != (dim,):
+        return f"norm2 is {type(n2).__name__}, not a LayerNorm over the {dim} channels"
+    if not (type(act) is nn.GELU and act.approximate == "none"):
+        return f"act is {type(act).__name__}{'' if type(act) is not nn.GELU else '(approximate=tanh)'}, not exact nn.GELU"
+    if l1.in_features != dim or l2.out_features != dim or l2.in_features != l1.out_features:
+        return f"pwconv1/pwconv2 are not Linear({dim}, h) / Linear(h, {dim})"
+    g2 = block.gamma2
+    if g2 is not None and (not isinstance(g2, torch.Tensor) or tuple(g2.shape) != (dim,)):
+        return f"gamma2 must be None or a ({dim},) tensor"
+    for name in ("norm2", "pwconv1", "act", "pwconv2"):
+        why = hooks_reason(mods[name], name)
+        if why:
+            return why
+    return None
+
+
 class FusedHorBlock(nn.Module):
-    """A HorNet Block with norm1 + gnconv + layer scale + residual in two
-    kernels. Build with ``FusedHorBlock.from_module(block)``; ``backend``
-    is its gnconv's."""
+    """A HorNet Block in four kernels (module docstring). Build with
+    ``FusedHorBlock.from_module(block)``; ``backend`` is its gnconv's and
+    its MLP's. ``last_decisions``: {'proj_in', 'chain', 'pwconv1',
+    'pwconv2'} -> the dispatch decision of the last eager-mode call."""
 
     @classmethod
     def from_module(cls, block: nn.Module, backend: str = "auto") -> "FusedHorBlock":
@@ -286,6 +349,7 @@ class FusedHorBlock(nn.Module):
             raise ValueError(f"FusedHorBlock.from_module: {type(block).__name__} is not a HorBlock: {spec}")
         self = adopt(cls, block)
         self.__dict__["_source_cls"] = block._source_cls if isinstance(block, FusedHorBlock) else type(block)
+        self.__dict__["_mlp_decisions"] = {}
         gn = self._modules["gnconv"]
         if not isinstance(gn, GnConv):
             self._modules["gnconv"] = GnConv.from_module(gn, backend)
@@ -299,6 +363,15 @@ class FusedHorBlock(nn.Module):
     @backend.setter
     def backend(self, value: str) -> None:
         self._modules["gnconv"].backend = value
+        self.__dict__["_mlp_decisions"] = {}
+
+    @property
+    def last_decisions(self) -> dict:
+        return {**self._modules["gnconv"].last_decisions, **self.__dict__.get("_mlp_decisions", {})}
+
+    def _apply(self, *args, **kwargs):
+        self.__dict__["_mlp_decisions"] = {}
+        return super()._apply(*args, **kwargs)
 
     def unfused_reason(self) -> Optional[str]:
         mods = self._modules
@@ -308,13 +381,10 @@ class FusedHorBlock(nn.Module):
         gn = mods["gnconv"]
         if not isinstance(gn, GnConv):
             return "its gnconv is not a resfuse GnConv"
-        why = hooks_reason(mods["norm1"], "norm1") or hooks_reason(gn, "gnconv") or gn.unfused_reason()
+        why = (hooks_reason(mods["norm1"], "norm1") or hooks_reason(gn, "gnconv") or gn.unfused_reason()
+               or hooks_reason(mods["drop_path"], "drop_path") or _drop_path_reason(mods["drop_path"]))
         if why:
             return why
-        dp = mods["drop_path"]
-        if dp is not None and not isinstance(dp, nn.Identity) and dp.training and \
-                getattr(dp, "drop_prob", 1.0) != 0.0:
-            return "drop_path is active (training): the block runs its original forward"
         return None
 
     def forward(self, x):
@@ -322,22 +392,55 @@ class FusedHorBlock(nn.Module):
             return self._source_cls.forward(self, x)
         mods = self._modules
         dt = _compute_dtype(x)
-        if dt is not None and dt != x.dtype:
+        autocast = dt is not None and dt != x.dtype
+        dp = mods["drop_path"]
+        if autocast and _drop_path_active(dp):
+            return self._source_cls.forward(self, x)
+        m1, m2 = _sample_scales(dp, x)
+        if autocast:
             # Under autocast eager keeps the residual stream in x's dtype
             # (gamma1 * y promotes back): add it outside the kernel likewise.
             y = mods["gnconv"].fused_forward(x, norm=mods["norm1"])
             x = x + (self.gamma1[:, None, None] * y if self.gamma1 is not None else y)
         else:
-            x = mods["gnconv"].fused_forward(x, norm=mods["norm1"], residual=x, layer_scale=self.gamma1)
-        # The MLP half, as HorNet's Block.forward writes it.
+            x = mods["gnconv"].fused_forward(x, norm=mods["norm1"], residual=x, layer_scale=self.gamma1,
+                                             sample_scale=m1)
+        if autocast or mlp_reason(self):
+            return self._eager_mlp(x, m2)
+        return self._fused_mlp(x, m2)
+
+    def _eager_mlp(self, x, m2):
+        """The MLP half as HorNet's Block.forward writes it (drop path by the
+        multiplier already drawn, so the RNG stream stays the original's)."""
+        mods = self._modules
         y = x.permute(0, 2, 3, 1)
         y = mods["pwconv2"](mods["act"](mods["pwconv1"](mods["norm2"](y))))
         if self.gamma2 is not None:
             y = self.gamma2 * y
-        return x + mods["drop_path"](y.permute(0, 3, 1, 2))
+        y = y.permute(0, 3, 1, 2)
+        if m2 is not None:
+            y = y * m2[:, None, None, None].to(y.dtype)
+        return x + y
+
+    def _fused_mlp(self, x, m2):
+        mods = self._modules
+        n2, l1, l2 = mods["norm2"], mods["pwconv1"], mods["pwconv2"]
+        backend = self.backend
+        a = torch.ops.resfuse.layernorm_conv1x1(x, l1.weight[:, :, None, None], l1.bias, n2.weight, n2.bias,
+                                                float(n2.eps), backend)
+        record = not torch.compiler.is_compiling()
+        if record:
+            self.__dict__["_mlp_decisions"]["pwconv1"] = dispatch.last_decision()
+        out = torch.ops.resfuse.gelu_conv1x1(a, l2.weight[:, :, None, None], l2.bias, self.gamma2, m2, x, backend)
+        if record:
+            self.__dict__["_mlp_decisions"]["pwconv2"] = dispatch.last_decision()
+        return out
 
     def extra_repr(self) -> str:
-        return f"fused: norm1+proj_in, chain+gamma1+residual; backend={self.backend!r}"
+        mlp = mlp_reason(self)
+        return (f"fused: norm1+proj_in, chain+gamma1+residual, "
+                f"{'norm2+pwconv1, gelu+pwconv2+gamma2+residual' if not mlp else 'MLP eager: ' + mlp}; "
+                f"backend={self.backend!r}")
 
 
 # ----------------------------------------------------------------------------
