@@ -7,6 +7,8 @@ either and ``resfuse.convert`` sees what it would see in a user's model.
 The GPU box has no torchvision; ``build(name, prefer_torchvision=True)``
 takes torchvision's model when it can be imported. ``make_block(spec)``
 builds one residual block (``bench.model.BlockSpec``) the same way.
+``make_gnconv`` / ``make_horblock`` build HorNet's gnconv and HorBlock
+(HorNet's structure and forward; no timm on the GPU box either).
 
 Weights are random (no download anywhere). ``calibrate_bn`` gives the BN
 layers realistic running statistics, so activations stay O(1) through 50
@@ -180,3 +182,104 @@ def make_gnconv(dim: int, order: int, s: float = 1.0, ksize: int = 7, *, seed: i
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * std)
             conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.1)
     return m.eval()
+
+
+# ----------------------------------------------------------------------------
+# HorNet's HorBlock, plain eager
+# ----------------------------------------------------------------------------
+
+class HorLayerNorm(nn.Module):
+    """HorNet's LayerNorm: ``channels_last`` (N, H, W, C) through
+    F.layer_norm, or ``channels_first`` (N, C, H, W) written out as HorNet
+    writes it (mean, biased variance, normalise, affine: 10 eager ops)."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-6, data_format: str = "channels_last"):
+        super().__init__()
+        if data_format not in ("channels_last", "channels_first"):
+            raise NotImplementedError(data_format)
+        self.weight = nn.Parameter(torch.ones(normalized_shape))
+        self.bias = nn.Parameter(torch.zeros(normalized_shape))
+        self.eps = eps
+        self.data_format = data_format
+        self.normalized_shape = (normalized_shape,)
+
+    def forward(self, x):
+        if self.data_format == "channels_last":
+            return nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (the identity in eval or with p = 0)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class HorBlock(nn.Module):
+    """HorNet's Block (yoloair's HorBlock) as HorNet writes it:
+    ``x + drop_path(gamma1 * gnconv(norm1(x)))`` (norm1 channels-first),
+    then the channels-last MLP half
+    ``x + drop_path(gamma2 * pwconv2(act(pwconv1(norm2(x)))))``. Same
+    children, parameter names and forward as HorNet (and
+    tests/seed_hornet.py), so ``resfuse.convert`` takes it for a HorBlock.
+    ``gnconv``: a callable dim -> token mixer (a ``PlainGnConv`` of order 5
+    by default)."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6, gnconv=None):
+        super().__init__()
+        self.norm1 = HorLayerNorm(dim, eps=1e-6, data_format="channels_first")
+        self.gnconv = (gnconv or PlainGnConv)(dim)
+        self.norm2 = HorLayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma1 = (nn.Parameter(layer_scale_init_value * torch.ones(dim))
+                       if layer_scale_init_value > 0 else None)
+        self.gamma2 = (nn.Parameter(layer_scale_init_value * torch.ones(dim))
+                       if layer_scale_init_value > 0 else None)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x):
+        C = x.shape[1]
+        gamma1 = self.gamma1.view(C, 1, 1) if self.gamma1 is not None else 1
+        x = x + self.drop_path(gamma1 * self.gnconv(self.norm1(x)))
+        y = self.norm2(x.permute(0, 2, 3, 1))
+        y = self.pwconv2(self.act(self.pwconv1(y)))
+        if self.gamma2 is not None:
+            y = self.gamma2 * y
+        return x + self.drop_path(y.permute(0, 3, 1, 2))
+
+
+def make_horblock(dim: int, order: int, s: float = 1.0, ksize: int = 7, *, seed: int = 0) -> HorBlock:
+    """A reproducible random-weight HorBlock (drop_path 0), fp32 on CPU,
+    eval. Its gnconv is ``make_gnconv``'s (O(1) gated products); the
+    Linears have std 1/sqrt(fan_in) and N(0, 0.1) biases; the LayerNorms'
+    weights are U(0.5, 1.5) and biases N(0, 0.1); gamma1 and gamma2 (the
+    layer scales) are U(0.5, 1.0) with random signs, O(1) and not HorNet's
+    1e-6 init, so both branches count in the output and the check compares
+    numbers that matter."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    blk = HorBlock(dim, gnconv=lambda d: make_gnconv(d, order, s, ksize, seed=seed))
+    with torch.no_grad():
+        for lin in (blk.pwconv1, blk.pwconv2):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * lin.in_features ** -0.5)
+            lin.bias.copy_(torch.randn(lin.bias.shape, generator=gen) * 0.1)
+        for ln in (blk.norm1, blk.norm2):
+            ln.weight.copy_(torch.rand(dim, generator=gen) + 0.5)
+            ln.bias.copy_(torch.randn(dim, generator=gen) * 0.1)
+        for gamma in (blk.gamma1, blk.gamma2):
+            sign = torch.where(torch.rand(dim, generator=gen) < 0.5, -1.0, 1.0)
+            gamma.copy_((0.5 + 0.5 * torch.rand(dim, generator=gen)) * sign)
+    return blk.eval()

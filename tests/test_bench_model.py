@@ -555,6 +555,187 @@ def test_gnconv_provider_that_would_not_fuse_is_an_error(monkeypatch):
 
 
 # ----------------------------------------------------------------------------
+# gnconv and HorBlock training, and the HorBlock forward: the step model
+# ----------------------------------------------------------------------------
+
+def test_gnconv_train_bytes_by_hand():
+    from resfuse.gnconv_traffic import gnconv_train_bytes
+    # dim 8, order 2, 3x3 depthwise, 2x2 image, batch 1, float32: D = 8, dims 4/8, d0 = 4, S = 12,
+    # P = 4 pixels, e = 4 bytes. Per pixel, in elements:
+    # eager forward:  proj_in 8 + 16, dwconv 12 + 12, * s 12 + 12, pwa * g0 3*4,
+    #                 pws0 4 + 8, * g1 3*8, proj_out 8 + 8                              = 136
+    # eager backward: proj_out dgrad 8 + 8, wgrad 8 + 8, bias 8                        =  40
+    #                 dz0 = dx1 * g1 24, dg1 = dx1 * z0 24, pws0 dgrad 8 + 4, wgrad 8 + 4, bias 8 = 80
+    #                 dpwa 12, dg0 12, cat(dg) 24, * s 24, dwconv dgrad 24, wgrad 24, bias 12 = 132
+    #                 cat(dpwa, dabc) 16 + 16, proj_in dgrad 16 + 8, wgrad 16 + 8, bias 16 = 96
+    #                                                                         total 136 + 348 = 484
+    # fused forward:  K1 x 8 + f 16, K2 f 16 + y 8                                       =  48
+    # fused backward: chain_bwd f 16 + dout 8 + d_pwa 4 + d_dw 12 + x_i 12 + dz_i 8      =  60
+    #                 dwconv_bwd 12 + 12 + 12 = 36, wgrad pws0 8 + 4 = 12, wgrad proj_out 8 + 8 = 16,
+    #                 dgrad proj_in 16 + 8 = 24, wgrad proj_in 16 + 8 = 24               = 172
+    # parameters: proj_in 2*8*8 + 16, dwconv 12*9 + 12, pws0 4*8 + 8, proj_out 8*8 + 8 = 376, 3x in training
+    t = gnconv_train_bytes(8, 2, 2, 2, 1, "float32", ksize=3)
+    params = 3 * 376 * 4
+    assert t.param_bytes == params == 4512
+    assert t.eager_bytes == 484 * 4 * 4 + params == 12256
+    assert t.fused_bytes == (48 + 172) * 4 * 4 + params == 8032
+    assert (t.eager_launches, t.fused_launches) == (7 + 19, 2 + 6)  # 2o + 3 + 5o + 9; 2 + o + 4
+    # FLOPs: forward 2 (proj_in 2*64 + dwconv 12*9 + pws0 4*8 + proj_out 64) = 664 per pixel, x3 for training;
+    # the fused backward recomputes the dwconv and pws0: 2 (108 + 32) per pixel
+    assert t.flops == 3 * 664 * 4 == 7968 and t.recompute_flops == 280 * 4
+    ks = t.fused_kernel_costs()
+    assert sum(b for _, _, b in ks) == t.fused_bytes and sum(f for _, f, _ in ks) == t.flops + t.recompute_flops
+    assert [s.launches for s in t.fused_steps] == [1] * 8
+
+
+def test_horblock_bytes_by_hand():
+    from resfuse.gnconv_traffic import horblock_bytes
+    # the same gnconv (dim 8 = C, order 2, 3x3, 2x2, batch 1, float32) in a HorBlock. Per pixel:
+    # eager forward:  norm1 14*8 + 9 = 121, gnconv 136, gamma1 * y 16, x + . 24             = 297
+    #                 norm2 8 + 8 (+ 2 stats), pwconv1 8 + 32, GELU 64, pwconv2 32 + 8,
+    #                 gamma2 * . 16, x + . 24                                                = 200 + 2 stats
+    # eager backward: MLP: d(gamma2 z) 16 + 24 + 8, pwconv2 dgrad 40, wgrad 40, bias 8, GELU' 96,
+    #                 pwconv1 dgrad 40, wgrad 40, bias 32, LN bwd 24 + 16 (+ 4 stats), dout + dx 24
+    #                                                                                        = 408 + 4 stats
+    #                 gnconv half: d(gamma1 y) 16 + 24 + 8, gnconv 348, norm1 40*8 + 16, dout + dx 24 = 756
+    # fused forward:  K1 24, K2 f 16 + x 8 + out 8 = 32, M1 8 + 32, M2 32 + 8 + 8           = 144
+    # fused backward: dgrad2 8 + 32 + 32, wgrad2 8 + 32, dgrad1 32 + 8 + 8, wgrad1 32 + 8, add 24 = 224
+    #                 gnconv 172 + x read by the LN backward 8, add 24                       = 204
+    # parameters: gnconv 376, norm1 16, gamma1 8, norm2 16, pwconv1 8*32 + 32, pwconv2 32*8 + 8, gamma2 8 = 976
+    params = 976 * 4
+    fwd = horblock_bytes(8, 2, 2, 2, 1, "float32", ksize=3, train=False)
+    assert fwd.param_bytes == params
+    assert fwd.eager_bytes == ((297 + 200) * 4 + 2 * 4) * 4 + params == 11888
+    assert fwd.fused_bytes == 144 * 4 * 4 + params == 6208
+    assert (fwd.eager_launches, fwd.fused_launches, fwd.recompute_flops) == (25, 4, 0)  # 2o + 21 -> 4
+    assert fwd.flops == (664 + 2 * 8 * 32 * 2) * 4  # gnconv + pwconv1 + pwconv2
+    tr = horblock_bytes(8, 2, 2, 2, 1, "float32", ksize=3, train=True)
+    assert tr.param_bytes == 3 * params
+    assert tr.eager_bytes == ((297 + 200 + 408 + 756) * 4 + 6 * 4) * 4 + 3 * params == 38384
+    assert tr.fused_bytes == (144 + 224 + 204) * 4 * 4 + 3 * params == 20864
+    assert (tr.eager_launches, tr.fused_launches) == (85, 16)  # 7o + 71 -> o + 14
+    assert tr.flops == 3 * fwd.flops and tr.recompute_flops == 280 * 4
+    # fp16: the LayerNorm statistics stay float32
+    h = horblock_bytes(8, 2, 2, 2, 1, "float16", ksize=3, train=True)
+    assert h.eager_bytes == ((297 + 200 + 408 + 756) * 2 + 6 * 4) * 4 + 3 * 976 * 2
+
+
+def test_horblock_forward_is_the_gnconv_forward_model_plus_the_mlp():
+    from resfuse.gnconv_traffic import gnconv_bytes, horblock_bytes
+    for dim, order, hw in ((64, 2, 56), (256, 4, 14)):
+        g = gnconv_bytes(dim, order, hw, hw, 32, "bfloat16", norm=True, residual=True)
+        h = horblock_bytes(dim, order, hw, hw, 32, "bfloat16", train=False)
+        P, C, e = 32 * hw * hw, dim, 2
+        mlp_params = 2 * C + (4 * C * C + 4 * C) + (4 * C * C + C) + C
+        assert h.eager_bytes - g.eager_bytes == P * (25 * C * e + 2 * 4) + mlp_params * e
+        assert h.fused_bytes - g.fused_bytes == P * 11 * C * e + mlp_params * e
+        assert h.eager_launches == g.eager_launches + 6 and h.fused_launches == g.fused_launches + 2
+        assert h.flops == g.flops + 2 * P * 8 * C * C
+
+
+def test_train_tables_hornet_t_pinned():
+    from resfuse.gnconv_traffic import hornet_t_horblock_table, hornet_t_table, hornet_t_train_table
+    # batch 32, fp16 (python -m resfuse.gnconv_traffic prints them)
+    gn = hornet_t_train_table()
+    assert [(t.eager_bytes, t.fused_bytes, t.eager_launches, t.fused_launches) for *_, t in gn] == [
+        (777_242_240, 353_355_392, 26, 8), (441_975_808, 191_497_216, 33, 9),
+        (235_609_856, 100_736_768, 40, 10), (126_397_696, 56_552_704, 47, 11)]
+    fwd = hornet_t_horblock_table(train=False)
+    assert [(t.eager_bytes, t.fused_bytes, t.eager_launches, t.fused_launches) for *_, t in fwd] == [
+        (786_263_296, 231_316_736, 25, 4), (408_890_112, 116_012_800, 27, 4),
+        (209_676_288, 59_386_624, 29, 4), (111_239_744, 35_132_160, 31, 4)]
+    tr = hornet_t_horblock_table(train=True)
+    assert [(t.eager_bytes, t.fused_bytes, t.eager_launches, t.fused_launches) for *_, t in tr] == [
+        (2_634_557_184, 918_738_688, 85, 16), (1_369_471_232, 474_883_328, 92, 17),
+        (701_658_624, 245_195_008, 99, 18), (370_341_440, 139_817_216, 106, 19)]
+    # the training FLOPs are 3x the forward's; the fused backward recomputes 4-14% on top
+    for (*_, f), (*_, t) in zip(hornet_t_table(), gn):
+        assert t.flops == 3 * f.flops and 0.04 < t.recompute_flops / t.flops < 0.15
+    for (*_, f), (*_, t) in zip(fwd, tr):
+        assert t.flops == 3 * f.flops
+    assert [t.recompute_flops for *_, t in tr] == [t.recompute_flops for *_, t in gn]
+    for *_, t in gn + fwd + tr:
+        assert 2.1 < t.saving < 3.6
+        assert sum(b for _, _, b in t.fused_kernel_costs()) == t.fused_bytes
+
+
+class _KernelTrace:
+    """Every aten op one forward + backward dispatches (CPU), as the CUDA
+    kernels the byte model takes it for: convolution_backward = dgrad +
+    wgrad + bias sum (3 kernels: dy read three times, x once, dx written);
+    native_layer_norm_backward = dX + dgamma/dbeta (2 kernels, each reading
+    dy, x, mean, rstd); every other non-view op 1 kernel reading its inputs
+    and writing its outputs. Bytes count each operand's distinct elements
+    (a broadcast operand once)."""
+
+    VIEWS = {"split_with_sizes", "split", "view", "permute", "expand", "unsqueeze", "squeeze", "slice", "t",
+             "_unsafe_view", "alias", "detach", "as_strided", "transpose", "_reshape_alias", "reshape"}
+
+    @staticmethod
+    def _nbytes(t):
+        n = t.element_size()
+        for size, stride in zip(t.shape, t.stride()):
+            n *= size if stride != 0 else 1
+        return n
+
+    @classmethod
+    def run(cls, module, x, g):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+        ops = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                name = func.overloadpacket.__name__
+                if name not in cls.VIEWS:
+                    ins = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+                    outs = [a for a in tree_flatten(out)[0] if isinstance(a, torch.Tensor)]
+                    ops.append((name, [cls._nbytes(a) for a in ins], [cls._nbytes(a) for a in outs]))
+                return out
+
+        x = x.clone().requires_grad_()
+        with Mode():
+            module(x).backward(g)
+        kernels = nbytes = 0
+        for name, ins, outs in ops:
+            if name == "convolution_backward":  # (dy, x, W) -> (dx, dW, db)
+                kernels += 3
+                nbytes += 3 * ins[0] + ins[1] + ins[2] + sum(outs)
+            elif name == "native_layer_norm_backward":  # (dy, x, mean, rstd, w, b) -> (dx, dw, db)
+                kernels += 2
+                nbytes += 2 * sum(ins[:4]) + ins[4] + sum(outs)
+            else:
+                kernels += 1
+                nbytes += sum(ins) + sum(outs)
+        return kernels, nbytes
+
+
+@pytest.mark.parametrize("what,order", [("gnconv", 3), ("gnconv", 5), ("horblock", 2), ("horblock", 4)])
+def test_eager_steps_are_what_pytorch_dispatches(what, order):
+    # The eager step lists against a trace of the aten ops PyTorch runs for HorNet's code (fp32,
+    # channels_last, x requiring grad): the kernel count, and the bytes per pixel (the difference
+    # between batch 2 and batch 1, so that parameters and their gradients cancel).
+    from bench.models import make_gnconv, make_horblock
+    from resfuse.gnconv_traffic import gnconv_train_bytes, horblock_bytes
+    dim, hw = 32, 5
+    torch.manual_seed(0)
+    mod = (make_gnconv(dim, order, 1 / 3) if what == "gnconv" else make_horblock(dim, order, 1 / 3)).train()
+    traced = []
+    for batch in (1, 2):
+        x = torch.randn(batch, dim, hw, hw).contiguous(memory_format=torch.channels_last)
+        g = torch.randn_like(x)
+        mod.zero_grad(set_to_none=True)
+        traced.append(_KernelTrace.run(mod, x, g))
+    (k1, b1), (k2, b2) = traced
+    model = (gnconv_train_bytes(dim, order, hw, hw, 1, "float32") if what == "gnconv" else
+             horblock_bytes(dim, order, hw, hw, 1, "float32", train=True))
+    assert k1 == k2 == model.eager_launches
+    per_pixel = sum(model.step_bytes(s) for s in model.eager_steps) // (hw * hw)
+    assert (b2 - b1) // (hw * hw) == per_pixel and (b2 - b1) % (hw * hw) == 0
+
+
+# ----------------------------------------------------------------------------
 # Harness pieces
 # ----------------------------------------------------------------------------
 
