@@ -39,6 +39,7 @@ that requires grad raises. Double backward raises (the backward ops have no
 derivative of their own).
 """
 
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -79,9 +80,15 @@ def _nothing(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
-def _activation_like(t: torch.Tensor) -> torch.Tensor:
-    """An empty tensor with t's shape in the memory format outputs follow."""
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=output_memory_format(t))
+def _activation_like(t: torch.Tensor, channels: Optional[int] = None, poison: bool = False) -> torch.Tensor:
+    """An empty tensor with t's shape (or `channels` channels) in the memory
+    format outputs follow; with `poison` and RESFUSE_POISON_OUTPUTS=1 (the
+    tests) it starts as NaN, so an element no kernel writes fails."""
+    shape = tuple(t.shape) if channels is None else (t.shape[0], channels, *t.shape[2:])
+    out = torch.empty(shape, dtype=t.dtype, device=t.device, memory_format=output_memory_format(t))
+    if poison and os.environ.get("RESFUSE_POISON_OUTPUTS") == "1":
+        out.fill_(float("nan"))
+    return out
 
 
 def _finish(grads, likes, needs):
@@ -188,7 +195,7 @@ def _proj_bwd_triton(p):
     grads = [None] * 5
     stats = None
     if needs[0] or (norm and (needs[3] or needs[4])):
-        dx = _activation_like(x)
+        dx = _activation_like(x, poison=True)
         if norm:
             mean, rstd, dnw, dnb = _launch(k.conv1x1_dgrad, dev, p.grad, w, dx, norm=(x, nw, nb, eps))
             stats = (mean, rstd)
@@ -254,12 +261,10 @@ def _chain_bwd_triton(p):
     D = w_out.shape[0]
     dims = gnconv_dims(D, n + 1)
     d0, S = dims[0], sum(dims)
-    N, _, H, W = fused.shape
 
-    def buf(c):
-        return torch.empty((N, c, H, W), dtype=fused.dtype, device=dev, memory_format=output_memory_format(fused))
-    d_f, d_a, x_save = _activation_like(fused), buf(S), buf(S)
-    dz_save = buf(S - d0) if n else None
+    d_f = _activation_like(fused, poison=True)
+    d_a, x_save = _activation_like(fused, S, poison=True), _activation_like(fused, S, poison=True)
+    dz_save = _activation_like(fused, S - d0, poison=True) if n else None
     _launch(kg.gnconv_chain_bwd, dev, fused, w_dw, a["b_dw"], gates, w_pws, b_pws, w_out, a["scale"], p.grad, ls,
             ss, d_f, d_a, x_save, dz_save)
     grads = [None] * len(needs)
@@ -307,7 +312,7 @@ def _gelu_bwd_triton(p):
     x, w, b, ls, ss = a["a"], a["weight"], a["bias"], a["layer_scale"], a["sample_scale"]
     grads = [None] * 4
     if needs[0]:
-        da = _activation_like(x)
+        da = _activation_like(x, poison=True)
         _launch(k.conv1x1_dgrad, dev, p.grad, w, da, channel_scale=ls, sample_scale=ss, gelu_input=x)
         grads[0] = da
     if needs[1] or needs[2] or needs[3]:
@@ -449,8 +454,9 @@ def _chain_backward(ctx, grad):
 
     def pick(i, flag):
         return g[i] if flag else None
-    g_pws = [g[7 + i] if pw_need[i] else None for i in range(n)] if any(pw_need) else None
-    g_bpws = [g[7 + n + i] if pb_need[i] else None for i in range(n)] if any(pb_need) else None
+    # List arguments get lists back (autograd checks the structure), None per unneeded entry.
+    g_pws = [g[7 + i] if pw_need[i] else None for i in range(n)]
+    g_bpws = [g[7 + n + i] if pb_need[i] else None for i in range(n)]
     return (pick(0, needs[0]), pick(1, needs[1]), pick(2, needs[2]), pick(3, needs[3]), g_pws, g_bpws,
             pick(4, needs[4]), pick(5, needs[5]), None, grad if need[9] else None, pick(6, needs[6]), None, None)
 

@@ -520,25 +520,6 @@ def test_gflayer_filter_runs_eager_between_the_kernels(seed, device):
     assert rows["proj_in"].kind.startswith("conv1x1") and "dwconv" not in rows
 
 
-def test_horblock_training_gradients_and_droppath(seed):
-    block = randomize(HorBlock(16, gnconv=partial(gnconv, order=2, s=1.0 / 3.0)), seed)
-    fused = FusedHorBlock.from_module(copy.deepcopy(block), backend="triton")
-    x = torch.randn(2, 16, 3, 5)
-    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    ya, yb = fused(xa), block(xb)
-    assert fused.unfused_reason() is None  # drop_path=0: the fused path also trains
-    r = torch.randn_like(yb)
-    (ya * r).sum().backward()
-    (yb * r).sum().backward()
-    for (n, p), q in zip(fused.named_parameters(), block.parameters()):
-        assert rel_err(p.grad, q.grad) <= 1e-5, f"grad {n}: {rel_err(p.grad, q.grad):.2e}"
-    assert rel_err(xa.grad, xb.grad) <= 1e-5
-    dp = FusedHorBlock.from_module(randomize(HorBlock(16, drop_path=0.5, gnconv=partial(gnconv, order=2)), seed))
-    assert "drop_path is active" in dp.unfused_reason()
-    dp.eval()
-    assert dp.unfused_reason() is None
-
-
 def test_autocast_keeps_eager_dtypes(seed, device):
     """Under autocast the kernels run in the autocast dtype and the
     HorBlock's residual stream keeps x's dtype, as in eager."""
