@@ -61,8 +61,10 @@ added to the ones above:
   read by the backward, gradient written once (``zero_grad(set_to_none=True)``
   before each step: no accumulation into ``.grad``); the fused depthwise
   backward's per-program fp32 partials of dW/db count as that write;
-- F.layer_norm's saved statistics (mean, rstd: 2 per pixel) are float32
-  (float64 for float64 input) and counted at that size;
+- LayerNorm statistics (mean, rstd: 2 per pixel) are float32 (float64 for
+  float64 input) and counted at that size: eager F.layer_norm writes them
+  in the forward and its backward reads them; the fused LayerNorm
+  backward (a dgrad epilogue) writes them for the wgrad that follows;
 - FLOPs are forward + backward, each GEMM's backward (dgrad + wgrad) and
   the depthwise conv's 2x its forward: 3x the forward. ``recompute_flops``
   is what the fused backward computes again on top (the dwconv and the pws
@@ -108,7 +110,8 @@ gnconv backward, fused (o + 4 kernels; the residual's add + 1)::
                        (gamma1's gradient comes out of proj_out's wgrad reduction)
     conv1x1_dgrad      proj_in (+ the LayerNorm backward with norm1; its second pass
                        over d_f is served by L2): d_f 2D (+ x D) read, dx D written
-    conv1x1_wgrad      proj_in: d_f 2D + x D
+                       (+ the LayerNorm's mean, rstd: 2 stats written)
+    conv1x1_wgrad      proj_in: d_f 2D + x D (+ the 2 stats read: LN(x) recomputed)
     residual           dx_total = dout + dx: 3D
 
 HorBlock MLP half (C = D channels, hidden 4C), eager (6 kernels forward,
@@ -127,8 +130,8 @@ fused (2 kernels forward, 4 + 1 backward)::
                                                          a 4C, x C read, out C written
     dgrad2  (gamma2 mask dout) W2 * gelu'(a)             dout C, a 4C read, d_a 4C written
     wgrad2                                               dout C, a 4C read
-    dgrad1 + LN backward                                 d_a 4C, x C read, dx C written
-    wgrad1                                               d_a 4C, x C read
+    dgrad1 + LN backward                                 d_a 4C, x C read, dx C + 2 stats written
+    wgrad1                                               d_a 4C, x C, 2 stats read
     dout + dx                                            3C
 
 A HorBlock is norm1 + gnconv + residual (the gnconv model with norm and
@@ -407,8 +410,8 @@ def _fused_gnconv_backward(g: _Shape, norm: bool, residual: bool) -> List[Step]:
           for i, (a, b) in enumerate(g.pairs)]
     s += [Step(f"conv1x1_wgrad(dout, x{o - 1})  # proj_out", 1, D + D, flops=2 * D * D),
           Step("conv1x1_dgrad(d_f" + (", x) + LayerNorm backward" if norm else ")  # proj_in"), 1,
-               2 * D + (D if norm else 0) + D, flops=4 * D * D),
-          Step("conv1x1_wgrad(d_f, x)  # proj_in", 1, 2 * D + D, flops=4 * D * D)]
+               2 * D + (D if norm else 0) + D, stats=2 if norm else 0, flops=4 * D * D),  # writes mean, rstd
+          Step("conv1x1_wgrad(d_f, x)  # proj_in", 1, 2 * D + D, stats=2 if norm else 0, flops=4 * D * D)]
     if residual:
         s.append(Step("dx_total = dout + dx", 1, 3 * D))
     return s
@@ -456,8 +459,8 @@ def _fused_mlp_backward(C: int) -> List[Step]:
     return [
         Step("d_a = conv1x1_dgrad(gamma2 * mask * dout, W2) * gelu'(a)", 1, C + 4 * C + 4 * C, flops=8 * C * C),
         Step("conv1x1_wgrad(gamma2 * mask * dout, gelu(a))  # pwconv2, gamma2", 1, C + 4 * C, flops=8 * C * C),
-        Step("dx = conv1x1_dgrad(d_a, W1) + LayerNorm backward", 1, 4 * C + C + C, flops=8 * C * C),
-        Step("conv1x1_wgrad(d_a, LN(x))  # pwconv1, norm2", 1, 4 * C + C, flops=8 * C * C),
+        Step("dx = conv1x1_dgrad(d_a, W1) + LayerNorm backward", 1, 4 * C + C + C, stats=2, flops=8 * C * C),
+        Step("conv1x1_wgrad(d_a, LN(x))  # pwconv1, norm2", 1, 4 * C + C, stats=2, flops=8 * C * C),
         Step("dx = dout + dx", 1, 3 * C),
     ]
 
