@@ -11,10 +11,11 @@ from . import dispatch
 from .block_patterns import match_block
 from .nn.blocks import FusedResidualBlock
 from .nn.conv_bn_act import FusedSequential
-from .nn.gnconv import FusedHorBlock, GnConv, match_gnconv
+from .nn.gnconv import FusedHorBlock, GnConv, match_gnconv, mlp_reason
 from .nn.stem import ConvBNHead, head_fuses, stem_parts
 from .ops import OP, ProblemSignature
-from .ops_gnconv import OP_CHAIN, OP_PROJ, signature_reasons
+from .ops_gnconv import OP_CHAIN, OP_PROJ, GnConvSignature, signature_reasons
+from .ops_mlp import OP_GELU_CONV1X1
 from .patterns import FusedGroup, bn_uses_running_stats, is_plain_sequential, plan_sequential
 
 
@@ -55,7 +56,8 @@ class Report:
         w = [max(len(row[i]) for row in rows) for i in range(3)]
         lines = [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {d}" for a, b, c, d in rows]
         lines.insert(1, "-" * min(120, sum(w) + 10))
-        lines.append(f"{len(self.fused)}/{len(self.records)} convs fused"
+        what = "convs and HorBlock linears" if any("linear" in r.kind for r in self.records) else "convs"
+        lines.append(f"{len(self.fused)}/{len(self.records)} {what} fused"
                      + ("; * = predicted from parameters (pass an example input to observe)"
                         if any(not r.observed for r in self.records) else ""))
         return "\n".join(lines)
@@ -215,6 +217,28 @@ def _gnconv_rows(prefix, gn: nn.Module, block):
                      "inside the gflayer filter (FFT-based), which runs eager between gnconv's two kernels", True)
 
 
+def _mlp_rows(prefix, block):
+    """pwconv1 / pwconv2 of a FusedHorBlock: the MLP half's two kernels, or
+    why it runs as HorNet writes it."""
+    names = (_join(prefix, "pwconv1"), _join(prefix, "pwconv2"))
+    why = block.unfused_reason() or mlp_reason(block)
+    if why:
+        for n in names:
+            yield Record(n, "linear", "eager", f"HorBlock MLP runs eager: {why}", True)
+        return
+    kinds = ("norm2+linear [mlp kernel 1/2]", "gelu+linear+gamma2+drop_path+residual [mlp kernel 2/2]")
+    w = block._modules["pwconv1"].weight
+    for n, key, kind in zip(names, ("pwconv1", "pwconv2"), kinds):
+        d = block.last_decisions.get(key)
+        op = OP_PROJ if key == "pwconv1" else OP_GELU_CONV1X1
+        if d is None:
+            try:
+                d = dispatch.plan(op, block.backend, GnConvSignature(w.device, w.dtype))[0]
+            except dispatch.BackendUnavailable as e:
+                d = e
+        yield dataclasses.replace(_gnconv_row(n, kind, d), observed=key in block.last_decisions)
+
+
 def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
     """Report, for every Conv2d in `model`, whether it runs fused and where.
 
@@ -232,6 +256,8 @@ def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
                 m.__dict__.pop("last_decision", None)
             elif isinstance(m, GnConv):
                 m.last_decisions.clear()
+            elif isinstance(m, FusedHorBlock):
+                m.__dict__["_mlp_decisions"] = {}
         with torch.no_grad():
             saved = [(b, b.clone()) for b in model.buffers()]
             try:
@@ -272,6 +298,8 @@ def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
             records.extend(_sequential_rows(prefix, parent))
         elif isinstance(parent, FusedResidualBlock):
             records.extend(_block_rows(prefix, parent))
+        elif isinstance(parent, FusedHorBlock):
+            records.extend(_mlp_rows(prefix, parent))
         else:
             records.extend(_other_rows(prefix, parent))
     if isinstance(model, nn.Conv2d) and not isinstance(model, ConvBNHead):

@@ -585,7 +585,9 @@ def test_convert_fuses_every_gnconv_of_a_hornet(seed, device):
     assert list(sd) == list(keys) and all(torch.equal(sd[k], v) for k, v in keys.items())
     rows = resfuse.explain(conv)
     fused_rows = [r for r in rows if r.name.startswith("stages.")]
-    assert len(fused_rows) == sum(2 + g.order for g in gns) and all(r.kind != "conv" for r in fused_rows)
+    # gnconv: proj_in, dwconv, pws, proj_out; the HorBlock's MLP: pwconv1, pwconv2
+    assert len(fused_rows) == sum(2 + g.order for g in gns) + 2 * len(blocks)
+    assert all(r.kind != "conv" for r in fused_rows)
     assert all(r.backend == "triton" for r in fused_rows)
     # every stage, through the kernels
     x = torch.randn(1, 3, 48, 56, device=device)  # stages at 12x14, 6x7, 3x3, 1x1
@@ -601,6 +603,8 @@ def test_convert_fuses_every_gnconv_of_a_hornet(seed, device):
     assert rows["stages.3.0.gnconv.proj_in"].kind == "norm1+conv1x1 [gnconv kernel 1/2]"
     assert rows["stages.3.0.gnconv.proj_out"].kind == "conv1x1+gamma1+residual [gnconv kernel 2/2]"
     assert rows["stages.3.0.gnconv.dwconv"].kind == "dw7x7+bias+scale+gate [gnconv kernel 2/2]"
+    assert rows["stages.3.0.pwconv1"].kind == "norm2+linear [mlp kernel 1/2]" and rows["stages.3.0.pwconv1"].observed
+    assert rows["stages.3.0.pwconv2"].backend == "triton" and rows["stages.3.0.pwconv2"].observed
     assert "HorLayerNorm" in rows["downsample_layers.0.0"].reason
 
 
