@@ -10,6 +10,7 @@ Definition (resfuse/reference.py::gnconv_reference, HorNet's ``gnconv``)::
     x_i  = (W_{i-1} x_{i-1} + b_{i-1}) * g_i          i = 1..o-1    (1x1, dims[i-1] -> dims[i])
     y    = W_out x_{o-1} + b_out            (1x1, D -> D)
     y    = residual + layer_scale * y       (optional: HorBlock's ``x + gamma1 * gnconv(norm1(x))``)
+    y    = residual + ss[n] * layer_scale * y  (ss optional: drop path's per-sample multiplier, training)
 
 Kernels (two launches per gnconv; HorNet's eager code runs 2o+3 kernels, ten
 more for the LayerNorm and two for the residual):
@@ -174,7 +175,7 @@ def _gemm_from_scratch(src, w_ptr, sw_n, sw_k, cn, n_ok, KDIM: tl.constexpr,
 def _gnconv_chain_kernel(
     f_ptr, g_ptr, wdw_ptr, bdw_ptr,
     w0_ptr, w1_ptr, w2_ptr, w3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr,
-    wout_ptr, bout_ptr, ls_ptr, res_ptr, y_ptr, scr_ptr,
+    wout_ptr, bout_ptr, ls_ptr, ss_ptr, res_ptr, y_ptr, scr_ptr,
     M, H, W, scale,
     sf_n, sf_c, sf_h, sf_w,
     sg_n, sg_c, sg_h, sg_w,
@@ -185,7 +186,7 @@ def _gnconv_chain_kernel(
     sy_n, sy_c, sy_h, sy_w,
     D0: tl.constexpr, ORDER: tl.constexpr, KS: tl.constexpr,
     GATES_GIVEN: tl.constexpr, HAS_B_DW: tl.constexpr, PWS_BIAS: tl.constexpr, HAS_B_OUT: tl.constexpr,
-    HAS_LS: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_LS: tl.constexpr, HAS_SS: tl.constexpr, HAS_RES: tl.constexpr,
     INT64: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -194,6 +195,9 @@ def _gnconv_chain_kernel(
     f: (N, 2D, H, W) = [pwa | abc]; gates (GATES_GIVEN): (N, S, H, W);
     w_dw: (S, 1, KS, KS); pws i: (dims[i+1], dims[i]); w_out: (D, D); y and
     residual: (N, D, H, W); all through strides. dims[i] = D0 << i.
+    Epilogue: y = residual + ss[n] * ls[c] * (W_out x + b_out), each part
+    optional (HAS_RES, HAS_SS: drop path's per-sample scale, contiguous (N,);
+    HAS_LS), in fp32 and rounded once.
     PWS_BIAS: bit i set when pws i has a bias. scr: per-program slots of
     2 x D x BLOCK_M elements of y's dtype (x_i is rounded to it, as eager
     rounds each stage's output).
@@ -269,6 +273,8 @@ def _gnconv_chain_kernel(
             ok = n_ok[:, None] & m_ok[None, :]
             if HAS_LS:
                 out = out * tl.load(ls_ptr + cn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            if HAS_SS:
+                out = out * tl.load(ss_ptr + img, mask=m_ok, other=0.0).to(tl.float32)[None, :]
             if HAS_RES:
                 out += tl.load(res_ptr + cn[:, None] * sr_c + r_pix[None, :], mask=ok, other=0.0).to(tl.float32)
             tl.store(y_ptr + cn[:, None] * sy_c + y_pix[None, :], out.to(y_ptr.dtype.element_ty), mask=ok)
@@ -312,11 +318,12 @@ def _interpreter_blocks_chain(D):
 
 
 def gnconv_chain_fwd(f, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale, out, *,
-                     allow_tf32, force_int64=False):
+                     allow_tf32, force_int64=False, sample_scale=None):
     """Launch kernel 2. Validated by resfuse.ops_gnconv. f: (N, 2D, H, W);
     exactly one of w_dw (S, 1, k, k) and gates (N, S, H, W); w_pws/b_pws:
     order-1 weights (dims[i+1], dims[i], 1, 1) and biases (or None);
-    `out`: preallocated (N, D, H, W)."""
+    `out`: preallocated (N, D, H, W); sample_scale: None or (N,) (drop
+    path's per-sample multiplier: out = residual + ss[n] * ls[c] * y)."""
     N, _, H, W = f.shape
     D = w_out.shape[0]
     order = len(w_pws) + 1
@@ -328,7 +335,8 @@ def gnconv_chain_fwd(f, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, re
         return out
     interpret = interpreting()
     dummy = f
-    b_dw, b_out, layer_scale = (None if v is None else v.contiguous() for v in (b_dw, b_out, layer_scale))
+    b_dw, b_out, layer_scale, sample_scale = (None if v is None else v.contiguous()
+                                              for v in (b_dw, b_out, layer_scale, sample_scale))
     b_pws = [None if b is None else b.contiguous() for b in b_pws]
     ws = list(w_pws) + [dummy] * (4 - len(w_pws))
     bs = [b if b is not None else dummy for b in b_pws] + [dummy] * (4 - len(b_pws))
@@ -362,12 +370,13 @@ def gnconv_chain_fwd(f, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, re
         b_dw if b_dw is not None else dummy,
         *ws, *bs,
         w_out, b_out if b_out is not None else dummy, layer_scale if layer_scale is not None else dummy,
+        sample_scale if sample_scale is not None else dummy,
         residual if residual is not None else dummy, out, scratch,
         M, H, W, float(scale),
         *f.stride(), *gs, *dws, *w_strides, w_out.stride(0), w_out.stride(1), *rs, *out.stride(),
         D0=d0, ORDER=order, KS=ks,
         GATES_GIVEN=gates is not None, HAS_B_DW=b_dw is not None, PWS_BIAS=pws_bias, HAS_B_OUT=b_out is not None,
-        HAS_LS=layer_scale is not None, HAS_RES=residual is not None,
+        HAS_LS=layer_scale is not None, HAS_SS=sample_scale is not None, HAS_RES=residual is not None,
         INT64=bool(int64), DOT_IN_FP32=interpret and f.dtype == torch.bfloat16,
         INPUT_PRECISION=dot_precision(f.dtype, allow_tf32), **tiles,
     )
