@@ -233,12 +233,15 @@ class Step:
     """One line of a design: an eager op (its ``launches`` CUDA kernels) or
     a fused kernel. Per pixel: ``elems`` activation elements read +
     written, ``stats`` LayerNorm-statistic elements (float32/64), ``flops``
-    (fused kernels only: what the kernel computes, recomputation included)."""
+    (fused kernels only: what the kernel computes, recomputation included).
+    ``autograd``: a kernel autograd itself runs in the fused design too (a
+    gradient accumulation), not one of resfuse's."""
     what: str
     launches: int
     elems: int
     stats: int = 0
     flops: int = 0
+    autograd: bool = False
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,12 @@ class StepTraffic:
     def saving(self) -> float:
         """eager bytes / fused bytes."""
         return self.eager_bytes / self.fused_bytes
+
+    @property
+    def fused_kernels(self) -> int:
+        """resfuse's own launches in the fused design (``fused_launches``
+        less autograd's accumulation adds)."""
+        return sum(s.launches for s in self.fused_steps if not s.autograd)
 
     def step_bytes(self, step: Step) -> int:
         return self.pixels * (step.elems * self.elem_bytes + step.stats * self.stat_bytes)
@@ -413,7 +422,7 @@ def _fused_gnconv_backward(g: _Shape, norm: bool, residual: bool) -> List[Step]:
                2 * D + (D if norm else 0) + D, stats=2 if norm else 0, flops=4 * D * D),  # writes mean, rstd
           Step("conv1x1_wgrad(d_f, x)  # proj_in", 1, 2 * D + D, stats=2 if norm else 0, flops=4 * D * D)]
     if residual:
-        s.append(Step("dx_total = dout + dx", 1, 3 * D))
+        s.append(Step("dx_total = dout + dx", 1, 3 * D, autograd=True))
     return s
 
 
@@ -461,7 +470,7 @@ def _fused_mlp_backward(C: int) -> List[Step]:
         Step("conv1x1_wgrad(gamma2 * mask * dout, gelu(a))  # pwconv2, gamma2", 1, C + 4 * C, flops=8 * C * C),
         Step("dx = conv1x1_dgrad(d_a, W1) + LayerNorm backward", 1, 4 * C + C + C, stats=2, flops=8 * C * C),
         Step("conv1x1_wgrad(d_a, LN(x))  # pwconv1, norm2", 1, 4 * C + C, stats=2, flops=8 * C * C),
-        Step("dx = dout + dx", 1, 3 * C),
+        Step("dx = dout + dx", 1, 3 * C, autograd=True),
     ]
 
 
