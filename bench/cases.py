@@ -11,14 +11,16 @@ reference) and builds each provider's callable for it.
 Adding an op is: write an ``Op`` subclass, put it in ``OPS`` (and its
 kind in ``KINDS``), and ``register`` its cases.
 
-Now registered: the distinct conv-BN-act layers of ResNet-18, ResNet-50
+Registered here: the distinct conv-BN-act layers of ResNet-18, ResNet-50
 (stem, conv2_x..conv5_x, strided and downsample convs) and VGG16-bn, each
 with the layers it stands for; the distinct residual blocks of ResNet-18
 (BasicBlock) and ResNet-50 (Bottleneck), identity and projection shortcut,
 strided or not, each with the blocks it stands for (``block.resnet50.conv3_x.0``
-stands for ``layer2.0``); HorNet-T's gnconv (op ``gnconv``) at each of its
-four stage shapes (``gnconv.hornet_t.stage3`` stands for the 18 gnconvs of
-``stages.2``); and the three whole models.
+stands for ``layer2.0``); and the three whole models. HorNet's ops and
+cases (gnconv forward, gnconv forward + backward, HorBlock forward and
+forward + backward, at HorNet-T's four stage shapes) live in
+``bench/cases_hornet.py``, which this module imports at its end (its names
+are still importable from here).
 """
 
 import copy
@@ -33,7 +35,6 @@ from . import model as cost_model
 from .archs import ARCHS, RESNET_BLOCK_ARCHS, distinct_blocks, distinct_convs, friendly_name, resnet_blocks
 from .model import BlockSpec, ConvSpec, Cost, Floor
 from .providers import compiled, reset_compile_state, resfuse_backend
-from resfuse.gnconv_traffic import HORNET_T_STAGES, GnConvTraffic, gnconv_bytes
 
 BATCHES = (1, 32, 256)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -66,7 +67,8 @@ class Case:
 
     @property
     def kind(self) -> str:
-        """'layer', 'block', 'gnconv' or 'model' (``run.py --kind``, the summary's groups)."""
+        """One of ``KIND_ORDER``: 'layer', 'block', 'gnconv', 'model', 'horblock'
+        or 'train' (``run.py --kind``, the summary's groups)."""
         return KINDS.get(self.op, "layer")
 
     def describe(self) -> str:
@@ -86,7 +88,10 @@ class Workload:
     ``arg_sets``: argument tuples of identical shapes, cycled through by the
     timer so the working set exceeds L2; every provider's callable takes
     ``*arg_sets[i]`` (a block case's sets are ``(x, block)``: each set has its
-    own copy of the block, so its weights rotate too). ``reference``: float64 output for ``arg_sets[0]``."""
+    own copy of the block, so its weights rotate too). ``reference``: float64
+    output for ``arg_sets[0]``: a tensor, or for an op whose call yields
+    several (a training step: the output and gradients) a dict of them,
+    which every provider's callable returns too (see ``check``)."""
     case: Case
     device: torch.device
     dtype: torch.dtype
@@ -94,6 +99,29 @@ class Workload:
     arg_sets: List[tuple]
     reference: torch.Tensor
     state: dict = field(default_factory=dict)  # op-private (the model, say)
+
+
+def tolerances(numerics, eager_out, reference, dtype: torch.dtype):
+    """The check's tolerance (tests/numerics.py: max(2 x eager's error,
+    floor)) of each output: a float, or a dict like ``reference``."""
+    if isinstance(reference, dict):
+        return {k: numerics.tolerance(eager_out[k], ref, dtype) for k, ref in reference.items()}
+    return numerics.tolerance(eager_out, reference, dtype)
+
+
+def check(numerics, out, reference, tol) -> Tuple[float, float, str]:
+    """(rel err, tolerance, name) of the output furthest beyond its
+    tolerance (largest err / tol; name '' for a single tensor). The
+    provider passes iff err <= tolerance there, i.e. everywhere."""
+    if not isinstance(reference, dict):
+        return numerics.rel_err(out, reference), tol, ""
+    worst = None
+    for k, ref in reference.items():
+        got = out.get(k) if isinstance(out, dict) else None
+        err = float("inf") if got is None else numerics.rel_err(got, ref)
+        if worst is None or err / tol[k] > worst[0] / worst[1]:
+            worst = (err, tol[k], k)
+    return worst
 
 
 class Op:
@@ -403,145 +431,13 @@ class ResNetBlockOp(Op):
         return _kernels_note(wl, provider)
 
 
-# ----------------------------------------------------------------------------
-# HorNet's gnconv
-# ----------------------------------------------------------------------------
-
-#: HorNet-T (hornet_tiny_7x7): blocks per stage; every gnconv uses s = 1/3.
-HORNET_T_DEPTHS = (2, 3, 18, 2)
-HORNET_T_SCALE = 1.0 / 3.0
-
-
-@dataclass(frozen=True)
-class GnConvCaseSpec:
-    """One gnconv: dim x H x W in and out, ``order`` gated 1x1 stages, a
-    ksize x ksize depthwise conv, scale ``s`` (no norm, no residual: the
-    token mixer alone, as HorNet's ``gnconv`` module runs)."""
-    dim: int
-    order: int
-    H: int
-    W: int
-    s: float = HORNET_T_SCALE
-    ksize: int = 7
-
-    @property
-    def dims(self) -> List[int]:
-        return [self.dim >> (self.order - 1 - i) for i in range(self.order)]
-
-    def describe(self) -> str:
-        s = "1/3" if abs(self.s - 1 / 3) < 1e-12 else f"{self.s:g}"
-        return (f"gnconv {self.dim}x{self.H}x{self.W} order {self.order} dims {'/'.join(map(str, self.dims))} "
-                f"dw{self.ksize}x{self.ksize} s={s}")
-
-
-def gnconv_traffic(spec: GnConvCaseSpec, batch: int, dtype: torch.dtype) -> GnConvTraffic:
-    """``resfuse.gnconv_traffic.gnconv_bytes`` for the case (the one byte model)."""
-    return gnconv_bytes(spec.dim, spec.order, spec.H, spec.W, batch, dtype_name(dtype), ksize=spec.ksize)
-
-
-def gnconv_cost(spec: GnConvCaseSpec, batch: int, dtype: torch.dtype) -> Cost:
-    """The columns, meaning what they mean for the other ops: ``fused_bytes``
-    = what resfuse's fused design moves (its 2 kernels: ``fused_bytes`` of
-    the traffic model, not its single-kernel ``minimal_bytes``),
-    ``unfused_bytes`` = what HorNet's eager op sequence moves (``eager_bytes``)."""
-    t = gnconv_traffic(spec, batch, dtype)
-    return Cost(t.flops, t.fused_bytes, t.eager_bytes)
-
-
-def gnconv_kernel_costs(spec: GnConvCaseSpec, batch: int, dtype: torch.dtype) -> List[Cost]:
-    """One Cost per fused kernel: kernel 1 = proj_in (x read, f = 2 dim
-    channels written, its weights and bias; 2 P 2 dim^2 FLOPs), kernel 2 =
-    the rest of the traffic model's totals (the chain: f read, y written,
-    every other weight). They sum to ``gnconv_cost``."""
-    total = gnconv_cost(spec, batch, dtype)
-    e = cost_model.elem_bytes(dtype_name(dtype))
-    P, D = batch * spec.H * spec.W, spec.dim
-    k1 = Cost(2 * P * 2 * D * D, (P * 3 * D + 2 * D * D + 2 * D) * e, (P * 3 * D + 2 * D * D + 2 * D) * e)
-    k2 = Cost(total.flops - k1.flops, total.fused_bytes - k1.fused_bytes, total.fused_bytes - k1.fused_bytes)
-    return [k1, k2]
-
-
-@lru_cache(maxsize=4)
-def _seeded_gnconv(spec: GnConvCaseSpec, seed: int):
-    from .models import make_gnconv
-    return make_gnconv(spec.dim, spec.order, spec.s, spec.ksize, seed=seed)
-
-
-class GnConvOp(Op):
-    """HorNet's gnconv (``bench.models.PlainGnConv``: HorNet's structure and
-    forward, random O(1)-gain weights, eval, channels_last), input
-    dim x H x W.
-
-    eager: the plain module (one PyTorch op per step); compile*:
-    torch.compile of it; resfuse-*: ``resfuse.nn.GnConv.from_module(plain,
-    backend=...)`` (2 kernels: proj_in, then dwconv + gates + pws chain +
-    proj_out). Each argument set holds its own input and its own module copy,
-    so weights rotate too. Byte/FLOP model: ``resfuse.gnconv_traffic``."""
-    name = "gnconv"
-
-    def describe(self, case):
-        return case.spec.describe()
-
-    def cost(self, case, batch, dtype):
-        return gnconv_cost(case.spec, batch, dtype)
-
-    def floor(self, case, batch, dtype, ceilings):
-        peak = ceilings.peak(dtype_name(dtype))
-        if peak is None:
-            return None
-        return cost_model.layers_floor(gnconv_kernel_costs(case.spec, batch, dtype), peak, ceilings.bandwidth)
-
-    def max_sets(self):
-        return 64
-
-    def make_workload(self, case, device, dtype, batch, n_sets, seed):
-        s: GnConvCaseSpec = case.spec
-        base = _seeded_gnconv(s, seed)
-        cl = torch.channels_last
-        mods = [copy.deepcopy(base).to(device=device, dtype=dtype).to(memory_format=cl).eval()
-                for _ in range(n_sets)]
-        gen = torch.Generator(device=device).manual_seed(seed + 1)
-        sets = [(torch.randn(batch, s.dim, s.H, s.W, generator=gen, device=device).to(dtype)
-                 .contiguous(memory_format=cl), m) for m in mods]
-        from resfuse.reference import gnconv_reference, to_float64
-        m0 = mods[0]
-        x, w_in, b_in, w_dw, b_dw, w_out, b_out = to_float64(
-            sets[0][0], m0.proj_in.weight, m0.proj_in.bias, m0.dwconv.weight, m0.dwconv.bias,
-            m0.proj_out.weight, m0.proj_out.bias)
-        w_pws = list(to_float64(*[p.weight for p in m0.pws])) if len(m0.pws) else []
-        b_pws = list(to_float64(*[p.bias for p in m0.pws])) if len(m0.pws) else []
-        with torch.no_grad():
-            ref = gnconv_reference(x.contiguous(), w_in.contiguous(), b_in, w_dw.contiguous(), b_dw,
-                                   [w.contiguous() for w in w_pws], b_pws, w_out.contiguous(), b_out, float(m0.scale))
-        return Workload(case, device, dtype, batch, sets, ref, state={"modules": mods})
-
-    def build(self, provider, wl):
-        if provider == "eager":
-            return _call_block
-        if provider.startswith("compile"):
-            reset_compile_state()
-            return compiled(_call_block, provider)
-        if provider.startswith("resfuse-"):
-            from resfuse.nn import GnConv
-            backend = resfuse_backend(provider)
-            fused = {id(m): GnConv.from_module(m, backend=backend) for m in wl.state["modules"]}
-            # What ran, checked once: both kernels on this backend (a module that
-            # silently ran its original forward would time eager under resfuse's name).
-            x0, m0 = wl.arg_sets[0]
-            _check_fused_ran(wl, provider, backend, fused[id(m0)], x0, ["proj_in", "chain"], "fused gnconv")
-
-            def run(x, m):
-                return fused[id(m)](x)
-            return run
-        raise ValueError(f"gnconv has no provider {provider!r}")
-
-    def note(self, wl, provider):
-        return _kernels_note(wl, provider)
-
-
-OPS: Dict[str, Op] = {"conv_bn_act": ConvBNActOp(), "resnet_block": ResNetBlockOp(), "gnconv": GnConvOp(),
-                      "model": ModelOp()}
-KINDS = {"conv_bn_act": "layer", "resnet_block": "block", "gnconv": "gnconv", "model": "model"}
+#: Every op (bench/cases_hornet.py adds HorNet's) and its kind.
+OPS: Dict[str, Op] = {"conv_bn_act": ConvBNActOp(), "resnet_block": ResNetBlockOp(), "model": ModelOp()}
+KINDS = {"conv_bn_act": "layer", "resnet_block": "block", "model": "model"}
+#: The kinds in run order (``select`` sorts by it, then by registration),
+#: and the ones ``--quick`` runs at its first batch size only.
+KIND_ORDER = ("layer", "block", "gnconv", "model", "horblock", "train")
+FIRST_BATCH_ONLY_KINDS = ("gnconv", "model", "horblock", "train")
 REGISTRY: Dict[str, Case] = {}
 
 
@@ -565,12 +461,6 @@ QUICK_MODELS = {"model.resnet18", "model.resnet50"}
 #: stride 1, the block the byte model's hand test spells out), a ResNet-50
 #: identity block and ResNet-18's strided projection block.
 QUICK_BLOCKS = {"block.resnet50.conv2_x.0", "block.resnet50.conv3_x.1", "block.resnet18.conv3_x.0"}
-#: gnconv in --quick: HorNet-T stage 3 (256 x 14 x 14, order 4: 18 of the
-#: model's 25 gnconvs), at the first quick batch only and without
-#: torch.compile (its compile and the Triton autotuning would crowd the GPU
-#: box's quick budget; the full run has every provider at every batch).
-QUICK_GNCONV = {"gnconv.hornet_t.stage3"}
-QUICK_GNCONV_PROVIDERS = ("eager", "resfuse-triton", "resfuse-cuda", "resfuse-eager")
 
 
 def _register_builtin() -> None:
@@ -582,24 +472,31 @@ def _register_builtin() -> None:
         for spec, names in distinct_blocks(resnet_blocks(depth)).items():
             name = f"block.{arch}.{friendly_name(arch, names[0])}"
             register(Case(name, "resnet_block", arch, spec, tuple(names), quick=name in QUICK_BLOCKS))
-    for i, ((dim, order, hw), depth) in enumerate(zip(HORNET_T_STAGES, HORNET_T_DEPTHS)):
-        name = f"gnconv.hornet_t.stage{i + 1}"
-        spec = GnConvCaseSpec(dim, order, hw, hw, HORNET_T_SCALE, 7)
-        register(Case(name, "gnconv", "hornet_t", spec, tuple(f"stages.{i}.{j}.gnconv" for j in range(depth)),
-                      quick=name in QUICK_GNCONV,
-                      quick_providers=QUICK_GNCONV_PROVIDERS if name in QUICK_GNCONV else None))
     for arch in ARCHS:
         name = f"model.{arch}"
         register(Case(name, "model", arch, arch, (), quick=name in QUICK_MODELS))
 
 
 _register_builtin()
+from . import cases_hornet  # noqa: E402,F401  (HorNet's ops and cases: gnconv, HorBlock, training)
+
+#: What bench/cases_hornet.py defines and ``from bench.cases import ...`` still finds.
+_HORNET_NAMES = ("HORNET_T_DEPTHS", "HORNET_T_SCALE", "GnConvCaseSpec", "GnConvOp", "GnConvTrainOp", "HorBlockOp",
+                 "HorBlockTrainOp", "QUICK_GNCONV", "QUICK_GNCONV_PROVIDERS", "QUICK_HORNET_TRAIN", "gnconv_cost",
+                 "gnconv_kernel_costs", "gnconv_traffic")
+
+
+def __getattr__(name):
+    if name in _HORNET_NAMES:
+        return getattr(cases_hornet, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def select(patterns: Optional[Sequence[str]] = None, quick: bool = False, kinds: Optional[Sequence[str]] = None
            ) -> List[Case]:
     """Cases whose name contains any of `patterns` (all when None), in
-    registry order; only the quick subset when `quick`."""
+    ``KIND_ORDER`` and, within a kind, registry order; only the quick
+    subset when `quick`."""
     out = []
     for case in REGISTRY.values():
         if quick and not case.quick:
@@ -609,4 +506,5 @@ def select(patterns: Optional[Sequence[str]] = None, quick: bool = False, kinds:
         if patterns and not any(p in case.name for p in patterns):
             continue
         out.append(case)
-    return out
+    rank = {k: i for i, k in enumerate(KIND_ORDER)}
+    return sorted(out, key=lambda c: rank.get(c.kind, len(rank)))  # stable: registry order within a kind

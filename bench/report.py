@@ -91,16 +91,22 @@ def geomean(xs: Sequence[float]) -> Optional[float]:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
 
 
+#: Kinds whose summary columns appear only when the rows have that kind.
+OPTIONAL_KINDS = (("horblock", "horblock"), ("train", "train"))
+
+
 def summary(rows: List[dict]) -> str:
     """Per provider and dtype: how many cases ran, failed the check, or
     errored; geomean speedup vs eager and median % of floor over layer
-    cases, the same over block cases and over gnconv cases; img/s of each
+    cases, the same over block cases and over gnconv cases (and over
+    HorBlock forward and training cases, when there are any); img/s of each
     model case."""
     groups = defaultdict(list)
     for r in rows:
         groups[(r["provider"], r["dtype"])].append(r)
     lines = []
     body = []
+    extra = [(k, label) for k, label in OPTIONAL_KINDS if any(r["kind"] == k for r in rows)]
     for (prov, dt), rs in sorted(groups.items()):
         ok = [r for r in rs if r["status"] == "ok"]
         wrong = sum(r["status"].startswith("WRONG") for r in rs)
@@ -114,14 +120,21 @@ def summary(rows: List[dict]) -> str:
         gpf = sorted(r["pct_floor"] for r in gn_ok if r.get("pct_floor") is not None)
         models = ", ".join(f"{r['case'].split('.', 1)[1]}@{r['batch']} {r['img_s']:.0f}"
                            for r in ok if r["kind"] == "model" and r.get("img_s"))
+        more = []
+        for k, _ in extra:
+            k_ok = [r for r in ok if r["kind"] == k]
+            kpf = sorted(r["pct_floor"] for r in k_ok if r.get("pct_floor") is not None)
+            more += [geomean([r["speedup"] for r in k_ok]), kpf[len(kpf) // 2] if kpf else None]
         body.append((prov, dt, len(ok), wrong, err, skipped,
                      geomean([r["speedup"] for r in layer_ok]), pf[len(pf) // 2] if pf else None,
                      geomean([r["speedup"] for r in block_ok]), bpf[len(bpf) // 2] if bpf else None,
                      geomean([r["speedup"] for r in gn_ok]), gpf[len(gpf) // 2] if gpf else None,
-                     models or "-"))
+                     *more, models or "-"))
+    heads = [h for _, label in extra for h in (f"{label}: geomean x eager", f"{label}: median % floor")]
     lines.append(markdown_table(("provider", "dtype", "ok", "wrong", "error", "skipped", "layers: geomean x eager",
                                  "layers: median % floor", "blocks: geomean x eager", "blocks: median % floor",
-                                 "gnconv: geomean x eager", "gnconv: median % floor", "models img/s"), body))
+                                 "gnconv: geomean x eager", "gnconv: median % floor", *heads, "models img/s"),
+                                body))
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ FLOP/byte model's floor.
     python bench/run.py --case resnet50.conv --dtype bf16 --batch 32 --provider eager,resfuse-triton
     python bench/run.py --kind block --dtype bf16    # every ResNet-18/50 residual block shape
     python bench/run.py --kind gnconv --dtype bf16   # HorNet-T's gnconv at its four stage shapes
+    python bench/run.py --kind train --dtype bf16    # gnconv and HorBlock forward + backward (training)
     python bench/run.py --model-only                 # the model's columns for every case, no timing
 
 Prints a markdown table and writes ``<stamp>-<device>-<tag>.{md,csv,png}``
@@ -17,9 +18,12 @@ versions and the measured ceilings.
 
 For each (case, dtype, batch) every provider's output is first compared
 with the float64 reference by the tests' rule (tests/numerics.py); one that
-fails is reported WRONG and not timed. Timing method: ``bench/timing.py``.
-Cost model: ``bench/model.py``. Forward (eval) only: training kernels do
-not exist yet.
+fails is reported WRONG and not timed. A training case's call is a whole
+step (forward + backward): its output, x's gradient and the main
+parameters' gradients are each checked, and the row's err/tol is the worst
+of them (``cases.check``). Timing method: ``bench/timing.py``. Cost
+model: ``bench/model.py``, and ``resfuse.gnconv_traffic`` for HorNet's
+ops (``bench/cases_hornet.py``).
 """
 
 import argparse
@@ -63,8 +67,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the small subset (cases marked quick, fewer dtypes/batches)")
     p.add_argument("--case", action="append", help="substring of case names (repeatable, comma-separated)")
-    p.add_argument("--kind", choices=("layer", "block", "gnconv", "model"), action="append",
-                   help="only layer, block, gnconv or model cases (repeatable)")
+    p.add_argument("--kind", choices=case_registry.KIND_ORDER, action="append",
+                   help="only cases of this kind (repeatable): " + ", ".join(case_registry.KIND_ORDER))
     p.add_argument("--dtype", help="comma-separated: fp32,fp16,bf16")
     p.add_argument("--batch", help="comma-separated batch sizes (default 1,32,256; --quick: 32,1 on GPU)")
     p.add_argument("--provider", help="comma-separated, from: " + ", ".join(prov.PROVIDERS))
@@ -142,8 +146,9 @@ class Plan:
         for batch in self.batches:
             for dtype in self.dtypes:
                 for case in self.cases:
-                    if self.args.quick and case.kind in ("model", "gnconv") and batch != self.batches[0]:
-                        continue  # --quick: models and gnconv at the first batch size only
+                    if self.args.quick and case.kind in case_registry.FIRST_BATCH_ONLY_KINDS \
+                            and batch != self.batches[0]:
+                        continue  # --quick: models and HorNet's cases at the first batch size only
                     if batch in case.batches or self.args.batch:
                         yield batch, dtype, case
 
@@ -214,7 +219,7 @@ class Runner:
             for p in runnable:
                 self.emit(dict(base, provider=p, status="error", note=f"workload: {type(e).__name__}: {e}"[:160]))
             return
-        tol = self.numerics.tolerance(eager_out, wl.reference, dtype)
+        tol = case_registry.tolerances(self.numerics, eager_out, wl.reference, dtype)
         del eager_out
         graph = plan.gpu and (plan.args.graphs == "always" or (plan.args.graphs == "auto" and batch == 1))
         base_us = None
@@ -244,7 +249,7 @@ class Runner:
             out = fn(*wl.arg_sets[0])  # compiles / autotunes
             if self.plan.gpu:
                 torch.cuda.synchronize()
-            err = self.numerics.rel_err(out, wl.reference)
+            err, tol, worst = case_registry.check(self.numerics, out, wl.reference, tol)
             del out
         except Exception as e:  # noqa: BLE001
             if _is_fatal_cuda_error(e):
@@ -257,7 +262,8 @@ class Runner:
         self.setup_spent[p] += setup
         row.update(rel_err=err, tol=tol, setup_s=setup)
         if not err <= tol:
-            row.update(status="WRONG", note="output differs from the float64 reference beyond tolerance; not timed")
+            what = f"{worst} differs" if worst else "output differs"
+            row.update(status="WRONG", note=f"{what} from the float64 reference beyond tolerance; not timed")
             return row
         sets = wl.arg_sets
         fns = [lambda a=a: fn(*a) for a in sets]

@@ -6,8 +6,10 @@
         RESFUSE_BENCH_PROVIDERS=eager,resfuse-triton python -m pytest bench/test_bench_cases.py
 
 Same registry, providers and correctness check as ``bench/run.py``: each
-provider's output is compared with the float64 reference (tests' rule)
-before it is timed, and a wrong one fails the test. pytest-benchmark times
+provider's output is compared with the float64 reference (tests' rule;
+for a training case the output and each checked gradient, ``cases.check``)
+before it is timed, and a wrong one fails the test. It enumerates the
+registry, so every op's cases are here (HorNet's training ones included). pytest-benchmark times
 with the wall clock (a ``torch.cuda.synchronize()`` ends every call); CUDA
 event timings, CUDA graphs and the floor come from ``bench/run.py``, which
 is the reference harness. The model's columns go into each result's
@@ -67,7 +69,7 @@ def _get_workload(case):
         wl = op.make_workload(case, DEVICE, DTYPE, BATCH, n_sets=2 if GPU else 1, seed=0)
         with torch.no_grad():
             eager_out = op.build("eager", wl)(*wl.arg_sets[0])
-        _workload[key] = (wl, NUMERICS.tolerance(eager_out, wl.reference, DTYPE))
+        _workload[key] = (wl, registry.tolerances(NUMERICS, eager_out, wl.reference, DTYPE))
     return _workload[key]
 
 
@@ -84,14 +86,15 @@ def test_bench(benchmark, case, provider):
     fn = op.build(provider, wl)
     with torch.no_grad():
         out = fn(*wl.arg_sets[0])
-    err = NUMERICS.rel_err(out, wl.reference)
-    assert err <= tol, f"{case.name} {provider}: rel err {err:.3e} > tol {tol:.3e}: a wrong kernel is not timed"
+    err, tol, worst = registry.check(NUMERICS, out, wl.reference, tol)
+    assert err <= tol, (f"{case.name} {provider}: {worst or 'output'} rel err {err:.3e} > tol {tol:.3e}: "
+                        "a wrong kernel is not timed")
     cost = case.cost(BATCH, DTYPE)
     benchmark.group = f"{case.name} {registry.DTYPE_NAMES[DTYPE]} N={BATCH}"
     benchmark.extra_info.update(case=case.name, shape=case.describe(), dtype=registry.DTYPE_NAMES[DTYPE],
                                 batch=BATCH, provider=provider, device=str(DEVICE), gflop=cost.flops / 1e9,
                                 fused_mb=cost.fused_bytes / 1e6, unfused_mb=cost.unfused_bytes / 1e6,
-                                rel_err=err, tol=tol)
+                                rel_err=err, tol=tol, note=op.note(wl, provider))
     sets = itertools.cycle(wl.arg_sets)
     sync = torch.cuda.synchronize if GPU else (lambda: None)
 

@@ -21,6 +21,7 @@ if ROOT not in sys.path:  # bench/ is not installed; it is imported from the che
 from bench import archs, cases, report, timing  # noqa: E402
 from bench import model as m  # noqa: E402
 from bench.models import build, make_model, torchvision_builder  # noqa: E402
+import numerics  # noqa: E402
 from numerics import rel_err, tolerance  # noqa: E402
 
 
@@ -585,7 +586,7 @@ def test_gnconv_train_bytes_by_hand():
     assert t.flops == 3 * 664 * 4 == 7968 and t.recompute_flops == 280 * 4
     ks = t.fused_kernel_costs()
     assert sum(b for _, _, b in ks) == t.fused_bytes and sum(f for _, f, _ in ks) == t.flops + t.recompute_flops
-    assert [s.launches for s in t.fused_steps] == [1] * 8
+    assert [s.launches for s in t.fused_steps] == [1] * 8 and t.fused_kernels == 8
 
 
 def test_horblock_bytes_by_hand():
@@ -615,6 +616,7 @@ def test_horblock_bytes_by_hand():
     assert tr.eager_bytes == ((297 + 200 + 408 + 756) * 4 + 6 * 4) * 4 + 3 * params == 38384
     assert tr.fused_bytes == ((144 + 224 + 204) * 4 + 8 * 4) * 4 + 3 * params == 20992
     assert (tr.eager_launches, tr.fused_launches) == (85, 16)  # 7o + 71 -> o + 14
+    assert tr.fused_kernels == 14  # less autograd's two residual adds
     assert tr.flops == 3 * fwd.flops and tr.recompute_flops == 280 * 4
     # fp16: the LayerNorm statistics stay float32
     h = horblock_bytes(8, 2, 2, 2, 1, "float16", ksize=3, train=True)
@@ -736,6 +738,126 @@ def test_eager_steps_are_what_pytorch_dispatches(what, order):
     assert (b2 - b1) // (hw * hw) == per_pixel and (b2 - b1) % (hw * hw) == 0
 
 
+def test_hornet_training_and_horblock_cases_registered():
+    for op, kind in (("gnconv_train", "train"), ("horblock", "horblock"), ("horblock_train", "train")):
+        cs = [c for c in cases.select() if c.op == op]
+        assert [c.name for c in cs] == [f"{op}.hornet_t.stage{i}" for i in (1, 2, 3, 4)]
+        assert [(c.spec.dim, c.spec.order, c.spec.H) for c in cs] == [(64, 2, 56), (128, 3, 28), (256, 4, 14),
+                                                                      (512, 5, 7)]
+        assert all(c.kind == kind and c.spec.s == pytest.approx(1 / 3) for c in cs)
+        assert [c.count for c in cs] == [2, 3, 18, 2]
+    assert cases.REGISTRY["gnconv_train.hornet_t.stage3"].layers[0] == "stages.2.0.gnconv"
+    assert cases.REGISTRY["horblock.hornet_t.stage3"].layers[0] == "stages.2.0"
+    assert cases.REGISTRY["horblock_train.hornet_t.stage2"].describe() == (
+        "HorBlock 128x28x28 (gnconv order 3 dims 32/64/128 dw7x7 s=1/3; MLP 128-512-128), forward + backward")
+    assert cases.REGISTRY["gnconv_train.hornet_t.stage2"].describe() == \
+        "gnconv 128x28x28 order 3 dims 32/64/128 dw7x7 s=1/3, forward + backward"
+    # --quick: stage 3's training cases, at the first batch only, without torch.compile (as the gnconv case)
+    quick = [c for c in cases.select(quick=True) if c.group == "hornet_t"]
+    assert [c.name for c in quick] == ["gnconv.hornet_t.stage3", "gnconv_train.hornet_t.stage3",
+                                       "horblock_train.hornet_t.stage3"]
+    assert all(c.quick_providers == cases.QUICK_GNCONV_PROVIDERS for c in quick)
+    assert {"train", "horblock", "gnconv", "model"} <= set(cases.FIRST_BATCH_ONLY_KINDS)
+    # select() orders by kind, so the run order does not depend on which module was imported first
+    kinds = [c.kind for c in cases.select()]
+    assert kinds == sorted(kinds, key=cases.KIND_ORDER.index)
+
+
+def test_hornet_training_model_columns_are_the_traffic_model():
+    from resfuse.gnconv_traffic import gnconv_train_bytes, horblock_bytes
+    ceil = m.Ceilings(bandwidth=3e12, matmul={"bfloat16": 800e12})
+    for c in cases.select(kinds=["train", "horblock"]):
+        s = c.spec
+        for batch, dtype, name in ((1, torch.float32, "float32"), (32, torch.bfloat16, "bfloat16")):
+            t = (gnconv_train_bytes(s.dim, s.order, s.H, s.W, batch, name) if c.op == "gnconv_train" else
+                 horblock_bytes(s.dim, s.order, s.H, s.W, batch, name, train=c.op == "horblock_train"))
+            cost = c.cost(batch, dtype)
+            assert (cost.flops, cost.fused_bytes, cost.unfused_bytes) == (t.flops, t.fused_bytes, t.eager_bytes)
+            assert cost.unfused_bytes > cost.fused_bytes
+        # the floor: the fused kernels' floors summed, each with its own FLOPs (recomputation included)
+        t = cases.OPS[c.op].traffic(c, 32, torch.bfloat16)
+        assert c.floor(32, torch.bfloat16, ceil).seconds == pytest.approx(
+            sum(max(f / 800e12, b / 3e12) for _, f, b in t.fused_kernel_costs()))
+        assert c.floor(32, torch.float16, ceil) is None
+
+
+def test_bench_horblock_is_hornets(seed):
+    # bench.models.HorBlock has HorNet's (the seed's) structure, names and forward, and its
+    # backward gives the same gradients; resfuse.convert recognises it
+    from functools import partial
+
+    import seed_hornet as sh
+    from bench.models import make_horblock
+    import resfuse
+    ours = make_horblock(32, 3, 1 / 3, seed=seed).train()
+    theirs = sh.HorBlock(32, gnconv=partial(sh.gnconv, order=3, s=1 / 3)).train()
+    theirs.load_state_dict(ours.state_dict())
+    assert ours.gamma1.abs().min() >= 0.5 and ours.gamma2.abs().min() >= 0.5  # O(1) layer scales, not 1e-6
+    x = torch.randn(2, 32, 6, 5).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 32, 6, 5)
+    grads = []
+    for mod in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        y = mod(xi)
+        y.backward(g)
+        grads.append((y.detach(), xi.grad, mod.pwconv1.weight.grad, mod.gnconv.proj_in.weight.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    assert type(resfuse.convert(ours, backend="eager")).__name__ == "FusedHorBlock"
+
+
+@pytest.mark.parametrize("provider", ["eager", "resfuse-eager", "resfuse-triton"])
+@pytest.mark.parametrize("op_name", ["gnconv_train", "horblock", "horblock_train"])
+def test_hornet_workload_and_providers(device, op_name, provider):
+    # tiny shapes (order 3, 2 argument sets, each its own module copy), checked by the harness's rule;
+    # on a CPU machine resfuse-triton runs through the Triton interpreter in fp32, on the GPU box in bf16
+    spec = cases.GnConvCaseSpec(16, 3, 6, 5)
+    case = cases.Case(f"{op_name}.test", op_name, "test", spec)
+    op = cases.OPS[op_name]
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    wl = op.make_workload(case, device, dtype, 2, n_sets=2, seed=0)
+    train = op_name.endswith("_train")
+    (x0, m0, *_), (x1, m1, *_) = wl.arg_sets
+    assert x0.is_contiguous(memory_format=torch.channels_last) and not torch.equal(x0, x1)
+    assert m0 is not m1 and m0.training == train and x0.requires_grad == train
+    ref = wl.reference
+    if train:
+        assert set(ref) == {"y", "dx"} | {f"{n}.grad" for n in op.grads}
+        assert all(t.dtype == torch.float64 and torch.isfinite(t).all() and t.abs().max() > 0 for t in ref.values())
+        assert ref["dx"].shape == x0.shape and 0.1 < ref["y"].std().item() < 10
+    else:
+        assert ref.dtype == torch.float64 and ref.shape == x0.shape and 0.1 < ref.std().item() < 10
+    with torch.no_grad():  # as bench/run.py calls them: a training step turns grad on itself
+        tol = cases.tolerances(numerics, op.build("eager", wl)(*wl.arg_sets[0]), ref, dtype)
+        fn = op.build(provider, wl)
+        for args in wl.arg_sets:
+            out = fn(*args)
+        err, t, worst = cases.check(numerics, fn(*wl.arg_sets[0]), ref, tol)
+    assert err <= t, (worst, err, t)
+    note = op.note(wl, provider)
+    if provider == "eager":
+        assert note == ""
+    else:
+        assert note.startswith("fused fwd: layernorm_conv1x1, gnconv_chain"), note
+        assert ("Triton launches" in note) == (provider == "resfuse-triton"), note
+        assert ("bwd: " in note) == train, note
+    if train:  # the step's gradients are the module's own, and a wrong one is caught and named
+        assert out["dx"] is x1.grad
+        bad = dict(out, dx=out["dx"] * 1.01)
+        err, t, worst = cases.check(numerics, bad, cases.OPS[op_name].reference(m1, wl.arg_sets[1]), tol)
+        assert err > t and worst == "dx"
+
+
+def test_hornet_provider_that_would_not_fuse_is_an_error(monkeypatch):
+    from resfuse.nn.gnconv import GnConv
+    op = cases.OPS["horblock_train"]
+    case = cases.Case("horblock_train.test", "horblock_train", "test", cases.GnConvCaseSpec(8, 2, 4, 4))
+    wl = op.make_workload(case, torch.device("cpu"), torch.float32, 1, n_sets=1, seed=0)
+    monkeypatch.setattr(GnConv, "unfused_reason", lambda self: "forced for the test")
+    with pytest.raises(RuntimeError, match="did not run"):
+        op.build("resfuse-eager", wl)
+
+
 # ----------------------------------------------------------------------------
 # Harness pieces
 # ----------------------------------------------------------------------------
@@ -829,8 +951,10 @@ def test_run_model_only_prints_every_case():
 
 
 def test_run_quick_cpu_times_and_writes_results(tmp_path):
+    from resfuse.gnconv_traffic import horblock_bytes
     r = _run([sys.executable, "bench/run.py", "--quick", "--case",
-              "resnet50.conv2_x.0.conv2,block.resnet50.conv2_x.0,model.resnet18,gnconv.hornet_t.stage3",
+              "resnet50.conv2_x.0.conv2,block.resnet50.conv2_x.0,model.resnet18,gnconv.hornet_t.stage3,"
+              "gnconv_train.hornet_t.stage3,horblock_train.hornet_t.stage3",
               "--cpu-threads", "1", "--out-dir", str(tmp_path), "--summary-file", str(tmp_path / "s.md")], 240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
@@ -845,7 +969,7 @@ def test_run_quick_cpu_times_and_writes_results(tmp_path):
     rows = list(csv.DictReader(ln for ln in lines if not ln.startswith("#")))
     assert {(r_["case"], r_["provider"]) for r_ in rows} == {
         (c, p) for c in ("resnet50.conv2_x.0.conv2", "block.resnet50.conv2_x.0", "model.resnet18",
-                         "gnconv.hornet_t.stage3")
+                         "gnconv.hornet_t.stage3", "gnconv_train.hornet_t.stage3", "horblock_train.hornet_t.stage3")
         for p in ("eager", "resfuse-eager")}
     for row in rows:
         assert row["status"] == "ok", row
@@ -862,8 +986,14 @@ def test_run_quick_cpu_times_and_writes_results(tmp_path):
     gn = {r_["provider"]: r_ for r_ in rows if r_["case"] == "gnconv.hornet_t.stage3"}
     assert gn["eager"]["kind"] == "gnconv" and float(gn["eager"]["gflop"]) == pytest.approx(0.103149312)
     assert gn["resfuse-eager"]["note"] == "2 kernels: layernorm_conv1x1, gnconv_chain"
+    tr = {(r_["case"].split(".")[0], r_["provider"]): r_ for r_ in rows if r_["kind"] == "train"}
+    assert float(tr[("gnconv_train", "eager")]["gflop"]) == pytest.approx(3 * 0.103149312)  # forward + backward
+    assert float(tr[("horblock_train", "eager")]["fused_mb"]) == pytest.approx(
+        horblock_bytes(256, 4, 14, 14, 1, "float32", train=True).fused_bytes / 1e6)
+    assert tr[("gnconv_train", "resfuse-eager")]["note"].endswith("bwd: eager autograd")
     summary = (tmp_path / "s.md").read_text()
     assert "provider" in summary and "blocks: geomean x eager" in summary and "gnconv: geomean x eager" in summary
+    assert "train: geomean x eager" in summary and "horblock: geomean" not in summary
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="bash script")
