@@ -6,7 +6,7 @@ fake kernel, dispatch: triton -> eager), and ``register_autograd`` calls it.
 Backward ops are custom ops so that ``torch.compile`` traces through them
 like the forward ones.
 
-Triton (kernels/gnconv_bwd.py, kernels/conv1x1.py; o = order):
+Triton (kernels/gnconv_bwd.py, kernels/conv1x1_bwd.py; o = order):
 
 * ``gnconv_chain``: ``gnconv_chain_bwd`` recomputes the forward stages of
   each pixel tile from f (gates included: the 7x7 depthwise costs FLOPs, not
@@ -189,7 +189,7 @@ def _ln_stats(x, eps):
 
 def _proj_bwd_triton(p):
     a, needs, dev = p.args, p.needs, p.device
-    k = kernels_module("conv1x1")
+    k = kernels_module("conv1x1_bwd")
     x, w, nw, nb, eps = a["x"], a["weight"], a["norm_weight"], a["norm_bias"], a["norm_eps"]
     norm = eps is not None
     grads = [None] * 5
@@ -254,7 +254,7 @@ def _chain_bwd_triton_check(p) -> List[str]:
 def _chain_bwd_triton(p):
     a, dev = p.args, p.device
     needs = _chain_needs(p)
-    kg, k1 = kernels_module("gnconv_bwd"), kernels_module("conv1x1")
+    kg, k1 = kernels_module("gnconv_bwd"), kernels_module("conv1x1_bwd")
     fused, w_dw, gates, w_pws, b_pws = a["fused"], a["w_dw"], a["gates"], a["w_pws"], a["b_pws"]
     w_out, b_out, ls, ss = a["w_out"], a["b_out"], a["layer_scale"], a["sample_scale"]
     n = len(w_pws)
@@ -308,7 +308,7 @@ def _gelu_bwd_eager(p):
 
 def _gelu_bwd_triton(p):
     a, needs, dev = p.args, p.needs, p.device
-    k = kernels_module("conv1x1")
+    k = kernels_module("conv1x1_bwd")
     x, w, b, ls, ss = a["a"], a["weight"], a["bias"], a["layer_scale"], a["sample_scale"]
     grads = [None] * 4
     if needs[0]:

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 from typing import Optional
 
 import pytest
@@ -35,7 +36,9 @@ EPS = 1e-6
 
 
 def _k():
-    return kernels_module("conv1x1")
+    """The forward (kernels/conv1x1.py) and backward (kernels/conv1x1_bwd.py)
+    launchers and kernels under one name."""
+    return SimpleNamespace(**{**vars(kernels_module("conv1x1")), **vars(kernels_module("conv1x1_bwd"))})
 
 
 def _launches(name):
@@ -651,8 +654,9 @@ try:
     from triton.backends.compiler import GPUTarget
 except ImportError as e:
     print(json.dumps({"skip": f"no AOT API: {e}"})); sys.exit(0)
+from types import SimpleNamespace
 from resfuse._backends import kernels_module
-k = kernels_module("conv1x1")
+k = SimpleNamespace(**{**vars(kernels_module("conv1x1")), **vars(kernels_module("conv1x1_bwd"))})
 CUOBJ = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 F32 = {"mean_ptr", "rstd_ptr", "dlnw_ptr", "dlnb_ptr", "g_ptr", "rs_ptr"}
 
