@@ -230,7 +230,8 @@ def _train(model, x, labels, steps, dtype, device, rng_seed):
     losses = []
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x.to(device=device, dtype=dtype)).float(), labels.to(device))
+        logits = model(x.to(device=device, dtype=dtype))
+        loss = nn.functional.cross_entropy(logits.to(torch.promote_types(dtype, torch.float32)), labels.to(device))
         loss.backward()
         opt.step()
         losses.append(loss.detach().double().reshape(1))
