@@ -1,0 +1,803 @@
+// Fused conv2d -> BatchNorm(eval) -> (+ residual | + projection shortcut) -> activation, one CUDA kernel.
+//
+// Formula (n image, p/q output row/col, k output channel; fp32 accumulation, one rounding to dtype):
+//   acc[m,k]  = sum_{r,s,c} x[n, p*sh - ph + r*dh, q*sw - pw + s*dw, c] * w[k,r,s,c]   (zero padding)
+//   scale[k]  = bn_weight[k] / sqrt(bn_var[k] + eps)          (bn_weight null => 1; no BN => 1)
+//   shift[k]  = bn_bias[k] + (bias[k] - bn_mean[k]) * scale[k] (nulls => 0; no BN => bias[k])
+//   y         = acc*scale + shift
+//             [+ acc_d*scale_d + shift_d,  acc_d[m,k] = sum_c xs[n, p*sd_h, q*sd_w, c] * wd[k,c]]
+//             [+ residual[n,p,q,k]]
+//   out       = act(y)   act: 0 identity, 1 relu, 2 relu6, 3 silu, 4 gelu(erf); NaN propagates.
+// The BN fold is computed in the epilogue from the live BN vectors at every launch (no folded
+// weight copy exists). Layouts: x NHWC, w KRSC, out/residual NHWC (N,P,Q,K), xs NHWC, wd (K,Cs),
+// all contiguous; out offset = m*K + k with m = (n*P + p)*Q + q.
+//
+// Implicit GEMM: M = N*P*Q output pixels, N_gemm = K, reduction = R*S*C ordered (r, s) outer and
+// c inner, tiled by BK = 64 bytes of channels (32 fp16/bf16, 16 fp32). The projection shortcut is
+// a second 1x1/stride-sd implicit GEMM over xs (same loader, R = S = 1, pad 0) into a second
+// accumulator, so acc and acc_d get their own BN scale in the epilogue (no pre-scaled weights).
+//
+// Tiles: CTA 128 (M) x 64 (K) x 64 bytes (reduction), 3-stage cp.async pipeline in static shared
+//   memory: 3 * (128 + 64) rows * 80 B (64 B of data + 16 B pad, which makes the 32-bit fragment
+//   loads bank-conflict free) = 46080 B.
+//   plain:      4 warps (2 x 2), warp tile 64 x 32 -> 4 x 4 mma tiles, 64 fp32 accumulators/thread.
+//   projection: 8 warps (4 x 2), warp tile 32 x 32 -> 2 x 4 mma tiles, 2 x 32 accumulators/thread.
+// MMA (mma.sync, sm_80 and sm_90 SASS HMMA):
+//   fp16: m16n8k16.f32.f16.f16.f32      bf16: m16n8k16.f32.bf16.bf16.f32
+//   fp32 + allow_tf32: m16n8k8.f32.tf32.tf32.f32, operands cvt.rna to tf32
+//   fp32, !allow_tf32: 3xTF32 (big/small split, 3 m16n8k8 per tile step; ~fp32 accuracy)
+// Loads: 16-byte cp.async (A with .ca: the R*S window reuse hits L1; B with .cg) zero-filled
+//   when masked, if C % (16/sizeof) == 0 and the pointers are 16-byte aligned; else element-wise
+//   masked loads stored to shared memory (same pipeline, loads not overlapped). Masks: M tail,
+//   K tail, C tail, padding (ih/iw outside the image).
+// Offsets: element offsets are int64 everywhere they scale with tensor size (m, image base,
+//   (ih*W+iw)*C, n*R*S*C, m*K), so N*P*Q up to 2^31 and tensors > 2^31 elements are addressed.
+//
+// Bytes per output pixel (element size e):
+//   x:        R*S*C*e requested per pixel per K tile, served by L1/L2 (the im2col window overlaps);
+//             HBM ~ C*e*sh*sw (x read once) when the tile rows stay cached; L2 re-reads x once per
+//             K tile (ceil(K/64) times).
+//   weights:  one 64 x R*S*C tile per CTA: 64*R*S*C*e / 128 = R*S*C*e/2 per pixel per K tile
+//             (L2-resident across CTAs; blockIdx.x walks M so consecutive CTAs share it).
+//   residual: K*e read;  out: K*e written (once, rounded once);  BN vectors: 5*4 B per channel
+//             per CTA. Projection: + Cs*e (xs) per pixel per K tile and Cs*e/2 (wd) per pixel.
+//
+// Why hand-written (inline PTX mma.sync, not CUTLASS/CuTe): one epilogue has to apply a
+// per-channel BN fold computed live from five optional vectors, optionally add a *second*
+// accumulator (the projection shortcut, its own BN fold, a different A tensor and reduction
+// length), a residual and one of five activations. CUTLASS 2.x conv epilogues take scalar
+// alpha/beta (per-channel needs a custom epilogue functor + a second implicit GEMM pass or a
+// dual-GEMM kernel that exists only for GEMM), its analytic iterators for C % 8 != 0 and the
+// 3xTF32 conv variants each add instantiations that would blow the 2-core build budget, and the
+// fragment layouts needed here are the four documented mma.sync layouts, checked against CuTe's
+// MMA_Traits (SM80_16x8x16_F32F16F16F32_TN, SM80_16x8x8_F32TF32TF32F32_TN). The whole file is
+// 8 kernels; see csrc/README.md for the ptxas table (registers, smem, 0 spills) and SASS check.
+// (~800 lines, over the ~600 guideline: loader, MMA, epilogue, launcher validation and the host
+// self-test of one op share their index math and constants; split, they would drift apart.)
+//
+// Host self-test of the epilogue math (no GPU needed), see csrc/README.md:
+//   g++ -std=c++17 -x c++ -DRESFUSE_CONV_BN_ACT_SELFTEST -I/usr/local/cuda-13.0/include
+//       csrc/conv_bn_act.cu -o /tmp/conv_bn_act_selftest && /tmp/conv_bn_act_selftest
+
+#include "conv_bn_act.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define RF_HD __host__ __device__ __forceinline__
+#else
+#define RF_HD inline
+#endif
+
+namespace resfuse {
+namespace detail {
+
+// ----------------------------------------------------------------------------------------------
+// Epilogue math: host + device, so the host self-test runs exactly this code.
+// ----------------------------------------------------------------------------------------------
+
+enum : int { kActIdentity = 0, kActRelu = 1, kActRelu6 = 2, kActSilu = 3, kActGelu = 4 };
+
+// Comparisons written so that NaN falls through unchanged (as eager's relu/hardtanh do).
+RF_HD float apply_activation(float v, int act) {
+  switch (act) {
+    case kActRelu: return v < 0.f ? 0.f : v;
+    case kActRelu6: return v < 0.f ? 0.f : (v > 6.f ? 6.f : v);
+    case kActSilu: return v / (1.f + expf(-v));  // ATen's silu formula
+    case kActGelu: return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+    default: return v;
+  }
+}
+
+// BN(conv + bias) = conv * scale + shift for channel k, from the live vectors (mean == nullptr:
+// no BN, scale = 1, shift = bias).
+RF_HD void bn_fold(const float* bias, const float* mean, const float* var, const float* gamma,
+                   const float* beta, float eps, int k, float& scale, float& shift) {
+  const float b = bias ? bias[k] : 0.f;
+  if (!mean) {
+    scale = 1.f;
+    shift = b;
+    return;
+  }
+  float s = 1.f / sqrtf(var[k] + eps);
+  if (gamma) s *= gamma[k];
+  scale = s;
+  shift = (b - mean[k]) * s + (beta ? beta[k] : 0.f);
+}
+
+// One output value before rounding: proj = acc_d*scale_d + shift_d (0 without projection),
+// res = residual (0 without).
+RF_HD float epilogue_value(float acc, float scale, float shift, float proj, float res, int act) {
+  return apply_activation(acc * scale + shift + proj + res, act);
+}
+
+}  // namespace detail
+}  // namespace resfuse
+
+#if defined(__CUDACC__) || defined(RESFUSE_CONV_BN_ACT_EMULATE)
+
+namespace resfuse {
+namespace detail {
+
+// ----------------------------------------------------------------------------------------------
+// Tile configuration (one source of truth).
+// ----------------------------------------------------------------------------------------------
+constexpr int kBM = 128;                       // output pixels per CTA
+constexpr int kBN = 64;                        // output channels per CTA
+constexpr int kRowBytes = 64;                  // reduction slice per stage, in bytes
+constexpr int kRowPitch = kRowBytes + 16;      // smem row pitch: 20 words -> conflict-free frags
+constexpr int kPitchWords = kRowPitch / 4;
+constexpr int kStages = 3;
+constexpr int kStageBytes = (kBM + kBN) * kRowPitch;
+constexpr int kSmemBytes = kStages * kStageBytes;
+static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
+static_assert(kRowBytes == 64, "fragment addressing below assumes 2 k-steps of 32 bytes per stage");
+
+template <bool kProj>
+struct WarpLayout {
+  static constexpr int kWarpsM = kProj ? 4 : 2;
+  static constexpr int kWarpsN = 2;
+  static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+  static constexpr int kWM = kBM / kWarpsM;  // 64 or 32
+  static constexpr int kWN = kBN / kWarpsN;  // 32
+  static constexpr int kMI = kWM / 16;       // mma tiles along M per warp
+  static constexpr int kNI = kWN / 8;        // mma tiles along N per warp
+};
+
+// ----------------------------------------------------------------------------------------------
+// Device primitives: the only inline PTX / intrinsics / launch syntax of this file. A host
+// emulator (a std::thread per CUDA thread, barriers for __syncthreads and mma.sync) can swap this
+// block for its own by defining RESFUSE_CONV_BN_ACT_EMULATE to a header name; nvcc builds never
+// define it.
+// ----------------------------------------------------------------------------------------------
+#if defined(RESFUSE_CONV_BN_ACT_EMULATE)
+#include RESFUSE_CONV_BN_ACT_EMULATE
+#else
+#define RF_SHARED_BUFFER(name, bytes) __shared__ __align__(16) unsigned char name[bytes]
+
+// 16-byte async copy; src_bytes = 0 zero-fills the destination without reading src.
+template <bool kCacheL1>
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  const int src_bytes = valid ? 16 : 0;
+  if constexpr (kCacheL1) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
+  } else {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
+  }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+template <typename T>
+__device__ __forceinline__ T ldg(const T* p) { return __ldg(p); }
+__device__ __forceinline__ float as_float(uint32_t b) { return __uint_as_float(b); }
+__device__ __forceinline__ uint32_t as_uint(float f) { return __float_as_uint(f); }
+__device__ __forceinline__ float f16_to_float(uint16_t b) { return __half2float(__ushort_as_half(b)); }
+__device__ __forceinline__ uint16_t float_to_f16(float v) { return __half_as_ushort(__float2half_rn(v)); }
+__device__ __forceinline__ float bf16_to_float(uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
+__device__ __forceinline__ uint16_t float_to_bf16(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+
+__device__ __forceinline__ uint32_t to_tf32(float f) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(f));
+  return r;
+}
+
+// D = A*B + C, fp32 accumulate; fragments in the PTX ISA layouts for m16n8k16 (.f16 / .bf16)
+// and m16n8k8 (.tf32).
+__device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <class Args>
+const char* launch_grid(void (*kernel)(Args), dim3 grid, int threads, cudaStream_t stream, const Args& args) {
+  kernel<<<grid, threads, 0, stream>>>(args);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+#endif  // RESFUSE_CONV_BN_ACT_EMULATE
+
+__device__ __forceinline__ bool finite_bits(uint32_t b) { return (b & 0x7f800000u) != 0x7f800000u; }
+
+// ----------------------------------------------------------------------------------------------
+// Math policies: element storage type, conversions, and one warp k-step (32 bytes of reduction:
+// k16 for 16-bit types, k8 for fp32). Fragment registers arrive as raw 32-bit smem words in the
+// documented mma.sync layouts (see compute_stage).
+// ----------------------------------------------------------------------------------------------
+template <bool kBF16>
+struct Math16 {
+  using Elem = uint16_t;
+  static __device__ __forceinline__ float to_float(Elem b) {
+    if constexpr (kBF16) return bf16_to_float(b);
+    else return f16_to_float(b);
+  }
+  static __device__ __forceinline__ Elem from_float(float v) {
+    if constexpr (kBF16) return float_to_bf16(v);
+    else return float_to_f16(v);
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    if constexpr (kBF16) mma_bf16(c, a, b);
+    else mma_f16(c, a, b);
+  }
+  template <int MI, int NI>
+  static __device__ __forceinline__ void warp_step(float (&acc)[MI][NI][4], const uint32_t (&a)[MI][4],
+                                                   const uint32_t (&b)[NI][2]) {
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni) mma(acc[mi][ni], a[mi], b[ni]);
+  }
+};
+
+// fp32 storage; kSplit3 = false: one TF32 mma; true: 3xTF32.
+template <bool kSplit3>
+struct MathF32 {
+  using Elem = uint32_t;
+  static __device__ __forceinline__ float to_float(Elem b) { return as_float(b); }
+  static __device__ __forceinline__ Elem from_float(float v) { return as_uint(v); }
+
+  // big = tf32(v); small = tf32(v - big), 0 for Inf/NaN (whose big already carries them).
+  static __device__ __forceinline__ void split(uint32_t v, uint32_t& big, uint32_t& small) {
+    const float f = as_float(v);
+    big = to_tf32(f);
+    small = finite_bits(v) ? to_tf32(f - as_float(big)) : 0u;
+  }
+
+  template <int MI, int NI>
+  static __device__ __forceinline__ void warp_step(float (&acc)[MI][NI][4], const uint32_t (&a)[MI][4],
+                                                   const uint32_t (&b)[NI][2]) {
+    if constexpr (!kSplit3) {
+      uint32_t bt[NI][2];
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) bt[ni][j] = to_tf32(as_float(b[ni][j]));
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        uint32_t at[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) at[j] = to_tf32(as_float(a[mi][j]));
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) mma_tf32(acc[mi][ni], at, bt[ni]);
+      }
+    } else {
+      // acc += a_small*b_bigz + a_bigz*b_small + a_big*b_big. The cross terms use big parts with
+      // Inf/NaN zeroed ("z"), so an Inf operand never meets a 0 small part (Inf*0 = NaN where
+      // eager gives Inf); the big*big term carries Inf/NaN exactly as fp32 would.
+      uint32_t bb[NI][2], bs[NI][2], bz[NI][2];
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          split(b[ni][j], bb[ni][j], bs[ni][j]);
+          bz[ni][j] = finite_bits(b[ni][j]) ? bb[ni][j] : 0u;
+        }
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        uint32_t ab[4], as[4], az[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          split(a[mi][j], ab[j], as[j]);
+          az[j] = finite_bits(a[mi][j]) ? ab[j] : 0u;
+        }
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) {
+          mma_tf32(acc[mi][ni], as, bz[ni]);
+          mma_tf32(acc[mi][ni], az, bs[ni]);
+          mma_tf32(acc[mi][ni], ab, bb[ni]);
+        }
+      }
+    }
+  }
+};
+
+// ----------------------------------------------------------------------------------------------
+// Kernel arguments (built by the host launcher from ConvBNActParams).
+// ----------------------------------------------------------------------------------------------
+
+// One implicit-GEMM operand pair: x (NHWC) and w (K, R, S, C). The projection shortcut is the same
+// with x = xs, w = wd, R = S = 1, stride = sd, pad = 0, dilation = 1.
+struct ConvGeom {
+  const void* x;
+  const void* w;
+  int H, W, C, R, S;
+  int sh, sw, ph, pw, dh, dw;
+  int tiles;  // R * S * ceil(C / BK)
+  bool vec;   // 16-byte loads allowed
+};
+
+struct KernelArgs {
+  ConvGeom main, proj;
+  int64_t M;  // N*P*Q
+  int K, P, Q;
+  bool pair_ok;  // K even and out/residual aligned to 2 elements: paired epilogue stores
+  const float *bias, *mean, *var, *gamma, *beta;
+  float eps;
+  const float *bias_d, *mean_d, *var_d, *gamma_d, *beta_d;
+  float eps_d;
+  const void* residual;
+  void* out;
+  int act;
+};
+
+// ----------------------------------------------------------------------------------------------
+// Global -> shared tile loader. Each thread owns one 16-byte column chunk (tid % 4) of a fixed
+// set of A rows (output pixels) and B rows (output channels); the (n, p, q) decode of its rows
+// happens once in init().
+// ----------------------------------------------------------------------------------------------
+template <typename Elem, int kThreads>
+struct TileLoader {
+  static constexpr int kVE = 16 / sizeof(Elem);          // elements per 16-byte chunk
+  static constexpr int kBK = kRowBytes / sizeof(Elem);   // elements per stage row
+  static constexpr int kRowsPerPass = kThreads / 4;
+  static constexpr int kAIt = kBM / kRowsPerPass;
+  static constexpr int kBIt = kBN / kRowsPerPass;
+  static_assert(kBM % kRowsPerPass == 0 && kBN % kRowsPerPass == 0, "loader mapping");
+
+  const Elem* x;
+  const Elem* w;
+  int64_t a_off[kAIt];  // element offset of (n, ih0, iw0, 0); may be "negative" (padding)
+  int a_ih0[kAIt], a_iw0[kAIt];
+  int64_t b_off[kBIt];  // element offset of weight row n
+  unsigned a_ok, b_ok;  // bit i: row i inside M / inside K
+  int H, W, C, S, dh, dw;
+  int r, s, c0;  // reduction position of the next tile
+  int row0, cchunk;
+  bool vec;
+
+  __device__ __forceinline__ void init(const ConvGeom& g, int64_t m0, int n0, int64_t M, int K, int P, int Q,
+                                       int tid) {
+    x = static_cast<const Elem*>(g.x);
+    w = static_cast<const Elem*>(g.w);
+    H = g.H; W = g.W; C = g.C; S = g.S; dh = g.dh; dw = g.dw;
+    vec = g.vec;
+    r = 0; s = 0; c0 = 0;
+    row0 = tid >> 2;
+    cchunk = tid & 3;
+    const int64_t PQ = static_cast<int64_t>(P) * Q;
+    a_ok = 0;
+#pragma unroll
+    for (int i = 0; i < kAIt; ++i) {
+      const int64_t m = m0 + row0 + i * kRowsPerPass;
+      a_off[i] = 0; a_ih0[i] = 0; a_iw0[i] = 0;
+      if (m < M) {
+        const int64_t img = m / PQ;
+        const int64_t rem = m - img * PQ;  // P*Q may exceed 2^31 for one huge image
+        const int p = static_cast<int>(rem / Q);
+        const int q = static_cast<int>(rem - static_cast<int64_t>(p) * Q);
+        const int ih0 = p * g.sh - g.ph;
+        const int iw0 = q * g.sw - g.pw;
+        a_ih0[i] = ih0;
+        a_iw0[i] = iw0;
+        a_off[i] = ((img * H + ih0) * W + iw0) * static_cast<int64_t>(C);
+        a_ok |= 1u << i;
+      }
+    }
+    b_ok = 0;
+    const int64_t rsc = static_cast<int64_t>(g.R) * g.S * g.C;
+#pragma unroll
+    for (int i = 0; i < kBIt; ++i) {
+      const int n = n0 + row0 + i * kRowsPerPass;
+      b_off[i] = n < K ? n * rsc : 0;
+      if (n < K) b_ok |= 1u << i;
+    }
+  }
+
+  // One 16-byte chunk: `remaining` = channels left from this chunk's first channel (may be <= 0).
+  template <bool kCacheL1>
+  __device__ __forceinline__ void copy_chunk(unsigned char* dst, const Elem* base, int64_t off, bool ok,
+                                             int remaining) const {
+    if (vec) {
+      // C % kVE == 0 here, so a chunk is either wholly inside C or wholly outside.
+      const bool v = ok && remaining > 0;
+      cp_async_16<kCacheL1>(dst, v ? static_cast<const void*>(base + off) : static_cast<const void*>(base), v);
+    } else {
+      Elem e[kVE];
+#pragma unroll
+      for (int j = 0; j < kVE; ++j) e[j] = (ok && j < remaining) ? ldg(base + off + j) : Elem(0);
+      uint4 v;
+      if constexpr (sizeof(Elem) == 2) {
+        v.x = e[0] | (uint32_t(e[1]) << 16);
+        v.y = e[2] | (uint32_t(e[3]) << 16);
+        v.z = e[4] | (uint32_t(e[5]) << 16);
+        v.w = e[6] | (uint32_t(e[7]) << 16);
+      } else {
+        v.x = e[0]; v.y = e[1]; v.z = e[2]; v.w = e[3];
+      }
+      *reinterpret_cast<uint4*>(dst) = v;
+    }
+  }
+
+  __device__ __forceinline__ void load(unsigned char* stage) const {
+    const int c = c0 + cchunk * kVE;
+    const int remaining = C - c;
+    const int rdh = r * dh, sdw = s * dw;
+    const int64_t a_delta = (static_cast<int64_t>(rdh) * W + sdw) * C + c;
+    const int64_t b_delta = static_cast<int64_t>(r * S + s) * C + c;
+#pragma unroll
+    for (int i = 0; i < kAIt; ++i) {
+      const int ih = a_ih0[i] + rdh;
+      const int iw = a_iw0[i] + sdw;
+      const bool ok = ((a_ok >> i) & 1u) && static_cast<unsigned>(ih) < static_cast<unsigned>(H) &&
+                      static_cast<unsigned>(iw) < static_cast<unsigned>(W);
+      copy_chunk<true>(stage + (row0 + i * kRowsPerPass) * kRowPitch + cchunk * 16, x, a_off[i] + a_delta, ok,
+                       remaining);
+    }
+#pragma unroll
+    for (int i = 0; i < kBIt; ++i) {
+      copy_chunk<false>(stage + (kBM + row0 + i * kRowsPerPass) * kRowPitch + cchunk * 16, w, b_off[i] + b_delta,
+                        (b_ok >> i) & 1u, remaining);
+    }
+  }
+
+  __device__ __forceinline__ void advance() {
+    c0 += kBK;
+    if (c0 >= C) {
+      c0 = 0;
+      if (++s == S) {
+        s = 0;
+        ++r;
+      }
+    }
+  }
+};
+
+// ----------------------------------------------------------------------------------------------
+// Warp MMA over one smem stage. Smem rows: A rows 0..kBM-1 (pixel m, reduction bytes contiguous),
+// B rows kBM..kBM+kBN-1 (channel n, same reduction order). For both instruction shapes the
+// fragment word for lane (g = lane/4, t = lane%4) is:
+//   A: a0 = (row g, word t), a1 = (row g+8, word t), a2 = (row g, word t+4), a3 = (row g+8, word t+4)
+//   B: b0 = (row g, word t), b1 = (row g, word t+4)
+// (m16n8k16 16-bit: word t = elements 2t, 2t+1; m16n8k8 tf32: word t = element t), words counted
+// from the k-step's 32-byte offset.
+// ----------------------------------------------------------------------------------------------
+template <class Math, int MI, int NI>
+__device__ __forceinline__ void compute_stage(const unsigned char* stage, float (&acc)[MI][NI][4], int warp_m0,
+                                              int warp_n0, int lane) {
+  const uint32_t* sw = reinterpret_cast<const uint32_t*>(stage);
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int ks = 0; ks < kRowBytes / 32; ++ks) {
+    uint32_t af[MI][4], bf[NI][2];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+      const uint32_t* p = sw + (warp_m0 + mi * 16 + g) * kPitchWords + ks * 8 + t;
+      af[mi][0] = p[0];
+      af[mi][1] = p[8 * kPitchWords];
+      af[mi][2] = p[4];
+      af[mi][3] = p[8 * kPitchWords + 4];
+    }
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni) {
+      const uint32_t* p = sw + (kBM + warp_n0 + ni * 8 + g) * kPitchWords + ks * 8 + t;
+      bf[ni][0] = p[0];
+      bf[ni][1] = p[4];
+    }
+    Math::warp_step(acc, af, bf);
+  }
+}
+
+// Multistage main loop: tile kt lives in stage kt % kStages. At the top of iteration kt, tiles
+// 0..kt+1 are committed (one group per tile, empty groups past the end); waiting for all but
+// kStages-2 groups lands tile kt, and the barrier both publishes it and proves every warp is done
+// with tile kt-1, whose stage the refill of tile kt+kStages-1 overwrites.
+template <class Math, class Loader, int MI, int NI>
+__device__ __forceinline__ void mainloop(Loader& ld, int tiles, float (&acc)[MI][NI][4], unsigned char* smem,
+                                         int warp_m0, int warp_n0, int lane) {
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < tiles) {
+      ld.load(smem + st * kStageBytes);
+      ld.advance();
+    }
+    cp_async_commit();
+  }
+  int read_stage = 0, write_stage = kStages - 1;
+  for (int kt = 0; kt < tiles; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (kt + kStages - 1 < tiles) {
+      ld.load(smem + write_stage * kStageBytes);
+      ld.advance();
+    }
+    cp_async_commit();
+    compute_stage<Math>(smem + read_stage * kStageBytes, acc, warp_m0, warp_n0, lane);
+    read_stage = read_stage == kStages - 1 ? 0 : read_stage + 1;
+    write_stage = write_stage == kStages - 1 ? 0 : write_stage + 1;
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the next main loop (projection) refills stages other warps may still read
+}
+
+template <class Math, bool kProj>
+__global__ void __launch_bounds__(WarpLayout<kProj>::kThreads)
+    conv_bn_act_kernel(const KernelArgs args) {
+  using L = WarpLayout<kProj>;
+  using Elem = typename Math::Elem;
+  constexpr int MI = L::kMI, NI = L::kNI;
+  RF_SHARED_BUFFER(smem, kSmemBytes);
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int warp_m0 = (warp % L::kWarpsM) * L::kWM;
+  const int warp_n0 = (warp / L::kWarpsM) * L::kWN;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int n0 = blockIdx.y * kBN;
+
+  float acc[MI][NI][4];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[mi][ni][j] = 0.f;
+  {
+    TileLoader<Elem, L::kThreads> ld;
+    ld.init(args.main, m0, n0, args.M, args.K, args.P, args.Q, tid);
+    mainloop<Math>(ld, args.main.tiles, acc, smem, warp_m0, warp_n0, lane);
+  }
+
+  float acc_d[kProj ? MI : 1][kProj ? NI : 1][4];
+  if constexpr (kProj) {
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc_d[mi][ni][j] = 0.f;
+    TileLoader<Elem, L::kThreads> ld;
+    ld.init(args.proj, m0, n0, args.M, args.K, args.P, args.Q, tid);
+    mainloop<Math>(ld, args.proj.tiles, acc_d, smem, warp_m0, warp_n0, lane);
+  }
+
+  // ---- epilogue: accumulator (mi, ni, 2h+j) is pixel m0+warp_m0+mi*16+g+8h, channel
+  //      n0+warp_n0+ni*8+2t+j (the m16n8 C layout). Columns past K read channel K-1's vectors
+  //      (never stored).
+  const int K = args.K;
+  const int g = lane >> 2, t = lane & 3;
+  float sc[NI][2], sh[NI][2], scd[NI][2], shd[NI][2];
+#pragma unroll
+  for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int kc = n0 + warp_n0 + ni * 8 + 2 * t + j;
+      const int k = kc < K ? kc : K - 1;
+      bn_fold(args.bias, args.mean, args.var, args.gamma, args.beta, args.eps, k, sc[ni][j], sh[ni][j]);
+      scd[ni][j] = 0.f;
+      shd[ni][j] = 0.f;
+      if constexpr (kProj)
+        bn_fold(args.bias_d, args.mean_d, args.var_d, args.gamma_d, args.beta_d, args.eps_d, k, scd[ni][j],
+                shd[ni][j]);
+    }
+
+  const void* res = args.residual;
+  Elem* out = static_cast<Elem*>(args.out);
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t m = m0 + warp_m0 + mi * 16 + g + 8 * h;
+      if (m >= args.M) continue;
+      const int64_t row = m * K;
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni) {
+        const int k = n0 + warp_n0 + ni * 8 + 2 * t;
+        if (k >= K) continue;
+        const int64_t off = row + k;
+        // pair_ok: K even and k even => k + 1 < K and off is 2-element aligned.
+        float r[2] = {0.f, 0.f};
+        if (res) {
+          const Elem* rp = static_cast<const Elem*>(res) + off;
+          if (args.pair_ok) {
+            if constexpr (sizeof(Elem) == 2) {
+              const uint32_t rr = ldg(reinterpret_cast<const uint32_t*>(rp));
+              r[0] = Math::to_float(static_cast<Elem>(rr & 0xffffu));
+              r[1] = Math::to_float(static_cast<Elem>(rr >> 16));
+            } else {
+              const uint2 rr = ldg(reinterpret_cast<const uint2*>(rp));
+              r[0] = Math::to_float(rr.x);
+              r[1] = Math::to_float(rr.y);
+            }
+          } else {
+            r[0] = Math::to_float(ldg(rp));
+            if (k + 1 < K) r[1] = Math::to_float(ldg(rp + 1));
+          }
+        }
+        Elem o[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          float proj = 0.f;
+          if constexpr (kProj) proj = acc_d[mi][ni][2 * h + j] * scd[ni][j] + shd[ni][j];
+          o[j] = Math::from_float(epilogue_value(acc[mi][ni][2 * h + j], sc[ni][j], sh[ni][j], proj, r[j], args.act));
+        }
+        if (args.pair_ok) {
+          if constexpr (sizeof(Elem) == 2) {
+            *reinterpret_cast<uint32_t*>(out + off) = uint32_t(o[0]) | (uint32_t(o[1]) << 16);
+          } else {
+            *reinterpret_cast<uint2*>(out + off) = make_uint2(o[0], o[1]);
+          }
+        } else {
+          out[off] = o[0];
+          if (k + 1 < K) out[off + 1] = o[1];
+        }
+      }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Host side.
+// ----------------------------------------------------------------------------------------------
+template <class Math, bool kProj>
+const char* launch_kernel(const KernelArgs& a, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((a.M + kBM - 1) / kBM), static_cast<unsigned>((a.K + kBN - 1) / kBN));
+  return launch_grid(&conv_bn_act_kernel<Math, kProj>, grid, WarpLayout<kProj>::kThreads, stream, a);
+}
+
+template <class Math>
+const char* launch_math(const KernelArgs& a, bool proj, cudaStream_t stream) {
+  return proj ? launch_kernel<Math, true>(a, stream) : launch_kernel<Math, false>(a, stream);
+}
+
+inline bool aligned(const void* p, size_t n) { return (reinterpret_cast<uintptr_t>(p) % n) == 0; }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// conv2d output size; -1 when the kernel does not fit in the padded input.
+inline int64_t conv_out(int64_t in, int64_t pad, int64_t dil, int64_t ker, int64_t stride) {
+  const int64_t span = in + 2 * pad - dil * (ker - 1) - 1;
+  return span < 0 ? -1 : span / stride + 1;
+}
+
+}  // namespace detail
+
+const char* conv_bn_act_launch(const ConvBNActParams& p, cudaStream_t stream) {
+  using namespace detail;
+  if (!p.x || !p.weight || !p.out) return "conv_bn_act: x, weight and out must be non-null";
+  if (p.N < 0 || p.H < 0 || p.W < 0 || p.C < 0 || p.K < 0 || p.P < 0 || p.Q < 0)
+    return "conv_bn_act: N, H, W, C, K, P, Q must be >= 0";
+  if (p.R < 1 || p.S < 1) return "conv_bn_act: R and S must be >= 1";
+  if (p.stride_h < 1 || p.stride_w < 1 || p.dil_h < 1 || p.dil_w < 1)
+    return "conv_bn_act: stride and dilation must be >= 1";
+  if (p.pad_h < 0 || p.pad_w < 0) return "conv_bn_act: padding must be >= 0";
+  if (int64_t(p.H) + 2 * int64_t(p.pad_h) > INT32_MAX || int64_t(p.W) + 2 * int64_t(p.pad_w) > INT32_MAX)
+    return "conv_bn_act: H + 2*pad_h and W + 2*pad_w must fit in int32";
+  if (p.activation < 0 || p.activation > 4) return "conv_bn_act: activation must be in 0..4";
+  if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
+    return "conv_bn_act: unsupported dtype";
+  if (p.bn_mean && !p.bn_var) return "conv_bn_act: bn_var must be given with bn_mean";
+  const int64_t M = int64_t(p.N) * p.P * p.Q;
+  if (M > 0 && (p.P != conv_out(p.H, p.pad_h, p.dil_h, p.R, p.stride_h) ||
+                p.Q != conv_out(p.W, p.pad_w, p.dil_w, p.S, p.stride_w)))
+    return "conv_bn_act: P, Q do not match conv2d's output size for H, W, R, S, stride, padding, dilation";
+  const bool proj = p.xs != nullptr;
+  if (proj) {
+    if (!p.wd) return "conv_bn_act: wd must be given with xs";
+    if (p.mean_d && !p.var_d) return "conv_bn_act: var_d must be given with mean_d";
+    if (p.Hs < 1 || p.Ws < 1 || p.Cs < 0 || p.sd_h < 1 || p.sd_w < 1)
+      return "conv_bn_act: projection needs Hs, Ws, sd_h, sd_w >= 1 and Cs >= 0";
+    if (M > 0 && (int64_t(p.P - 1) * p.sd_h >= p.Hs || int64_t(p.Q - 1) * p.sd_w >= p.Ws))
+      return "conv_bn_act: projection reads outside xs ((P-1)*sd_h >= Hs or (Q-1)*sd_w >= Ws)";
+  }
+  if (M == 0 || p.K == 0) return nullptr;
+  if (ceil_div(p.K, kBN) > 65535) return "conv_bn_act: K too large (grid.y limit: K <= 4194240)";
+  if (ceil_div(M, kBM) > INT32_MAX) return "conv_bn_act: N*P*Q too large for the grid";
+
+  const size_t esize = p.dtype == DType::kFloat32 ? 4 : 2;
+  const int ve = static_cast<int>(16 / esize);
+  const int bk = static_cast<int>(kRowBytes / esize);
+
+  KernelArgs a{};
+  a.main.x = p.x; a.main.w = p.weight;
+  a.main.H = p.H; a.main.W = p.W; a.main.C = p.C; a.main.R = p.R; a.main.S = p.S;
+  a.main.sh = p.stride_h; a.main.sw = p.stride_w; a.main.ph = p.pad_h; a.main.pw = p.pad_w;
+  a.main.dh = p.dil_h; a.main.dw = p.dil_w;
+  const int64_t tiles = int64_t(p.R) * p.S * ceil_div(p.C, bk);
+  if (tiles > INT32_MAX) return "conv_bn_act: R*S*C too large";
+  a.main.tiles = static_cast<int>(tiles);
+  a.main.vec = p.C % ve == 0 && aligned(p.x, 16) && aligned(p.weight, 16);
+  if (proj) {
+    a.proj.x = p.xs; a.proj.w = p.wd;
+    a.proj.H = p.Hs; a.proj.W = p.Ws; a.proj.C = p.Cs; a.proj.R = 1; a.proj.S = 1;
+    a.proj.sh = p.sd_h; a.proj.sw = p.sd_w; a.proj.ph = 0; a.proj.pw = 0; a.proj.dh = 1; a.proj.dw = 1;
+    a.proj.tiles = static_cast<int>(ceil_div(p.Cs, bk));
+    a.proj.vec = p.Cs % ve == 0 && aligned(p.xs, 16) && aligned(p.wd, 16);
+  }
+  a.M = M; a.K = p.K; a.P = p.P; a.Q = p.Q;
+  a.pair_ok = p.K % 2 == 0 && aligned(p.out, 2 * esize) && (!p.residual || aligned(p.residual, 2 * esize));
+  a.bias = p.bias; a.mean = p.bn_mean; a.var = p.bn_var; a.gamma = p.bn_weight; a.beta = p.bn_bias; a.eps = p.eps;
+  a.bias_d = p.bias_d; a.mean_d = p.mean_d; a.var_d = p.var_d; a.gamma_d = p.gamma_d; a.beta_d = p.beta_d;
+  a.eps_d = p.eps_d;
+  a.residual = p.residual; a.out = p.out; a.act = p.activation;
+
+  switch (p.dtype) {
+    case DType::kFloat16: return launch_math<Math16<false>>(a, proj, stream);
+    case DType::kBFloat16: return launch_math<Math16<true>>(a, proj, stream);
+    default:
+      return p.allow_tf32 ? launch_math<MathF32<false>>(a, proj, stream) : launch_math<MathF32<true>>(a, proj, stream);
+  }
+}
+
+}  // namespace resfuse
+
+#endif  // __CUDACC__ || RESFUSE_CONV_BN_ACT_EMULATE
+
+#if defined(RESFUSE_CONV_BN_ACT_SELFTEST) && !defined(__CUDACC__)
+// Host check of the epilogue math against double-precision formulas, including NaN/Inf.
+#include <cstdio>
+int main() {
+  using namespace resfuse::detail;
+  int fails = 0;
+  auto check = [&](const char* what, double got, double want, double tol) {
+    const bool ok = (std::isnan(want) && std::isnan(got)) || (std::isinf(want) && got == want) ||
+                    std::fabs(got - want) <= tol * (1.0 + std::fabs(want));
+    if (!ok) {
+      std::printf("FAIL %s: got %.9g want %.9g\n", what, got, want);
+      ++fails;
+    }
+  };
+  const double nan = NAN, inf = INFINITY;
+  const double vals[] = {-7.5, -6.0, -1.0, -1e-3, -0.0, 0.0, 1e-3, 0.5, 5.9, 6.0, 6.5, 40.0, -100.0, nan, inf, -inf};
+  for (double v0 : vals) {
+    const double v = double(float(v0));  // the value the float path sees
+    check("identity", apply_activation(float(v), 0), v, 0);
+    check("relu", apply_activation(float(v), 1), std::isnan(v) ? nan : (v < 0 ? 0 : v), 0);
+    check("relu6", apply_activation(float(v), 2), std::isnan(v) ? nan : std::min(std::max(v, 0.0), 6.0), 0);
+    check("silu", apply_activation(float(v), 3), v / (1 + std::exp(-v)), 1e-6);
+    check("gelu", apply_activation(float(v), 4), 0.5 * v * (1 + std::erf(v / std::sqrt(2.0))), 1e-6);
+  }
+  // BN fold with every optional vector present / absent, checked through epilogue_value.
+  const float bias[2] = {0.25f, -1.5f}, mean[2] = {0.1f, -0.3f}, var[2] = {2.0f, 0.01f};
+  const float gamma[2] = {1.5f, -0.7f}, beta[2] = {-0.2f, 0.9f};
+  const float eps = 1e-5f;
+  for (int k = 0; k < 2; ++k)
+    for (int mask = 0; mask < 16; ++mask) {
+      const bool hb = mask & 1, hbn = mask & 2, hg = mask & 4, hbe = mask & 8;
+      float sc, shf;
+      bn_fold(hb ? bias : nullptr, hbn ? mean : nullptr, var, hg ? gamma : nullptr, hbe ? beta : nullptr, eps, k, sc,
+              shf);
+      const double acc = 3.25, res = -0.5, proj = 0.75;
+      double y = acc + (hb ? bias[k] : 0.0);
+      if (hbn) y = (y - mean[k]) / std::sqrt(double(var[k]) + eps) * (hg ? gamma[k] : 1.0) + (hbe ? beta[k] : 0.0);
+      for (int act = 0; act < 5; ++act) {
+        double want = y + proj + res;
+        if (act == 1) want = want < 0 ? 0 : want;
+        if (act == 2) want = std::min(std::max(want, 0.0), 6.0);
+        if (act == 3) want = want / (1 + std::exp(-want));
+        if (act == 4) want = 0.5 * want * (1 + std::erf(want / std::sqrt(2.0)));
+        check("bn_fold+epilogue", epilogue_value(float(acc), sc, shf, float(proj), float(res), act), want, 2e-6);
+      }
+    }
+  // NaN accumulator / residual propagate through every activation.
+  for (int act = 0; act < 5; ++act) {
+    check("nan acc", epilogue_value(float(nan), 1.f, 0.f, 0.f, 0.f, act), nan, 0);
+    check("nan res", epilogue_value(1.f, 1.f, 0.f, 0.f, float(nan), act), nan, 0);
+  }
+  check("inf acc relu", epilogue_value(float(inf), 2.f, 1.f, 0.f, 0.f, 1), inf, 0);
+  if (fails) std::printf("conv_bn_act epilogue self-test: %d FAILED\n", fails);
+  else std::printf("conv_bn_act epilogue self-test: ok\n");
+  return fails ? 1 : 0;
+}
+#endif
