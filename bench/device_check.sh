@@ -9,7 +9,7 @@
 #   env        GPU, driver, clocks, versions
 #   build      the CUDA extension, when csrc/ has sources (RESFUSE_BUILD_CUDA=1 setup.py build_ext --inplace)
 #   gpu_tests  python -m pytest -m gpu tests
-#   sanitizer  compute-sanitizer --tool memcheck on bench/sanitizer_case.py
+#   sanitizer  compute-sanitizer memcheck (triton + cuda) and racecheck (cuda) on bench/sanitizer_case.py
 #   bench      python bench/run.py --quick
 # then a summary table, printed last.
 #
@@ -97,7 +97,7 @@ EOF
             echo "CUDA_HOME=\"\$(cuda_home)\" TORCH_CUDA_ARCH_LIST=\"\${TORCH_CUDA_ARCH_LIST:-\$(arch_list)}\" MAX_JOBS=\${MAX_JOBS:-\$(nproc)} $PY -m pip install --no-build-isolation --no-deps --no-index -e ."
         fi ;;
     gpu_tests) echo "$PY -m pytest -m gpu tests -q -rfEs -p no:cacheprovider" ;;
-    sanitizer) echo "PYTORCH_NO_CUDA_MEMORY_CACHING=1 \"\$(find_sanitizer)\" --tool memcheck --error-exitcode 99 --print-limit 20 $PY bench/sanitizer_case.py" ;;
+    sanitizer) echo "PYTORCH_NO_CUDA_MEMORY_CACHING=1 \"\$(find_sanitizer)\" --tool memcheck --error-exitcode 99 --print-limit 20 $PY bench/sanitizer_case.py && PYTORCH_NO_CUDA_MEMORY_CACHING=1 \"\$(find_sanitizer)\" --tool racecheck --error-exitcode 99 --print-limit 20 $PY bench/sanitizer_case.py --backends cuda" ;;
     bench) echo "$PY bench/run.py --quick --out-dir \"$LOGDIR\" --summary-file \"$TMPD/bench_summary.md\" --budget-s \$BENCH_BUDGET" ;;
     esac
 }

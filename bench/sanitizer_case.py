@@ -1,6 +1,7 @@
 """A few tiny fused calls for ``compute-sanitizer --tool memcheck``.
 
     compute-sanitizer --tool memcheck --error-exitcode 99 python bench/sanitizer_case.py
+    compute-sanitizer --tool racecheck --error-exitcode 99 python bench/sanitizer_case.py --backends cuda
 
 Awkward shapes (odd sizes, stride 2, channels not a multiple of any
 block, N=1, a residual, NCHW and channels_last) through every resfuse
@@ -56,6 +57,8 @@ def make_args(shape, device, dtype, gen):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="run on CPU through the eager path only (no GPU needed)")
+    ap.add_argument("--backends", default="triton,cuda",
+                    help="GPU backends to run (comma-separated; racecheck runs the CUDA kernels only)")
     args = ap.parse_args(argv)
     import resfuse
     from resfuse.reference import conv_bn_act_reference, to_float64
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
     if args.check:  # the Triton kernels too when the interpreter is on
         backends = ["eager"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
     else:
-        backends = ["triton", "cuda"]
+        backends = [b for b in args.backends.split(",") if b]
     gen = torch.Generator().manual_seed(0)
     failures, ran = [], 0
     for shape in SHAPES:

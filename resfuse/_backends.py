@@ -83,23 +83,39 @@ def triton_reasons(device: torch.device, dtype: torch.dtype) -> List[str]:
 
 @lru_cache(maxsize=None)
 def cuda_extension():
-    """(module, "") when resfuse._C is built and importable, else (None, why)."""
+    """(module, "") when resfuse._C is built and importable (importing it
+    registers torch.ops.resfuse_cuda.*), else (None, why)."""
     try:
         mod = importlib.import_module("resfuse._C")
-    except ImportError:
-        return None, "the CUDA extension resfuse._C is not built"
+    except ImportError as e:
+        if "No module named" in str(e):
+            return None, "the CUDA extension resfuse._C is not built"
+        return None, f"the CUDA extension resfuse._C does not load ({e})"
     return mod, ""
 
 
-def cuda_reasons(op: str, device: torch.device) -> List[str]:
+#: Compute capabilities resfuse._C carries SASS for (TORCH_CUDA_ARCH_LIST
+#: "8.0;9.0"); sm_8x and sm_9x devices run them (same major version).
+CUDA_MAJORS = (8, 9)
+
+
+def cuda_reasons(op: str, device: torch.device, dtype: torch.dtype = None) -> List[str]:
+    """Why resfuse._C cannot run `op` on tensors of this device and dtype."""
     mod, why = cuda_extension()
     if mod is None:
         return [why]
-    if not hasattr(mod, op):
+    if op not in getattr(mod, "OPS", ()):
         return [f"resfuse._C has no {op} kernel"]
+    reasons = []
+    if dtype is not None and dtype not in _TRITON_DTYPES:
+        reasons.append(f"dtype {dtype} is not supported by the CUDA kernels (float16, bfloat16, float32)")
     if device.type != "cuda":
-        return [f"tensors are on {device.type}; the CUDA kernels need CUDA tensors"]
-    return []
+        reasons.append(f"tensors are on {device.type}; the CUDA kernels need CUDA tensors")
+    else:
+        major, minor = torch.cuda.get_device_capability(device)
+        if major not in CUDA_MAJORS:
+            reasons.append(f"resfuse._C carries code for sm_80 and sm_90; the device is sm_{major}{minor}")
+    return reasons
 
 
 def conv_allows_tf32() -> bool:

@@ -263,22 +263,26 @@ def launch_triton_conv(p: ConvBNActProblem, **launcher_kwargs) -> torch.Tensor:
     return kern.conv_bn_act_fwd(*args, allow_tf32=False, **launcher_kwargs)
 
 
-def _cuda_check(p: ConvBNActProblem) -> List[str]:
-    return cuda_reasons(OP, p.device)
+def cuda_check(p) -> List[str]:
+    """Why resfuse._C's conv kernel cannot run problem `p` (either op)."""
+    reasons = cuda_reasons(OP if not hasattr(p, "xs") else "conv_bn_proj_act", p.device, p.dtype)
+    if p.groups != 1:
+        reasons.append(f"groups={p.groups}: the CUDA kernel implements groups=1 only")
+    return reasons
 
 
 def _cuda_run(p: ConvBNActProblem) -> torch.Tensor:
-    from ._backends import cuda_extension
-    mod, _ = cuda_extension()
     out = alloc_output(p)
-    return getattr(mod, OP)(p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps,
-                            p.residual, p.stride, p.padding, p.dilation,
-                            ACTIVATIONS[p.activation].triton_id, out)
+    with torch.cuda.device(p.device):
+        torch.ops.resfuse_cuda.conv_bn_act(p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias,
+                                           p.eps, p.residual, p.stride, p.padding, p.dilation, p.groups,
+                                           ACTIVATIONS[p.activation].triton_id, conv_allows_tf32(), out)
+    return out
 
 
 dispatch.register(OP, "eager", lambda p: [], _eager_run)
 dispatch.register(OP, "triton", triton_check, launch_triton_conv)
-dispatch.register(OP, "cuda", _cuda_check, _cuda_run)
+dispatch.register(OP, "cuda", cuda_check, _cuda_run)
 
 
 # ----------------------------------------------------------------------------

@@ -15,9 +15,10 @@ from typing import List, Optional
 import torch
 
 from . import dispatch
-from ._backends import cuda_reasons
+from ._backends import conv_allows_tf32
 from .activations import get_activation
-from .ops import (ConvBNActProblem, _check_tensor, _pair, activation_grad, branch_grads, launch_triton_conv,
+from .ops import (ACTIVATIONS, ConvBNActProblem, _check_tensor, _pair, activation_grad, alloc_output, branch_grads,
+                  cuda_check, launch_triton_conv,
                   make_problem, output_memory_format, pre_activation, triton_check)
 
 OP = "conv_bn_proj_act"
@@ -98,13 +99,19 @@ def _triton_run(p: ConvBNProjProblem) -> torch.Tensor:
                                              p.bn_weight_d, p.bn_bias_d, p.eps_d, p.stride_d))
 
 
-def _cuda_check(p) -> List[str]:
-    return cuda_reasons(OP, p.device)
+def _cuda_run(p: ConvBNProjProblem) -> torch.Tensor:
+    out = alloc_output(p)
+    with torch.cuda.device(p.device):
+        torch.ops.resfuse_cuda.conv_bn_proj_act(
+            p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps,
+            p.xs, p.weight_d, p.bias_d, p.bn_mean_d, p.bn_var_d, p.bn_weight_d, p.bn_bias_d, p.eps_d, p.stride_d,
+            p.stride, p.padding, p.dilation, p.groups, ACTIVATIONS[p.activation].triton_id, conv_allows_tf32(), out)
+    return out
 
 
 dispatch.register(OP, "eager", lambda p: [], _eager_run)
 dispatch.register(OP, "triton", triton_check, _triton_run)
-dispatch.register(OP, "cuda", _cuda_check)  # no CUDA kernel yet: reasons only
+dispatch.register(OP, "cuda", cuda_check, _cuda_run)
 
 
 @torch.library.custom_op("resfuse::conv_bn_proj_act", mutates_args=())
