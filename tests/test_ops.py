@@ -527,6 +527,18 @@ GRADCHECK_CASES = [
 ]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GEOMETRY_CASES + FEATURE_CASES + DTYPE_LAYOUT_CASES, ids=lambda c: c.name)
+def test_matrix_through_the_cuda_backend(case):
+    """The Triton kernel's whole matrix through resfuse._C's CUDA kernel
+    (csrc/conv_bn_act.cu), by the same rule."""
+    from resfuse._backends import cuda_extension
+    if cuda_extension()[0] is None:
+        pytest.fail(f"resfuse._C is not built on this GPU machine: {cuda_extension()[1]}")
+    check_case(case, torch.device("cuda"), backend="cuda")
+    assert resfuse.last_decision().backend == "cuda"
+
+
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=lambda c: c.name)
 def test_gradcheck_eager_float64(case):
     """gradcheck of every differentiable input (x, weight, bias, the four BN
