@@ -1,6 +1,7 @@
 """Availability of the compiled backends: Triton kernels and the CUDA
 extension. Importing this module imports neither."""
 
+import glob
 import importlib
 import importlib.util
 import os
@@ -86,12 +87,27 @@ def cuda_extension():
     """(module, "") when resfuse._C is built and importable (importing it
     registers torch.ops.resfuse_cuda.*), else (None, why)."""
     try:
-        mod = importlib.import_module("resfuse._C")
+        return importlib.import_module("resfuse._C"), ""
     except ImportError as e:
-        if "No module named" in str(e):
-            return None, "the CUDA extension resfuse._C is not built"
-        return None, f"the CUDA extension resfuse._C does not load ({e})"
-    return mod, ""
+        if "No module named" not in str(e):
+            return None, f"the CUDA extension resfuse._C does not load ({e})"
+    # Running from a source checkout (its resfuse/ first on sys.path) after
+    # `pip install .` built the extension into site-packages: use that one.
+    here = os.path.dirname(os.path.abspath(__file__))
+    for entry in sys.path:
+        pkg = os.path.join(entry or os.getcwd(), "resfuse")
+        if not os.path.isdir(pkg) or os.path.realpath(pkg) == os.path.realpath(here):
+            continue
+        for so in sorted(glob.glob(os.path.join(pkg, "_C*.so")) + glob.glob(os.path.join(pkg, "_C*.pyd"))):
+            try:
+                spec = importlib.util.spec_from_file_location("resfuse._C", so)
+                mod = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(mod)
+            except ImportError as e:
+                return None, f"the CUDA extension {so} does not load ({e})"
+            sys.modules["resfuse._C"] = mod
+            return mod, ""
+    return None, "the CUDA extension resfuse._C is not built"
 
 
 #: Compute capabilities resfuse._C carries SASS for (TORCH_CUDA_ARCH_LIST
