@@ -1,0 +1,527 @@
+// CPU emulator of the CUDA kernel in csrc/conv_bn_act.cu: the only execution evidence for that
+// kernel on machines without a GPU (tests/test_csrc_emulation.py builds and runs it).
+//
+// What it emulates. The .cu file is compiled unchanged by g++ with RESFUSE_CONV_BN_ACT_EMULATE
+// naming emu_shims.h, which replaces its device primitives (and nothing else):
+//   * every CUDA thread of a CTA is a std::thread (CTAs run one after another); __syncthreads is a
+//     std::barrier over the CTA; shared memory is a per-CTA buffer filled with 0xff (NaN in every
+//     dtype) so a read of an unwritten byte poisons the result;
+//   * staggered warps: after every __syncthreads one warp (rotating) waits until all the others
+//     have reached the next barrier or exited, so a missing __syncthreads (a stage refilled while
+//     a warp still reads it, or read before a warp wrote it) fails deterministically, not by luck
+//     of the scheduler (EMU_STAGGER=0 turns this off, for debugging only);
+//   * mma.sync (m16n8k16 f16/bf16, m16n8k8 tf32) is a barrier over the warp's 32 threads, which
+//     then compute D = A*B + C from the fragment layouts of the PTX ISA tables (products summed in
+//     double, rounded to float once per instruction); tf32 operands must already be tf32 values
+//     (the kernel rounds with cvt.rna), their low 13 bits are dropped as the hardware does;
+//   * cp.async lands either at issue ("early") or as late as the PTX rules allow, i.e. at the
+//     cp.async.wait_group that covers its commit group ("late"); runs alternate the two, so a
+//     missing/short wait (late) and a refill of a stage still being read (early) both show;
+//   * __ldg and cp.async sources are checked against the input tensors (out-of-range reads are
+//     counted and not performed) and natural alignment (16 B for cp.async, sizeof for __ldg).
+// Checks per case, each a failure: every output element against a float64 reference of the
+// formula in the .cu header (tolerance below), outputs pre-filled with NaN (an unwritten element
+// fails), NaN guard regions before and after out (stray writes), out-of-range / misaligned global
+// reads, cp.async outside shared memory, writes past the shared buffer, cp.async never waited for,
+// mma.sync tf32 operands that are not tf32 values, and (SIGSEGV) reads past the end of the BN /
+// bias vectors, which end at a PROT_NONE page. Inputs include NaN/Inf (one case) and a pointer
+// offset by one element (element-wise loads, unpaired stores).
+// Tolerance: |got - want| <= 2.5*(rtol_op*mag + 1e-6*mag + rtol_out*|want|) + 1e-6, mag = sum of
+// |products| (times |BN scale|), rtol_op = operand rounding (tf32 1/1024, 3xTF32 2e-6, 16-bit 1e-6:
+// the reference uses the rounded inputs), rtol_out = one rounding to the dtype (fp16 1/1024, bf16
+// 1/128, fp32 1.2e-7). Non-finite references: NaN must be NaN, +-Inf the same Inf; a finite
+// reference reached through an Inf (relu(-Inf) = 0) must match to the output rounding.
+//
+// Race detector: built with -fsanitize=thread (the test does, on a few cases) ThreadSanitizer
+// checks every shared-memory access against the happens-before order of this model (barriers,
+// warp barriers, cp.async landing in the issuing thread at issue or at its wait); unordered
+// conflicting accesses are reported even when the run happened to compute the right numbers.
+//
+// What it cannot catch: real async-copy timing (only the two extremes above); hazards that exist
+// only on the hardware's model and not this one (it is no replacement for compute-sanitizer
+// --tool racecheck / memcheck on a GPU); the real hardware MMA (a fragment layout
+// misread the same way by the kernel and by this file passes; hardware accumulation order and
+// rounding inside an mma differ from the double sum here); nvcc code generation (registers,
+// spills, __launch_bounds__, occupancy, bank conflicts, speed); CUDA's expf/erff/sqrtf (the host
+// libm runs instead); misaligned or out-of-range *stores* beyond the guard regions (plain C++
+// stores on x86 never fault); raw-pointer reads before the BN vectors' start; launch errors.
+//
+// By hand, from the repository root (any CUDA toolkit's include dir, for cuda_runtime.h's types):
+//   g++ -O2 -std=c++20 -pthread -I/usr/local/cuda/include tests/csrc_emu/emu.cpp -o /tmp/cba_emu
+//   /tmp/cba_emu          # all cases x {f16, bf16, tf32, 3xtf32}
+//   /tmp/cba_emu 3 7      # cases 3 and 7 only
+//   # ThreadSanitizer build, ~5x slower:
+//   g++ -O1 -g -fsanitize=thread -std=c++20 -pthread -I/usr/local/cuda/include tests/csrc_emu/emu.cpp -o /tmp/cba_tsan
+//   /tmp/cba_tsan 2 3 4 6
+// Output: one line per case and mode, "case <i> <mode> <landing> <name>: ok|FAIL (...)", then
+// "emu: <n> cases, <k> ok, <f> failed"; exit status 0 iff nothing failed. ~20-30 s on 2 cores.
+#include <atomic>
+#include <barrier>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cuda_runtime.h>
+
+#define __launch_bounds__(...)
+
+namespace emu {
+constexpr int kSmemCap = 48 * 1024;  // static shared memory limit; the tail past the request is a guard
+struct Slot { uint32_t a[4], b[2]; };
+struct Cta {
+  alignas(16) unsigned char smem[kSmemCap];
+  std::atomic<int> smem_bytes{0};  // set by every thread, same value
+  int threads = 0;
+  std::atomic<long long> arrivals{0};  // __syncthreads arrivals + exits of all threads
+  std::unique_ptr<std::barrier<>> bar;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
+  Slot slots[2][8][32];  // [mma call parity][warp][lane]
+};
+thread_local Cta* cta = nullptr;
+thread_local int tid = 0;
+thread_local unsigned mma_calls = 0;  // same count in every lane of a warp (mma.sync.aligned)
+
+struct Range { const char* lo; const char* hi; };
+std::vector<Range> readable;  // global inputs the kernel may read (read-only during a launch)
+bool late_landing = false;    // cp.async policy of the current launch
+
+// Per-thread counters, folded into Stats when the thread ends.
+struct Counters {
+  long long bad_reads = 0, misaligned = 0, smem_oob = 0, unwaited = 0, not_tf32 = 0, cp = 0, ldg = 0;
+  void add(const Counters& o) {
+    bad_reads += o.bad_reads; misaligned += o.misaligned; smem_oob += o.smem_oob; unwaited += o.unwaited;
+    not_tf32 += o.not_tf32; cp += o.cp; ldg += o.ldg;
+  }
+};
+thread_local Counters tc;
+Counters stats;  // of the current launch
+long long smem_overrun = 0;
+std::mutex mu;
+
+inline bool check_global(const void* p, size_t n, size_t align) {
+  const char* c = static_cast<const char*>(p);
+  if (reinterpret_cast<uintptr_t>(p) % align) ++tc.misaligned;
+  ++tc.ldg;
+  for (auto& r : readable)
+    if (c >= r.lo && c + n <= r.hi) return true;
+  ++tc.bad_reads;
+  return false;
+}
+
+struct Copy { unsigned char* dst; const void* src; bool valid; };
+thread_local std::vector<Copy> open_copies;           // issued, not yet committed
+thread_local std::deque<std::vector<Copy>> groups;     // committed, not yet landed
+inline void land(const Copy& c) {
+  if (c.valid) std::memcpy(c.dst, c.src, 16); else std::memset(c.dst, 0, 16);
+}
+inline void cp_async(void* dst, const void* src, bool valid) {
+  ++tc.cp;
+  unsigned char* d = static_cast<unsigned char*>(dst);
+  if (d < cta->smem || d + 16 > cta->smem + cta->smem_bytes.load(std::memory_order_relaxed)) { ++tc.smem_oob; return; }
+  if (reinterpret_cast<uintptr_t>(d) % 16) ++tc.misaligned;
+  if (valid) {
+    if (reinterpret_cast<uintptr_t>(src) % 16) ++tc.misaligned;
+    const char* c = static_cast<const char*>(src);
+    bool in = false;
+    for (auto& r : readable) in = in || (c >= r.lo && c + 16 <= r.hi);
+    if (!in) { ++tc.bad_reads; valid = false; }
+  }
+  const Copy cp{d, src, valid};
+  if (late_landing) open_copies.push_back(cp); else land(cp);
+}
+inline void cp_commit() {
+  if (!late_landing) return;
+  groups.push_back(std::move(open_copies));
+  open_copies.clear();
+}
+inline void cp_wait(int pending) {  // cp.async.wait_group: all but the `pending` newest groups land
+  while (static_cast<int>(groups.size()) > pending) {
+    for (const Copy& c : groups.front()) land(c);
+    groups.pop_front();
+  }
+}
+inline unsigned char* shared_buffer(int bytes) {
+  if (bytes > kSmemCap) { std::fprintf(stderr, "emu: shared buffer of %d B > %d B\n", bytes, kSmemCap); std::abort(); }
+  cta->smem_bytes.store(bytes, std::memory_order_relaxed);  // every thread asks for the same size
+  return cta->smem;
+}
+template <int kKind>  // 0 f16, 1 bf16, 2 tf32
+void warp_mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+void run_grid(std::function<void()> body, unsigned gx, unsigned gy, int threads);
+}  // namespace emu
+
+thread_local uint3 threadIdx, blockIdx;
+// Staggered warps: after each barrier one warp (rotating with the barrier count and the CTA)
+// waits until every other thread has reached the next barrier or exited, so it runs its interval
+// last. A missing __syncthreads then shows deterministically: the others refill a stage it still
+// has to read, or it writes rows of a stage the others have already read.
+namespace emu {
+thread_local unsigned barrier_epoch = 0;
+bool stagger = true;
+// Every thread passes the same barriers, so while the staggered warp waits after barrier e every
+// thread has arrived e or e+1 times (an exit counts as one more arrival): the others are all
+// done exactly when arrivals == threads*e + threads - 32. Only the arrival that makes it so wakes.
+inline void arrive(unsigned count) {  // this thread has now arrived `count` times
+  const long long v = cta->arrivals.fetch_add(1, std::memory_order_acq_rel) + 1;
+  if (v == static_cast<long long>(cta->threads) * count - 32) cta->arrivals.notify_all();
+}
+inline void wait_for_others(unsigned e) {
+  const long long target = static_cast<long long>(cta->threads) * (e + 1) - 32;
+  for (long long v; (v = cta->arrivals.load(std::memory_order_acquire)) != target;) cta->arrivals.wait(v);
+}
+}  // namespace emu
+inline void __syncthreads() {
+  emu::Cta* c = emu::cta;
+  const unsigned e = ++emu::barrier_epoch;
+  emu::arrive(e);
+  c->bar->arrive_and_wait();
+  const int warp = emu::tid >> 5;
+  if (emu::stagger && unsigned(warp) == (e + blockIdx.x + blockIdx.y) % unsigned(c->threads / 32)) {
+    if ((emu::tid & 31) == 0) emu::wait_for_others(e);
+    c->warp_bar[warp]->arrive_and_wait();  // the warp's other lanes wait for lane 0
+  }
+}
+
+// Resolved relative to csrc/conv_bn_act.cu, the file that includes it.
+#define RESFUSE_CONV_BN_ACT_EMULATE "../tests/csrc_emu/emu_shims.h"
+#include "../../csrc/conv_bn_act.cu"
+
+namespace emu {
+static float h2f(uint16_t b) { return resfuse::detail::f16_to_float(b); }
+static float b2f(uint16_t b) { return resfuse::detail::bf16_to_float(b); }
+static bool is_tf32(uint32_t w) { return (w & 0x1fffu) == 0 || (w & 0x7f800000u) == 0x7f800000u; }
+
+// PTX ISA fragment layouts, g = lane / 4, t = lane % 4:
+//   m16n8k16 (.f16/.bf16, two 16-bit values per register, low half first):
+//     A (16x16, row major): reg i of lane = rows g + 8*(i%2), cols 2t + 8*(i/2) + {0,1}
+//     B (16x8,  col major): reg i of lane = rows 2t + 8*i + {0,1}, col g
+//   m16n8k8 (.tf32, one value per register):
+//     A (16x8): reg i = row g + 8*(i%2), col t + 4*(i/2);   B (8x8): reg i = row t + 4*i, col g
+//   C/D (16x8, fp32): reg i = row g + 8*(i/2), col 2t + i%2
+template <int kKind>
+void warp_mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const int lane = tid & 31, w = tid >> 5;
+  // Double-buffered slots: lanes write buffer (n % 2) at their n-th mma and read it after the
+  // barrier; a lane can rewrite that buffer (call n + 2) only after every lane has passed the
+  // barrier of call n + 1, i.e. after all of them finished reading call n. One barrier per mma.
+  Slot* S = cta->slots[mma_calls++ & 1][w];
+  std::memcpy(S[lane].a, a, sizeof(S[lane].a));
+  std::memcpy(S[lane].b, b, sizeof(S[lane].b));
+  if (kKind == 2)
+    for (uint32_t v : a) tc.not_tf32 += !is_tf32(v);
+  if (kKind == 2)
+    for (uint32_t v : b) tc.not_tf32 += !is_tf32(v);
+  cta->warp_bar[w]->arrive_and_wait();  // all 32 lanes present (mma.sync.aligned)
+  const int g = lane >> 2, t = lane & 3;
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+    double sum = c[i];
+    if (kKind < 2) {
+      for (int k = 0; k < 16; ++k) {
+        const uint32_t wa = S[(row % 8) * 4 + (k % 8) / 2].a[(row / 8) + 2 * (k / 8)];
+        const uint32_t wb = S[col * 4 + (k % 8) / 2].b[k / 8];
+        const uint16_t ha = uint16_t(wa >> (16 * (k % 2))), hb = uint16_t(wb >> (16 * (k % 2)));
+        const double va = kKind == 0 ? h2f(ha) : b2f(ha), vb = kKind == 0 ? h2f(hb) : b2f(hb);
+        sum += va * vb;
+      }
+    } else {
+      for (int k = 0; k < 8; ++k) {
+        const uint32_t wa = S[(row % 8) * 4 + k % 4].a[(row / 8) + 2 * (k / 4)];
+        const uint32_t wb = S[col * 4 + k % 4].b[k / 4];
+        sum += double(resfuse::detail::as_float(wa & ~0x1fffu)) * double(resfuse::detail::as_float(wb & ~0x1fffu));
+      }
+    }
+    out[i] = float(sum);
+  }
+  for (int i = 0; i < 4; ++i) c[i] = out[i];
+}
+
+void run_grid(std::function<void()> body, unsigned gx, unsigned gy, int threads) {
+  for (unsigned by = 0; by < gy; ++by)
+    for (unsigned bx = 0; bx < gx; ++bx) {
+      auto c = std::make_unique<Cta>();
+      std::memset(c->smem, 0xff, sizeof(c->smem));  // NaN garbage: unwritten smem shows up
+      c->threads = threads;
+      c->bar = std::make_unique<std::barrier<>>(threads);
+      for (int w = 0; w < threads / 32; ++w) c->warp_bar.push_back(std::make_unique<std::barrier<>>(32));
+      std::vector<std::thread> ts;
+      for (int t = 0; t < threads; ++t)
+        ts.emplace_back([&, t] {
+          cta = c.get();
+          tid = t;
+          threadIdx = make_uint3(t, 0, 0);
+          blockIdx = make_uint3(bx, by, 0);
+          body();
+          emu::arrive(emu::barrier_epoch + 1);
+          for (auto& g : groups) tc.unwaited += g.size();
+          tc.unwaited += open_copies.size();
+          std::lock_guard<std::mutex> l(mu);
+          stats.add(tc);
+        });
+      for (auto& th : ts) th.join();
+      for (int i = c->smem_bytes.load(); i < kSmemCap; ++i) smem_overrun += c->smem[i] != 0xff;
+    }
+}
+}  // namespace emu
+
+// ------------------------------------------------------------------------------------------------
+// Driver: cases x math modes vs a float64 reference.
+// ------------------------------------------------------------------------------------------------
+using resfuse::DType;
+struct Case {
+  const char* name;
+  int N, H, W, C, K, R, S, sh, sw, ph, pw, dh, dw;
+  bool bias, bn, gamma, beta, res;
+  int act;
+  bool proj; int Hs, Ws, Cs, sdh, sdw; bool bias_d, bn_d;
+  int misalign;      // elements to offset x, xs, out and residual by: element-wise loads, unpaired stores
+  bool nonfinite;    // inject NaN / +Inf / -Inf in x
+};
+
+static uint16_t f2h(float v) { return resfuse::detail::float_to_f16(v); }
+static uint16_t f2b(float v) { return resfuse::detail::float_to_bf16(v); }
+
+// dtype-typed host buffer, 64-byte aligned, with kGuard elements before and after; index i may be
+// in [-kGuard, n + kGuard).
+struct Buf {
+  static constexpr long kGuard = 64;
+  struct alignas(64) Line { unsigned char b[64]; };
+  DType dt; long n; std::vector<Line> lines;
+  Buf(DType d, long count) : dt(d), n(count), lines(((count + 2 * kGuard) * es() + 63) / 64) {}
+  long es() const { return dt == DType::kFloat32 ? 4 : 2; }
+  unsigned char* at(long i) { return reinterpret_cast<unsigned char*>(lines.data()) + (i + kGuard) * es(); }
+  void set(long i, float v) {
+    unsigned char* p = at(i);
+    if (dt == DType::kFloat32) std::memcpy(p, &v, 4);
+    else { uint16_t h = dt == DType::kFloat16 ? f2h(v) : f2b(v); std::memcpy(p, &h, 2); }
+  }
+  float get(long i) {
+    unsigned char* p = at(i);
+    if (dt == DType::kFloat32) { float v; std::memcpy(&v, p, 4); return v; }
+    uint16_t h; std::memcpy(&h, p, 2);
+    return dt == DType::kFloat16 ? resfuse::detail::f16_to_float(h) : resfuse::detail::bf16_to_float(h);
+  }
+  emu::Range range(long lo, long hi) { return {(const char*)at(lo), (const char*)at(hi)}; }
+};
+
+// n floats ending exactly at a PROT_NONE page: a read past the end is a SIGSEGV; the rest of the
+// page in front is NaN, so a read before the start poisons the result instead.
+struct GuardedVec {
+  void* base = nullptr; size_t len = 0; float* data = nullptr;
+  explicit GuardedVec(const std::vector<float>& v) {
+    const size_t page = size_t(sysconf(_SC_PAGESIZE)), bytes = v.size() * sizeof(float);
+    const size_t body = (bytes + page - 1) / page * page + (bytes == 0 ? page : 0);
+    len = body + page;
+    base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED || mprotect(static_cast<char*>(base) + body, page, PROT_NONE) != 0) {
+      std::perror("emu: mmap"); std::exit(2);
+    }
+    float* all = static_cast<float*>(base);
+    for (size_t i = 0; i < body / sizeof(float); ++i) all[i] = NAN;
+    data = reinterpret_cast<float*>(static_cast<char*>(base) + body - bytes);
+    std::memcpy(data, v.data(), bytes);
+  }
+  ~GuardedVec() { munmap(base, len); }
+  GuardedVec(const GuardedVec&) = delete;
+  GuardedVec& operator=(const GuardedVec&) = delete;
+};
+
+static char g_current[256] = "(none)";
+extern "C" void on_segv(int) {
+  const char a[] = "\nemu: SIGSEGV (a read past a guarded BN/bias vector, or a stray pointer) in case ";
+  ssize_t r = write(2, a, sizeof(a) - 1);
+  r = write(2, g_current, strlen(g_current));
+  r = write(2, "\n", 1);
+  (void)r;
+  _exit(3);
+}
+
+struct Result { int fails; double worst; long long cp, ldg; };
+
+static Result run_case(const Case& cs, DType dt, bool tf32, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> U(-1.f, 1.f);
+  const int P = (cs.H + 2 * cs.ph - cs.dh * (cs.R - 1) - 1) / cs.sh + 1;
+  const int Q = (cs.W + 2 * cs.pw - cs.dw * (cs.S - 1) - 1) / cs.sw + 1;
+  const long M = long(cs.N) * P * Q;
+  const long nx = long(cs.N) * cs.H * cs.W * cs.C, nw = long(cs.K) * cs.R * cs.S * cs.C, no = M * cs.K;
+  const long mis = cs.misalign;
+  Buf x(dt, nx + mis), w(dt, nw), out(dt, no + mis), res(dt, no + mis);
+  const long nxs = cs.proj ? long(cs.N) * cs.Hs * cs.Ws * cs.Cs : 0, nwd = cs.proj ? long(cs.K) * cs.Cs : 0;
+  Buf xs(dt, nxs + mis), wd(dt, nwd);
+  for (long i = 0; i < nx; ++i) x.set(i + mis, U(rng));
+  if (cs.nonfinite) { x.set(mis + 3 * cs.C / 2, NAN); x.set(mis + nx / 2, INFINITY); x.set(mis + nx - 1, -INFINITY); }
+  for (long i = 0; i < nw; ++i) w.set(i, U(rng));
+  for (long i = 0; i < no; ++i) res.set(i + mis, U(rng));
+  for (long i = 0; i < nxs; ++i) xs.set(i + mis, U(rng));
+  for (long i = 0; i < nwd; ++i) wd.set(i, U(rng));
+  for (long i = -Buf::kGuard; i < no + mis + Buf::kGuard; ++i) out.set(i, NAN);
+  std::vector<float> bias(cs.K), mean(cs.K), var(cs.K), gam(cs.K), bet(cs.K), bd(cs.K), md(cs.K), vd(cs.K), gd(cs.K), btd(cs.K);
+  for (int k = 0; k < cs.K; ++k) {
+    bias[k] = U(rng); mean[k] = 0.3f * U(rng); var[k] = 0.5f + U(rng) * 0.4f; gam[k] = 1.2f * U(rng); bet[k] = U(rng);
+    bd[k] = U(rng); md[k] = 0.3f * U(rng); vd[k] = 0.6f + 0.3f * U(rng); gd[k] = U(rng); btd[k] = U(rng);
+  }
+  GuardedVec g_bias(bias), g_mean(mean), g_var(var), g_gam(gam), g_bet(bet), g_bd(bd), g_md(md), g_vd(vd), g_gd(gd),
+      g_btd(btd);
+  resfuse::ConvBNActParams p{};
+  p.x = x.at(mis); p.weight = w.at(0); p.out = out.at(mis);
+  p.bias = cs.bias ? g_bias.data : nullptr;
+  p.bn_mean = cs.bn ? g_mean.data : nullptr; p.bn_var = g_var.data;
+  p.bn_weight = cs.gamma ? g_gam.data : nullptr; p.bn_bias = cs.beta ? g_bet.data : nullptr; p.eps = 1e-5f;
+  p.residual = cs.res ? res.at(mis) : nullptr;
+  if (cs.proj) {
+    p.xs = xs.at(mis); p.wd = wd.at(0); p.bias_d = cs.bias_d ? g_bd.data : nullptr;
+    p.mean_d = cs.bn_d ? g_md.data : nullptr; p.var_d = g_vd.data; p.gamma_d = g_gd.data; p.beta_d = g_btd.data;
+    p.eps_d = 1e-3f; p.Hs = cs.Hs; p.Ws = cs.Ws; p.Cs = cs.Cs; p.sd_h = cs.sdh; p.sd_w = cs.sdw;
+  }
+  p.N = cs.N; p.H = cs.H; p.W = cs.W; p.C = cs.C; p.K = cs.K; p.R = cs.R; p.S = cs.S; p.P = P; p.Q = Q;
+  p.stride_h = cs.sh; p.stride_w = cs.sw; p.pad_h = cs.ph; p.pad_w = cs.pw; p.dil_h = cs.dh; p.dil_w = cs.dw;
+  p.activation = cs.act; p.dtype = dt; p.allow_tf32 = tf32;
+  emu::readable = {x.range(mis, mis + nx), w.range(0, nw)};  // only what this launch may read
+  if (cs.res) emu::readable.push_back(res.range(mis, mis + no));
+  if (cs.proj) { emu::readable.push_back(xs.range(mis, mis + nxs)); emu::readable.push_back(wd.range(0, nwd)); }
+  emu::stats = {};
+  emu::smem_overrun = 0;
+  const char* err = resfuse::conv_bn_act_launch(p, nullptr);
+  if (err) { std::printf("  launch error: %s\n", err); return {1, 0, 0, 0}; }
+
+  // float64 reference, plus mag = sum |terms| for the tolerance
+  const double rtol_op = dt == DType::kFloat32 ? (tf32 ? 1.0 / 1024 : 2e-6) : 1e-6;  // operand rounding
+  const double rtol_out = dt == DType::kFloat32 ? 1.2e-7 : (dt == DType::kFloat16 ? 1.0 / 1024 : 1.0 / 128);
+  int bad = 0;
+  double worst = 0;  // max |err| / tol over finite references
+  for (long m = 0; m < M; ++m) {
+    const int n = int(m / (long(P) * Q)), pp = int(m / Q % P), qq = int(m % Q);
+    for (int k = 0; k < cs.K; ++k) {
+      double acc = 0, mag = 0;
+      for (int r = 0; r < cs.R; ++r)
+        for (int s = 0; s < cs.S; ++s) {
+          const int ih = pp * cs.sh - cs.ph + r * cs.dh, iw = qq * cs.sw - cs.pw + s * cs.dw;
+          if (ih < 0 || ih >= cs.H || iw < 0 || iw >= cs.W) continue;
+          for (int c = 0; c < cs.C; ++c) {
+            const double a = x.get(mis + ((long(n) * cs.H + ih) * cs.W + iw) * cs.C + c);
+            const double b = w.get(((long(k) * cs.R + r) * cs.S + s) * cs.C + c);
+            acc += a * b; mag += std::fabs(a * b);
+          }
+        }
+      double y = acc + (cs.bias ? bias[k] : 0.0);
+      double scale = 1;
+      if (cs.bn) {
+        scale = (cs.gamma ? gam[k] : 1.0) / std::sqrt(double(var[k]) + 1e-5);
+        y = (y - mean[k]) * scale + (cs.beta ? bet[k] : 0.0);
+      }
+      mag *= std::fabs(scale);
+      if (cs.proj) {
+        double ad = 0, magd = 0;
+        for (int c = 0; c < cs.Cs; ++c) {
+          const double a = xs.get(mis + ((long(n) * cs.Hs + pp * cs.sdh) * cs.Ws + qq * cs.sdw) * cs.Cs + c);
+          const double b = wd.get(long(k) * cs.Cs + c);
+          ad += a * b; magd += std::fabs(a * b);
+        }
+        double yd = ad + (cs.bias_d ? bd[k] : 0.0), sd = 1;
+        if (cs.bn_d) { sd = gd[k] / std::sqrt(double(vd[k]) + 1e-3); yd = (yd - md[k]) * sd + btd[k]; }
+        y += yd; mag += magd * std::fabs(sd);
+      }
+      if (cs.res) y += res.get(mis + m * cs.K + k);
+      switch (cs.act) {
+        case 1: y = y < 0 ? 0 : y; break;
+        case 2: y = y < 0 ? 0 : (y > 6 ? 6 : y); break;
+        case 3: y = y / (1 + std::exp(-y)); break;
+        case 4: y = 0.5 * y * (1 + std::erf(y / std::sqrt(2.0))); break;
+      }
+      const double got = out.get(mis + m * cs.K + k);
+      bool ok;
+      if (!std::isfinite(y)) {
+        ok = (std::isnan(y) && std::isnan(got)) || (std::isinf(y) && got == y);
+      } else {
+        // mag is infinite only when an Inf was clamped away (relu(-Inf) = 0): output rounding only
+        const double tol = std::isfinite(mag) ? 2.5 * (rtol_op * mag + 1e-6 * mag + rtol_out * std::fabs(y)) + 1e-6
+                                              : 2.5 * rtol_out * std::fabs(y) + 1e-6;
+        const double e = std::fabs(got - y);
+        ok = e <= tol;  // false for a NaN got
+        if (std::isfinite(got)) worst = std::max(worst, e / tol);
+      }
+      if (!ok && bad++ < 5) std::printf("  mismatch m=%ld k=%d got %.8g want %.8g (mag %.3g)\n", m, k, got, y, mag);
+    }
+  }
+  if (bad > 5) std::printf("  ... %d mismatches in all\n", bad);
+  int guard_bad = 0;
+  for (long i = -Buf::kGuard; i < mis; ++i) guard_bad += !std::isnan(out.get(i));
+  for (long i = mis + no; i < mis + no + Buf::kGuard; ++i) guard_bad += !std::isnan(out.get(i));
+  if (guard_bad) std::printf("  %d writes outside out (guard regions)\n", guard_bad);
+  const emu::Counters& st = emu::stats;
+  const long long extra[] = {st.bad_reads, st.misaligned, st.smem_oob, emu::smem_overrun, st.unwaited, st.not_tf32};
+  const char* what[] = {"global reads outside the inputs", "misaligned global/shared accesses",
+                        "cp.async outside the shared buffer", "bytes written past the shared buffer",
+                        "cp.async copies never waited for", "tf32 mma operands that are not tf32 values"};
+  int extra_bad = 0;
+  for (int i = 0; i < 6; ++i)
+    if (extra[i]) { std::printf("  %lld %s\n", extra[i], what[i]); ++extra_bad; }
+  return {bad + guard_bad + extra_bad, worst, st.cp, st.ldg};
+}
+
+int main(int argc, char** argv) {
+  std::signal(SIGSEGV, on_segv);
+  if (const char* e = std::getenv("EMU_STAGGER")) emu::stagger = std::atoi(e) != 0;  // 0: off (debugging)
+  std::signal(SIGBUS, on_segv);
+  // name, N,H,W,C,K,R,S, sh,sw,ph,pw,dh,dw, bias,bn,gamma,beta,res, act, proj,Hs,Ws,Cs,sdh,sdw,bias_d,bn_d, misalign, nonfinite
+  const Case cases[] = {
+    {"3x3 s2 C=19 K=70 bn res relu", 2, 7, 9, 19, 70, 3, 3, 2, 2, 1, 1, 1, 1, true, true, true, true, true, 1, false, 0, 0, 0, 1, 1, false, false, 0, false},
+    {"3x2 dil(2,1) pad(2,1) C=40 K=33 silu", 1, 12, 12, 40, 33, 3, 2, 1, 1, 2, 1, 2, 1, false, true, false, true, false, 3, false, 0, 0, 0, 1, 1, false, false, 0, false},
+    {"proj Cs=12 + res gelu", 2, 8, 8, 16, 64, 3, 3, 2, 2, 1, 1, 1, 1, true, true, true, true, true, 4, true, 8, 8, 12, 2, 2, true, true, 0, false},
+    {"proj Cs=24 no bn_d relu6 K=10", 1, 5, 7, 8, 10, 1, 1, 1, 1, 0, 0, 1, 1, false, false, false, false, false, 2, true, 9, 13, 24, 2, 2, true, false, 0, false},
+    {"1x1 C=72 K=128 bias res misaligned", 1, 6, 6, 72, 128, 1, 1, 1, 1, 0, 0, 1, 1, true, false, false, false, true, 0, false, 0, 0, 0, 1, 1, false, false, 1, false},
+    {"3x3 C=64 K=96 M=160 vec", 1, 10, 16, 64, 96, 3, 3, 1, 1, 1, 1, 1, 1, false, true, true, true, true, 1, false, 0, 0, 0, 1, 1, false, false, 0, false},
+    {"nonfinite x identity", 1, 5, 5, 8, 16, 3, 3, 1, 1, 1, 1, 1, 1, true, true, true, true, false, 0, false, 0, 0, 0, 1, 1, false, false, 0, true},
+    {"proj M=338 K=45 odd + res relu6", 2, 13, 13, 8, 45, 3, 3, 1, 1, 1, 1, 1, 1, true, true, true, false, true, 2, true, 13, 13, 16, 1, 1, false, true, 0, false},
+    {"C=3 stem 7x7 s2 relu", 1, 11, 11, 3, 8, 7, 7, 2, 2, 3, 3, 1, 1, false, true, true, true, false, 1, false, 0, 0, 0, 1, 1, false, false, 0, false},
+  };
+  struct Mode { const char* n; DType d; bool tf32; } modes[] = {
+      {"f16", DType::kFloat16, false}, {"bf16", DType::kBFloat16, false},
+      {"tf32", DType::kFloat32, true}, {"3xtf32", DType::kFloat32, false}};
+  const int ncases = int(sizeof(cases) / sizeof(cases[0]));
+  std::vector<bool> selected(ncases, argc == 1);  // no arguments: every case
+  for (int i = 1; i < argc; ++i) {
+    char* end = nullptr;
+    const long ci = std::strtol(argv[i], &end, 10);
+    if (*argv[i] == 0 || *end != 0 || ci < 0 || ci >= ncases) {
+      std::fprintf(stderr, "usage: %s [case index 0..%d]...\n", argv[0], ncases - 1);
+      return 2;
+    }
+    selected[ci] = true;
+  }
+  int runs = 0, fails = 0;
+  for (int ci = 0; ci < ncases; ++ci) {
+    if (!selected[ci]) continue;
+    for (int mi = 0; mi < 4; ++mi) {
+      const Mode& md = modes[mi];
+      emu::late_landing = (ci + mi) % 2 == 1;  // each case sees both policies across its modes
+      const char* landing = emu::late_landing ? "late" : "early";
+      std::snprintf(g_current, sizeof(g_current), "%d %s %s %s", ci, md.n, landing, cases[ci].name);
+      const Result r = run_case(cases[ci], md.d, md.tf32, 1234 + ci);
+      std::printf("case %d %s %s %s: %s (max err/tol %.3f, cp.async %lld, checked loads %lld)\n", ci, md.n, landing,
+                  cases[ci].name, r.fails ? "FAIL" : "ok", r.worst, r.cp, r.ldg);
+      std::fflush(stdout);
+      ++runs;
+      fails += r.fails != 0;
+    }
+  }
+  std::printf("emu: %d cases, %d ok, %d failed\n", runs, runs - fails, fails);
+  return fails != 0;
+}
