@@ -172,6 +172,40 @@ def _gemm_from_scratch(src, w_ptr, sw_n, sw_k, cn, n_ok, KDIM: tl.constexpr,
 
 
 @triton.jit
+def _stage_preact(i: tl.constexpr, f_ptr, g_ptr, wdw_ptr, bdw_ptr, src,
+                  w0_ptr, w1_ptr, w2_ptr, w3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr,
+                  sw0_n, sw0_k, sw1_n, sw1_k, sw2_n, sw2_k, sw3_n, sw3_k,
+                  f_pix, g_pix, h, w, m_ok, cn, n_ok, H, W, scale,
+                  sf_c, sf_h, sf_w, sg_c, sdw_c, sdw_r, sdw_s,
+                  D0: tl.constexpr, KS: tl.constexpr, GATES_GIVEN: tl.constexpr, HAS_B_DW: tl.constexpr,
+                  PWS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(z_i, g_i) of stage i for channels cn of the tile, fp32 (BLOCK_N, BLOCK_M):
+    z_0 = pwa, z_i = W_{i-1} x_{i-1} + b_{i-1} with x_{i-1} in the scratch
+    slot `src`; g_i the scaled depthwise gate. x_i = z_i * g_i. One
+    definition for the forward kernel and the backward's recompute, so the
+    backward differentiates exactly what the forward computed."""
+    DI: tl.constexpr = D0 << i
+    OFF: tl.constexpr = D0 * ((1 << i) - 1)  # channel of g_i inside abc
+    gate = _gate(f_ptr, g_ptr, wdw_ptr, bdw_ptr, f_pix, g_pix, h, w, m_ok, cn, n_ok, H, W, scale,
+                 sf_c, sf_h, sf_w, sg_c, sdw_c, sdw_r, sdw_s,
+                 D0, OFF, KS, GATES_GIVEN, HAS_B_DW, BLOCK_M, BLOCK_N)
+    if i == 0:
+        z = tl.load(f_ptr + cn[:, None] * sf_c + f_pix[None, :],
+                    mask=n_ok[:, None] & m_ok[None, :], other=0.0).to(tl.float32)
+    else:
+        z = _gemm_from_scratch(src, _pick(i - 1, w0_ptr, w1_ptr, w2_ptr, w3_ptr),
+                               _pick(i - 1, sw0_n, sw1_n, sw2_n, sw3_n),
+                               _pick(i - 1, sw0_k, sw1_k, sw2_k, sw3_k),
+                               cn, n_ok, DI // 2, DOT_IN_FP32, INPUT_PRECISION,
+                               BLOCK_M, BLOCK_N, BLOCK_K)
+        if (PWS_BIAS >> (i - 1)) & 1:
+            bias = _pick(i - 1, b0_ptr, b1_ptr, b2_ptr, b3_ptr)
+            z += tl.load(bias + cn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    return z, gate
+
+
+@triton.jit
 def _gnconv_chain_kernel(
     f_ptr, g_ptr, wdw_ptr, bdw_ptr,
     w0_ptr, w1_ptr, w2_ptr, w3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr,
@@ -229,7 +263,6 @@ def _gnconv_chain_kernel(
 
         for i in tl.static_range(ORDER):
             DI = D0 << i
-            OFF = D0 * ((1 << i) - 1)  # channel of g_i inside abc
             dst = scr + (i % 2) * SLOT
             src = scr + ((i + 1) % 2) * SLOT
             for n0 in range(0, DI, BLOCK_N):
@@ -237,21 +270,13 @@ def _gnconv_chain_kernel(
                 if INT64:
                     cn = cn.to(tl.int64)
                 n_ok = cn < DI
-                gate = _gate(f_ptr, g_ptr, wdw_ptr, bdw_ptr, f_pix, g_pix, h, w, m_ok, cn, n_ok, H, W, scale,
-                             sf_c, sf_h, sf_w, sg_c, sdw_c, sdw_r, sdw_s,
-                             D0, OFF, KS, GATES_GIVEN, HAS_B_DW, BLOCK_M, BLOCK_N)
-                if i == 0:
-                    v = tl.load(f_ptr + cn[:, None] * sf_c + f_pix[None, :],
-                                mask=n_ok[:, None] & m_ok[None, :], other=0.0).to(tl.float32)
-                else:
-                    v = _gemm_from_scratch(src, _pick(i - 1, w0_ptr, w1_ptr, w2_ptr, w3_ptr),
-                                           _pick(i - 1, sw0_n, sw1_n, sw2_n, sw3_n),
-                                           _pick(i - 1, sw0_k, sw1_k, sw2_k, sw3_k),
-                                           cn, n_ok, DI // 2, DOT_IN_FP32, INPUT_PRECISION,
-                                           BLOCK_M, BLOCK_N, BLOCK_K)
-                    if (PWS_BIAS >> (i - 1)) & 1:
-                        bias = _pick(i - 1, b0_ptr, b1_ptr, b2_ptr, b3_ptr)
-                        v += tl.load(bias + cn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+                v, gate = _stage_preact(i, f_ptr, g_ptr, wdw_ptr, bdw_ptr, src,
+                                        w0_ptr, w1_ptr, w2_ptr, w3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr,
+                                        sw0_n, sw0_k, sw1_n, sw1_k, sw2_n, sw2_k, sw3_n, sw3_k,
+                                        f_pix, g_pix, h, w, m_ok, cn, n_ok, H, W, scale,
+                                        sf_c, sf_h, sf_w, sg_c, sdw_c, sdw_r, sdw_s,
+                                        D0, KS, GATES_GIVEN, HAS_B_DW, PWS_BIAS, DOT_IN_FP32, INPUT_PRECISION,
+                                        BLOCK_M, BLOCK_N, BLOCK_K)
                 tl.store(dst + cn[:, None] * BLOCK_M + cols[None, :], (v * gate).to(scr_ptr.dtype.element_ty),
                          mask=n_ok[:, None])
             # x_i complete in the slot before the next stage reads it (and

@@ -21,7 +21,7 @@ Kernels:
 
 1. ``_gnconv_chain_bwd_kernel`` (``gnconv_chain_bwd``): per tile of BLOCK_M
    pixels, recomputes the forward stages from f exactly as the forward
-   kernel does (same helpers ``_gate``/``_gemm_from_scratch``: x_i is
+   kernel does (same helper ``_stage_preact``: x_i is
    bit-for-bit the forward's), keeping z_i and g_i of the tile in a
    per-program scratch, then runs the chain backward through the same
    scratch and writes dpwa (into d_f[:, :d0]), da, the stage outputs x_i and
@@ -68,7 +68,7 @@ import triton.language as tl
 from ._common import LAUNCHES_BY_KERNEL  # noqa: F401  (re-exported: tests read the counters here)
 from ._common import alloc_scratch, count_launch, declare_kernels, dot_precision, interpreter_blocks
 from ._common import interpreting, needs_int64, num_sms
-from .gnconv import _chain_prune, _gate, _gemm_from_scratch, _pick
+from .gnconv import _chain_prune, _gemm_from_scratch, _pick, _stage_preact
 
 #: Launch counters (LAUNCHES_BY_KERNEL[name], shared with every kernel module).
 GNCONV_BWD_KERNELS = ("gnconv_chain_bwd", "dwconv_bwd")
@@ -182,21 +182,13 @@ def _gnconv_chain_bwd_kernel(
                 if INT64:
                     cn = cn.to(tl.int64)
                 n_ok = cn < DI
-                gate = _gate(f_ptr, g_ptr, wdw_ptr, bdw_ptr, f_pix, g_pix, h, w, m_ok, cn, n_ok, H, W, scale,
-                             sf_c, sf_h, sf_w, sg_c, sdw_c, sdw_r, sdw_s,
-                             D0, OFF, KS, GATES_GIVEN, HAS_B_DW, BLOCK_M, BLOCK_N)
-                if i == 0:
-                    z = tl.load(f_ptr + cn[:, None] * sf_c + f_pix[None, :],
-                                mask=n_ok[:, None] & m_ok[None, :], other=0.0).to(tl.float32)
-                else:
-                    z = _gemm_from_scratch(src, _pick(i - 1, w0_ptr, w1_ptr, w2_ptr, w3_ptr),
-                                           _pick(i - 1, sw0_n, sw1_n, sw2_n, sw3_n),
-                                           _pick(i - 1, sw0_k, sw1_k, sw2_k, sw3_k),
-                                           cn, n_ok, DI // 2, DOT_IN_FP32, INPUT_PRECISION,
-                                           BLOCK_M, BLOCK_N, BLOCK_K)
-                    if (PWS_BIAS >> (i - 1)) & 1:
-                        bias = _pick(i - 1, b0_ptr, b1_ptr, b2_ptr, b3_ptr)
-                        z += tl.load(bias + cn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+                z, gate = _stage_preact(i, f_ptr, g_ptr, wdw_ptr, bdw_ptr, src,
+                                        w0_ptr, w1_ptr, w2_ptr, w3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr,
+                                        sw0_n, sw0_k, sw1_n, sw1_k, sw2_n, sw2_k, sw3_n, sw3_k,
+                                        f_pix, g_pix, h, w, m_ok, cn, n_ok, H, W, scale,
+                                        sf_c, sf_h, sf_w, sg_c, sdw_c, sdw_r, sdw_s,
+                                        D0, KS, GATES_GIVEN, HAS_B_DW, PWS_BIAS, DOT_IN_FP32, INPUT_PRECISION,
+                                        BLOCK_M, BLOCK_N, BLOCK_K)
                 x = _round(z * gate, dt, RNE_BF16)
                 if i < ORDER - 1:  # the next stage's GEMM operand
                     tl.store(dst + cn[:, None] * BLOCK_M + cols[None, :], x, mask=n_ok[:, None])
