@@ -1,7 +1,7 @@
 // CPU emulator of the CUDA kernel in csrc/conv_bn_act.cu: the only execution evidence for that
 // kernel on machines without a GPU (tests/test_csrc_emulation.py builds and runs it).
 //
-// What it emulates. The .cu file is compiled unchanged by g++ with RESFUSE_CONV_BN_ACT_EMULATE
+// What it emulates. The .cu file is compiled unchanged by g++ with RESFUSE_CUDA_EMULATE
 // naming emu_shims.h, which replaces its device primitives (and nothing else):
 //   * every CUDA thread of a CTA is a std::thread (CTAs run one after another); __syncthreads is a
 //     std::barrier over the CTA; shared memory is a per-CTA buffer filled with 0xff (NaN in every
@@ -55,235 +55,17 @@
 //   /tmp/cba_tsan 2 3 4 6
 // Output: one line per case and mode, "case <i> <mode> <landing> <name>: ok|FAIL (...)", then
 // "emu: <n> cases, <k> ok, <f> failed"; exit status 0 iff nothing failed. ~20-30 s on 2 cores.
-#include <atomic>
-#include <barrier>
-#include <chrono>
-#include <cmath>
-#include <csignal>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <deque>
-#include <functional>
-#include <memory>
-#include <mutex>
-#include <random>
-#include <string>
-#include <thread>
-#include <vector>
+#include "emu_core.h"
 
-#include <sys/mman.h>
-#include <unistd.h>
-
-#include <cuda_runtime.h>
-
-#define __launch_bounds__(...)
-
-namespace emu {
-constexpr int kSmemCap = 48 * 1024;  // static shared memory limit; the tail past the request is a guard
-struct Slot { uint32_t a[4], b[2]; };
-struct Cta {
-  alignas(16) unsigned char smem[kSmemCap];
-  std::atomic<int> smem_bytes{0};  // set by every thread, same value
-  int threads = 0;
-  std::atomic<long long> arrivals{0};  // __syncthreads arrivals + exits of all threads
-  std::unique_ptr<std::barrier<>> bar;
-  std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
-  Slot slots[2][8][32];  // [mma call parity][warp][lane]
-};
-thread_local Cta* cta = nullptr;
-thread_local int tid = 0;
-thread_local unsigned mma_calls = 0;  // same count in every lane of a warp (mma.sync.aligned)
-
-struct Range { const char* lo; const char* hi; };
-std::vector<Range> readable;  // global inputs the kernel may read (read-only during a launch)
-bool late_landing = false;    // cp.async policy of the current launch
-
-// Per-thread counters, folded into Stats when the thread ends.
-struct Counters {
-  long long bad_reads = 0, misaligned = 0, smem_oob = 0, unwaited = 0, not_tf32 = 0, cp = 0, ldg = 0;
-  void add(const Counters& o) {
-    bad_reads += o.bad_reads; misaligned += o.misaligned; smem_oob += o.smem_oob; unwaited += o.unwaited;
-    not_tf32 += o.not_tf32; cp += o.cp; ldg += o.ldg;
-  }
-};
-thread_local Counters tc;
-Counters stats;  // of the current launch
-long long smem_overrun = 0;
-std::mutex mu;
-
-inline bool check_global(const void* p, size_t n, size_t align) {
-  const char* c = static_cast<const char*>(p);
-  if (reinterpret_cast<uintptr_t>(p) % align) ++tc.misaligned;
-  ++tc.ldg;
-  for (auto& r : readable)
-    if (c >= r.lo && c + n <= r.hi) return true;
-  ++tc.bad_reads;
-  return false;
-}
-
-struct Copy { unsigned char* dst; const void* src; bool valid; };
-thread_local std::vector<Copy> open_copies;           // issued, not yet committed
-thread_local std::deque<std::vector<Copy>> groups;     // committed, not yet landed
-inline void land(const Copy& c) {
-  if (c.valid) std::memcpy(c.dst, c.src, 16); else std::memset(c.dst, 0, 16);
-}
-inline void cp_async(void* dst, const void* src, bool valid) {
-  ++tc.cp;
-  unsigned char* d = static_cast<unsigned char*>(dst);
-  if (d < cta->smem || d + 16 > cta->smem + cta->smem_bytes.load(std::memory_order_relaxed)) { ++tc.smem_oob; return; }
-  if (reinterpret_cast<uintptr_t>(d) % 16) ++tc.misaligned;
-  if (valid) {
-    if (reinterpret_cast<uintptr_t>(src) % 16) ++tc.misaligned;
-    const char* c = static_cast<const char*>(src);
-    bool in = false;
-    for (auto& r : readable) in = in || (c >= r.lo && c + 16 <= r.hi);
-    if (!in) { ++tc.bad_reads; valid = false; }
-  }
-  const Copy cp{d, src, valid};
-  if (late_landing) open_copies.push_back(cp); else land(cp);
-}
-inline void cp_commit() {
-  if (!late_landing) return;
-  groups.push_back(std::move(open_copies));
-  open_copies.clear();
-}
-inline void cp_wait(int pending) {  // cp.async.wait_group: all but the `pending` newest groups land
-  while (static_cast<int>(groups.size()) > pending) {
-    for (const Copy& c : groups.front()) land(c);
-    groups.pop_front();
-  }
-}
-inline unsigned char* shared_buffer(int bytes) {
-  if (bytes > kSmemCap) { std::fprintf(stderr, "emu: shared buffer of %d B > %d B\n", bytes, kSmemCap); std::abort(); }
-  cta->smem_bytes.store(bytes, std::memory_order_relaxed);  // every thread asks for the same size
-  return cta->smem;
-}
-template <int kKind>  // 0 f16, 1 bf16, 2 tf32
-void warp_mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
-void run_grid(std::function<void()> body, unsigned gx, unsigned gy, int threads);
-}  // namespace emu
-
-thread_local uint3 threadIdx, blockIdx;
-// Staggered warps: after each barrier one warp (rotating with the barrier count and the CTA)
-// waits until every other thread has reached the next barrier or exited, so it runs its interval
-// last. A missing __syncthreads then shows deterministically: the others refill a stage it still
-// has to read, or it writes rows of a stage the others have already read.
-namespace emu {
-thread_local unsigned barrier_epoch = 0;
-bool stagger = true;
-// Every thread passes the same barriers, so while the staggered warp waits after barrier e every
-// thread has arrived e or e+1 times (an exit counts as one more arrival): the others are all
-// done exactly when arrivals == threads*e + threads - 32. Only the arrival that makes it so wakes.
-inline void arrive(unsigned count) {  // this thread has now arrived `count` times
-  const long long v = cta->arrivals.fetch_add(1, std::memory_order_acq_rel) + 1;
-  if (v == static_cast<long long>(cta->threads) * count - 32) cta->arrivals.notify_all();
-}
-inline void wait_for_others(unsigned e) {
-  const long long target = static_cast<long long>(cta->threads) * (e + 1) - 32;
-  for (long long v; (v = cta->arrivals.load(std::memory_order_acquire)) != target;) cta->arrivals.wait(v);
-}
-}  // namespace emu
-inline void __syncthreads() {
-  emu::Cta* c = emu::cta;
-  const unsigned e = ++emu::barrier_epoch;
-  emu::arrive(e);
-  c->bar->arrive_and_wait();
-  const int warp = emu::tid >> 5;
-  if (emu::stagger && unsigned(warp) == (e + blockIdx.x + blockIdx.y) % unsigned(c->threads / 32)) {
-    if ((emu::tid & 31) == 0) emu::wait_for_others(e);
-    c->warp_bar[warp]->arrive_and_wait();  // the warp's other lanes wait for lane 0
-  }
-}
-
-// Resolved relative to csrc/conv_bn_act.cu, the file that includes it.
-#define RESFUSE_CONV_BN_ACT_EMULATE "../tests/csrc_emu/emu_shims.h"
+// Resolved relative to csrc/device_prims.cuh, the file that includes it.
+#define RESFUSE_CUDA_EMULATE "../tests/csrc_emu/emu_shims.h"
 #include "../../csrc/conv_bn_act.cu"
 
-namespace emu {
-static float h2f(uint16_t b) { return resfuse::detail::f16_to_float(b); }
-static float b2f(uint16_t b) { return resfuse::detail::bf16_to_float(b); }
-static bool is_tf32(uint32_t w) { return (w & 0x1fffu) == 0 || (w & 0x7f800000u) == 0x7f800000u; }
-
-// PTX ISA fragment layouts, g = lane / 4, t = lane % 4:
-//   m16n8k16 (.f16/.bf16, two 16-bit values per register, low half first):
-//     A (16x16, row major): reg i of lane = rows g + 8*(i%2), cols 2t + 8*(i/2) + {0,1}
-//     B (16x8,  col major): reg i of lane = rows 2t + 8*i + {0,1}, col g
-//   m16n8k8 (.tf32, one value per register):
-//     A (16x8): reg i = row g + 8*(i%2), col t + 4*(i/2);   B (8x8): reg i = row t + 4*i, col g
-//   C/D (16x8, fp32): reg i = row g + 8*(i/2), col 2t + i%2
-template <int kKind>
-void warp_mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  const int lane = tid & 31, w = tid >> 5;
-  // Double-buffered slots: lanes write buffer (n % 2) at their n-th mma and read it after the
-  // barrier; a lane can rewrite that buffer (call n + 2) only after every lane has passed the
-  // barrier of call n + 1, i.e. after all of them finished reading call n. One barrier per mma.
-  Slot* S = cta->slots[mma_calls++ & 1][w];
-  std::memcpy(S[lane].a, a, sizeof(S[lane].a));
-  std::memcpy(S[lane].b, b, sizeof(S[lane].b));
-  if (kKind == 2)
-    for (uint32_t v : a) tc.not_tf32 += !is_tf32(v);
-  if (kKind == 2)
-    for (uint32_t v : b) tc.not_tf32 += !is_tf32(v);
-  cta->warp_bar[w]->arrive_and_wait();  // all 32 lanes present (mma.sync.aligned)
-  const int g = lane >> 2, t = lane & 3;
-  float out[4];
-  for (int i = 0; i < 4; ++i) {
-    const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
-    double sum = c[i];
-    if (kKind < 2) {
-      for (int k = 0; k < 16; ++k) {
-        const uint32_t wa = S[(row % 8) * 4 + (k % 8) / 2].a[(row / 8) + 2 * (k / 8)];
-        const uint32_t wb = S[col * 4 + (k % 8) / 2].b[k / 8];
-        const uint16_t ha = uint16_t(wa >> (16 * (k % 2))), hb = uint16_t(wb >> (16 * (k % 2)));
-        const double va = kKind == 0 ? h2f(ha) : b2f(ha), vb = kKind == 0 ? h2f(hb) : b2f(hb);
-        sum += va * vb;
-      }
-    } else {
-      for (int k = 0; k < 8; ++k) {
-        const uint32_t wa = S[(row % 8) * 4 + k % 4].a[(row / 8) + 2 * (k / 4)];
-        const uint32_t wb = S[col * 4 + k % 4].b[k / 4];
-        sum += double(resfuse::detail::as_float(wa & ~0x1fffu)) * double(resfuse::detail::as_float(wb & ~0x1fffu));
-      }
-    }
-    out[i] = float(sum);
-  }
-  for (int i = 0; i < 4; ++i) c[i] = out[i];
-}
-
-void run_grid(std::function<void()> body, unsigned gx, unsigned gy, int threads) {
-  for (unsigned by = 0; by < gy; ++by)
-    for (unsigned bx = 0; bx < gx; ++bx) {
-      auto c = std::make_unique<Cta>();
-      std::memset(c->smem, 0xff, sizeof(c->smem));  // NaN garbage: unwritten smem shows up
-      c->threads = threads;
-      c->bar = std::make_unique<std::barrier<>>(threads);
-      for (int w = 0; w < threads / 32; ++w) c->warp_bar.push_back(std::make_unique<std::barrier<>>(32));
-      std::vector<std::thread> ts;
-      for (int t = 0; t < threads; ++t)
-        ts.emplace_back([&, t] {
-          cta = c.get();
-          tid = t;
-          threadIdx = make_uint3(t, 0, 0);
-          blockIdx = make_uint3(bx, by, 0);
-          body();
-          emu::arrive(emu::barrier_epoch + 1);
-          for (auto& g : groups) tc.unwaited += g.size();
-          tc.unwaited += open_copies.size();
-          std::lock_guard<std::mutex> l(mu);
-          stats.add(tc);
-        });
-      for (auto& th : ts) th.join();
-      for (int i = c->smem_bytes.load(); i < kSmemCap; ++i) smem_overrun += c->smem[i] != 0xff;
-    }
-}
-}  // namespace emu
+#include "emu_core_impl.h"
 
 // ------------------------------------------------------------------------------------------------
 // Driver: cases x math modes vs a float64 reference.
 // ------------------------------------------------------------------------------------------------
-using resfuse::DType;
 struct Case {
   const char* name;
   int N, H, W, C, K, R, S, sh, sw, ph, pw, dh, dw;
@@ -293,64 +75,6 @@ struct Case {
   int misalign;      // elements to offset x, xs, out and residual by: element-wise loads, unpaired stores
   bool nonfinite;    // inject NaN / +Inf / -Inf in x
 };
-
-static uint16_t f2h(float v) { return resfuse::detail::float_to_f16(v); }
-static uint16_t f2b(float v) { return resfuse::detail::float_to_bf16(v); }
-
-// dtype-typed host buffer, 64-byte aligned, with kGuard elements before and after; index i may be
-// in [-kGuard, n + kGuard).
-struct Buf {
-  static constexpr long kGuard = 64;
-  struct alignas(64) Line { unsigned char b[64]; };
-  DType dt; long n; std::vector<Line> lines;
-  Buf(DType d, long count) : dt(d), n(count), lines(((count + 2 * kGuard) * es() + 63) / 64) {}
-  long es() const { return dt == DType::kFloat32 ? 4 : 2; }
-  unsigned char* at(long i) { return reinterpret_cast<unsigned char*>(lines.data()) + (i + kGuard) * es(); }
-  void set(long i, float v) {
-    unsigned char* p = at(i);
-    if (dt == DType::kFloat32) std::memcpy(p, &v, 4);
-    else { uint16_t h = dt == DType::kFloat16 ? f2h(v) : f2b(v); std::memcpy(p, &h, 2); }
-  }
-  float get(long i) {
-    unsigned char* p = at(i);
-    if (dt == DType::kFloat32) { float v; std::memcpy(&v, p, 4); return v; }
-    uint16_t h; std::memcpy(&h, p, 2);
-    return dt == DType::kFloat16 ? resfuse::detail::f16_to_float(h) : resfuse::detail::bf16_to_float(h);
-  }
-  emu::Range range(long lo, long hi) { return {(const char*)at(lo), (const char*)at(hi)}; }
-};
-
-// n floats ending exactly at a PROT_NONE page: a read past the end is a SIGSEGV; the rest of the
-// page in front is NaN, so a read before the start poisons the result instead.
-struct GuardedVec {
-  void* base = nullptr; size_t len = 0; float* data = nullptr;
-  explicit GuardedVec(const std::vector<float>& v) {
-    const size_t page = size_t(sysconf(_SC_PAGESIZE)), bytes = v.size() * sizeof(float);
-    const size_t body = (bytes + page - 1) / page * page + (bytes == 0 ? page : 0);
-    len = body + page;
-    base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (base == MAP_FAILED || mprotect(static_cast<char*>(base) + body, page, PROT_NONE) != 0) {
-      std::perror("emu: mmap"); std::exit(2);
-    }
-    float* all = static_cast<float*>(base);
-    for (size_t i = 0; i < body / sizeof(float); ++i) all[i] = NAN;
-    data = reinterpret_cast<float*>(static_cast<char*>(base) + body - bytes);
-    std::memcpy(data, v.data(), bytes);
-  }
-  ~GuardedVec() { munmap(base, len); }
-  GuardedVec(const GuardedVec&) = delete;
-  GuardedVec& operator=(const GuardedVec&) = delete;
-};
-
-static char g_current[256] = "(none)";
-extern "C" void on_segv(int) {
-  const char a[] = "\nemu: SIGSEGV (a read past a guarded BN/bias vector, or a stray pointer) in case ";
-  ssize_t r = write(2, a, sizeof(a) - 1);
-  r = write(2, g_current, strlen(g_current));
-  r = write(2, "\n", 1);
-  (void)r;
-  _exit(3);
-}
 
 struct Result { int fails; double worst; long long cp, ldg; };
 
@@ -525,3 +249,4 @@ int main(int argc, char** argv) {
   std::printf("emu: %d cases, %d ok, %d failed\n", runs, runs - fails, fails);
   return fails != 0;
 }
+

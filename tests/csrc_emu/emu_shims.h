@@ -1,6 +1,6 @@
 // Host replacements for the device primitives of csrc/conv_bn_act.cu (see emu.cpp for what the
-// emulator is and how to run it). csrc/conv_bn_act.cu includes this file, inside namespace
-// resfuse::detail, in place of its inline-PTX block when RESFUSE_CONV_BN_ACT_EMULATE names it;
+// emulator is and how to run it). csrc/device_prims.cuh includes this file, inside namespace
+// resfuse::detail, in place of its inline-PTX block when RESFUSE_CUDA_EMULATE names it;
 // every function here has the signature of the device version it replaces. The state and checks
 // live in namespace ::emu (emu.cpp, declared before the .cu is included).
 #pragma once
