@@ -20,63 +20,14 @@
 #include <string>
 #include <vector>
 
+#include "bindings_common.h"
 #include "conv_bn_act.h"
 
 namespace {
 
+using namespace resfuse_bind;
 using at::Tensor;
 using c10::optional;
-
-bool supported_dtype(const Tensor& t) {
-  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-}
-
-resfuse::DType to_dtype(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return resfuse::DType::kFloat16;
-    case at::kBFloat16: return resfuse::DType::kBFloat16;
-    default: return resfuse::DType::kFloat32;
-  }
-}
-
-void check_4d(const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.dim() == 4, name, " must be 4-D, got ", t.dim(), "-D with shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " has dtype ", t.scalar_type(), " but x has ",
-              x.scalar_type(), "; they must match");
-}
-
-void check_vector(const optional<Tensor>& t, const char* name, int64_t n) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == n, name, " must have shape (", n, "), got ", t->sizes());
-  TORCH_CHECK(t->is_floating_point(), name, " must be a floating-point tensor, got ", t->scalar_type());
-}
-
-std::vector<int64_t> check_pair(at::IntArrayRef v, const char* name, int64_t min_value) {
-  TORCH_CHECK(v.size() == 2, name, " must have 2 elements (h, w), got ", v.size());
-  TORCH_CHECK(v[0] >= min_value && v[1] >= min_value, name, " must be >= ", min_value, ", got ", v);
-  TORCH_CHECK(v[0] < (1 << 30) && v[1] < (1 << 30), name, " is too large: ", v);
-  return {v[0], v[1]};
-}
-
-void check_device(const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor (resfuse's cuda backend), got ", t.device());
-  TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device(),
-              "; all tensors must be on one device");
-}
-
-void check_optional_device(const optional<Tensor>& t, const char* name, const Tensor& x) {
-  if (t.has_value()) check_device(*t, name, x);
-}
-
-// Per-channel vectors go to the kernel as contiguous fp32 (K elements:
-// negligible next to the activations).
-Tensor as_f32(const optional<Tensor>& t) {
-  return t.has_value() ? t->to(at::kFloat).contiguous() : Tensor();
-}
-
-const float* f32_ptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
-
-Tensor nhwc(const Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
 
 // The kernel writes NHWC; `out` may be any layout of the right shape.
 struct Output {
@@ -291,5 +242,12 @@ TORCH_LIBRARY_IMPL(resfuse_cuda, CPU, m) {
 
 // `import resfuse._C` loads this library, which registers the ops above.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("OPS") = std::vector<std::string>{"conv_bn_act", "conv_bn_proj_act"};
+  // The resfuse ops whose `cuda` backend this library serves (resfuse/_backends.py::cuda_reasons).
+  m.attr("OPS") = std::vector<std::string>{"conv_bn_act",           "conv_bn_proj_act",
+                                           "layernorm_conv1x1",     "gnconv_chain",
+                                           "gelu_conv1x1",          "layernorm_conv1x1_backward",
+                                           "gnconv_chain_backward", "gelu_conv1x1_backward"};
+  // Its own ops, torch.ops.resfuse_cuda.<name> (bindings.cpp, bindings_gnconv.cpp).
+  m.attr("KERNEL_OPS") = std::vector<std::string>{"conv_bn_act", "conv_bn_proj_act", "pixel_gemm", "pixel_wgrad",
+                                                  "layernorm_rows_backward", "dwconv_gate", "dwconv_gate_backward"};
 }
