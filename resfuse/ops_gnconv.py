@@ -13,9 +13,10 @@ is also where HorNet's gflayer variant runs its FFT filter eagerly on
 (``layernorm_conv1x1_reference``, ``gnconv_chain_reference``), the kernels
 ``kernels/gnconv.py``.
 
-Backends: ``triton``, ``eager`` (the reference in the input's dtype: HorNet's
-own op sequence) and ``cuda`` (registered; reports that resfuse._C has no
-gnconv kernel until one is built).
+Backends: ``cuda`` (resfuse._C's kernels composed by
+``resfuse.ops_gnconv_cuda``: a LayerNorm-prologue GEMM, then the depthwise
+gate kernel, one gated GEMM per pws and proj_out), ``triton`` and ``eager``
+(the reference in the input's dtype: HorNet's own op sequence).
 
 Autograd: ``resfuse.ops_gnconv_bwd`` registers it: each op's backward is
 an op of its own (``*_backward``) with Triton kernels and an eager
@@ -27,8 +28,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import dispatch
-from ._backends import conv_allows_tf32, cuda_reasons, kernels_module, triton_reasons
+from . import dispatch, ops_gnconv_cuda
+from ._backends import conv_allows_tf32, kernels_module, triton_reasons
 from .ops import _check_tensor, alloc_output, output_memory_format
 from .reference import gnconv_chain_reference, gnconv_dims, layernorm_conv1x1_reference
 
@@ -231,20 +232,12 @@ def _chain_triton(p: GnConvChainProblem):
                    p.w_pws, p.b_pws, p.w_out, p.b_out, p.scale, p.residual, p.layer_scale, out, **extra)
 
 
-def _cuda_check(op):
-    """The CUDA candidate has no gnconv kernel yet: it says why (extension
-    not built, or no such kernel in it) and never runs."""
-    def check(p) -> List[str]:
-        return cuda_reasons(op, p.device)
-    return check
-
-
 dispatch.register(OP_PROJ, "eager", lambda p: [], _proj_eager)
 dispatch.register(OP_PROJ, "triton", lambda p: triton_reasons(p.device, p.dtype), _proj_triton)
-dispatch.register(OP_PROJ, "cuda", _cuda_check(OP_PROJ))
+dispatch.register(OP_PROJ, "cuda", ops_gnconv_cuda.check(OP_PROJ), ops_gnconv_cuda.proj_forward)
 dispatch.register(OP_CHAIN, "eager", lambda p: [], _chain_eager)
 dispatch.register(OP_CHAIN, "triton", _chain_triton_check, _chain_triton)
-dispatch.register(OP_CHAIN, "cuda", _cuda_check(OP_CHAIN))
+dispatch.register(OP_CHAIN, "cuda", ops_gnconv_cuda.check(OP_CHAIN), ops_gnconv_cuda.chain_forward)
 
 
 # ----------------------------------------------------------------------------

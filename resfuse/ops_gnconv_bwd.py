@@ -2,7 +2,8 @@
 
 Each forward op (``layernorm_conv1x1``, ``gnconv_chain``, ``gelu_conv1x1``)
 has a backward op of its own, ``torch.ops.resfuse.<op>_backward`` (schema,
-fake kernel, dispatch: triton -> eager), and ``register_autograd`` calls it.
+fake kernel, dispatch: cuda -> triton -> eager), and ``register_autograd``
+calls it. The cuda backend is ``resfuse.ops_gnconv_cuda``.
 Backward ops are custom ops so that ``torch.compile`` traces through them
 like the forward ones.
 
@@ -45,8 +46,8 @@ from typing import List, Optional
 
 import torch
 
-from . import dispatch
-from ._backends import cuda_reasons, kernels_module, triton_reasons
+from . import dispatch, ops_gnconv_cuda
+from ._backends import kernels_module, triton_reasons
 from .ops import output_memory_format
 from .ops_gnconv import MAX_TRITON_ORDER, _gnconv_chain_op, _launch, _layernorm_conv1x1_op
 from .ops_mlp import _gelu_conv1x1_op
@@ -326,19 +327,15 @@ def _gelu_bwd_triton(p):
 # Registration: dispatch, custom ops, fakes
 # ----------------------------------------------------------------------------
 
-def _cuda_check(op):
-    def check(p) -> List[str]:
-        return cuda_reasons(op, p.device)
-    return check
-
-
-for _op, _eager_fn, _triton_check, _triton_fn in (
-        (OP_PROJ_BWD, _proj_bwd_eager, lambda p: triton_reasons(p.device, p.dtype), _proj_bwd_triton),
-        (OP_CHAIN_BWD, _chain_bwd_eager, _chain_bwd_triton_check, _chain_bwd_triton),
-        (OP_GELU_BWD, _gelu_bwd_eager, lambda p: triton_reasons(p.device, p.dtype), _gelu_bwd_triton)):
+for _op, _eager_fn, _triton_check, _triton_fn, _cuda_fn in (
+        (OP_PROJ_BWD, _proj_bwd_eager, lambda p: triton_reasons(p.device, p.dtype), _proj_bwd_triton,
+         ops_gnconv_cuda.proj_backward),
+        (OP_CHAIN_BWD, _chain_bwd_eager, _chain_bwd_triton_check, _chain_bwd_triton, ops_gnconv_cuda.chain_backward),
+        (OP_GELU_BWD, _gelu_bwd_eager, lambda p: triton_reasons(p.device, p.dtype), _gelu_bwd_triton,
+         ops_gnconv_cuda.gelu_backward)):
     dispatch.register(_op, "eager", lambda p: [], _eager_fn)
     dispatch.register(_op, "triton", _triton_check, _triton_fn)
-    dispatch.register(_op, "cuda", _cuda_check(_op))
+    dispatch.register(_op, "cuda", ops_gnconv_cuda.check(_op), _cuda_fn)
 
 
 def _proj_problem(grad, x, weight, bias, norm_weight, norm_bias, norm_eps, needs):

@@ -14,17 +14,17 @@ tiles and the scales and the add in its epilogue, so neither gelu(a) nor
 the branch output reaches memory.
 
 Backends: ``triton``, ``eager`` (the reference in the input's dtype) and
-``cuda`` (registered; reports that resfuse._C has no such kernel).
+``cuda`` (resfuse._C's pixel_gemm with a GELU prologue, ``resfuse.ops_gnconv_cuda``).
 Autograd: ``resfuse.ops_gnconv_bwd``.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
-from . import dispatch
-from ._backends import cuda_reasons, kernels_module, triton_reasons
+from . import dispatch, ops_gnconv_cuda
+from ._backends import kernels_module, triton_reasons
 from .ops import _check_tensor, alloc_output, output_memory_format
 from .ops_gnconv import _check_vec, _check_x, _launch
 from .reference import gelu_conv1x1_reference
@@ -81,13 +81,9 @@ def _triton(p: GeluConv1x1Problem):
                    residual=p.residual)
 
 
-def _cuda_check(p) -> List[str]:
-    return cuda_reasons(OP_GELU_CONV1X1, p.device)
-
-
 dispatch.register(OP_GELU_CONV1X1, "eager", lambda p: [], _eager)
 dispatch.register(OP_GELU_CONV1X1, "triton", lambda p: triton_reasons(p.device, p.dtype), _triton)
-dispatch.register(OP_GELU_CONV1X1, "cuda", _cuda_check)
+dispatch.register(OP_GELU_CONV1X1, "cuda", ops_gnconv_cuda.check(OP_GELU_CONV1X1), ops_gnconv_cuda.gelu_forward)
 
 
 @torch.library.custom_op("resfuse::gelu_conv1x1", mutates_args=())
