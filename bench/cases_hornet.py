@@ -170,7 +170,10 @@ class GnConvOp(Op):
             # What ran, checked once: both kernels on this backend (a module that
             # silently ran its original forward would time eager under resfuse's name).
             x0, m0 = wl.arg_sets[0]
+            before = _cuda_counters()
             _check_fused_ran(wl, provider, backend, fused[id(m0)], x0, ["proj_in", "chain"], "fused gnconv")
+            if backend == "cuda":
+                wl.state.setdefault("cuda_launches", {})[provider] = _grown(before, _cuda_counters())
 
             def run(x, m):
                 return fused[id(m)](x)
@@ -178,6 +181,9 @@ class GnConvOp(Op):
         raise ValueError(f"gnconv has no provider {provider!r}")
 
     def note(self, wl, provider):
+        grew = wl.state.get("cuda_launches", {}).get(provider)
+        if grew:  # two ops, o + 2 resfuse._C kernels
+            return "2 ops, resfuse._C launches: " + ", ".join(f"{k} {v}" for k, v in grew.items())
         return _kernels_note(wl, provider)
 
 
@@ -198,6 +204,20 @@ def _launch_counters() -> Optional[Dict[str, int]]:
         return dict(kernels_module("_common").LAUNCHES_BY_KERNEL)
     except Exception:  # noqa: BLE001  (no Triton here)
         return None
+
+
+def _cuda_counters() -> Dict[str, int]:
+    """A copy of the cuda backend's resfuse._C call counters."""
+    from resfuse import ops_gnconv_cuda
+    return dict(ops_gnconv_cuda.LAUNCHES)
+
+
+def _grown(before: Dict[str, int], after: Dict[str, int]) -> Dict[str, int]:
+    return {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
+
+
+#: resfuse._C kernels a resfuse-cuda training row must show calls of.
+CUDA_BWD_KERNELS = ("dwconv_gate_backward", "pixel_wgrad")
 
 
 def fused_decisions(module) -> Dict[str, str]:
@@ -339,6 +359,7 @@ class _HornetModuleOp(Op):
         the backward ran autograd's eager recomputation). Records all of it
         for the row's note."""
         before = _launch_counters() if backend == "triton" else None
+        before_cuda = _cuda_counters()
         if self.train:
             call()
         else:
@@ -361,6 +382,14 @@ class _HornetModuleOp(Op):
                     info["bwd"] = "Triton kernels"
                 else:
                     info["bwd"] = "autograd's eager recomputation (no Triton backward kernels yet)"
+        elif backend == "cuda":
+            info["cuda_launches"] = _grown(before_cuda, _cuda_counters())
+            if self.train:
+                idle = [k for k in CUDA_BWD_KERNELS if not info["cuda_launches"].get(k)]
+                if idle:
+                    raise RuntimeError(f"fused {self.name}: the backward called no {', '.join(idle)} on cuda "
+                                       f"(called {info['cuda_launches'] or 'nothing'})")
+                info["bwd"] = "resfuse._C kernels"
         elif self.train:
             info["bwd"] = f"{backend} autograd"
         wl.state.setdefault("ran", {})[provider] = info
@@ -376,6 +405,9 @@ class _HornetModuleOp(Op):
             design = f"{t.fused_kernels}" + (f" + {adds} autograd add{'s' if adds > 1 else ''}" if adds else "")
             parts.append(f"Triton launches {sum(info['launches'].values())} (design: {design}): "
                          + ", ".join(f"{k} {v}" for k, v in info["launches"].items()))
+        if info.get("cuda_launches"):
+            parts.append(f"resfuse._C launches {sum(info['cuda_launches'].values())}: "
+                         + ", ".join(f"{k} {v}" for k, v in info["cuda_launches"].items()))
         if info.get("bwd"):
             parts.append(f"bwd: {info['bwd']}")
         return "; ".join(parts)

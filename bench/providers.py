@@ -61,8 +61,8 @@ def provider_reasons(provider: str, device: torch.device, dtype: torch.dtype) ->
                 return ["cpu: Triton kernels need a GPU (or TRITON_INTERPRET=1, to check them; "
                         "interpreter timings mean nothing)"]
             return triton_reasons(device, dtype)
-        if backend == "cuda":
-            return cuda_reasons("conv_bn_act", device)
+        if backend == "cuda":  # every op a benchmark times has a cuda backend (resfuse._C's OPS)
+            return cuda_reasons("conv_bn_act", device, dtype)
         return []
     return []
 

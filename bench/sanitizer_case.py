@@ -6,7 +6,11 @@
 Awkward shapes (odd sizes, stride 2, channels not a multiple of any
 block, N=1, a residual, NCHW and channels_last) through every resfuse
 backend that can run on CUDA here; each output is compared with the
-float64 reference so the run also fails on a wrong result. The Triton
+float64 reference so the run also fails on a wrong result. Then a HorBlock
+(gnconv orders 2 and 5, odd H/W, NCHW and channels_last) forward and
+backward on each backend, output and input gradient against float64
+autograd: every gnconv kernel (forward, data and weight gradients, the
+depthwise backward, the LayerNorm backward) runs under the tool. The Triton
 autotuner benchmarks every config on the first call of each shape, so every
 tile config is launched under memcheck too. ``--check`` validates the
 script without a GPU: CPU tensors through the eager path, and through the
@@ -54,6 +58,57 @@ def make_args(shape, device, dtype, gen):
                 stride=stride, padding=padding)
 
 
+# (dim, order, N, H, W, channels_last)
+HORBLOCK_SHAPES = [(16, 2, 1, 5, 7, False), (32, 5, 2, 3, 5, True)]
+
+
+def horblock_cases(device, backends, numerics):
+    """(calls, failures): HorBlock forward + backward per backend and dtype."""
+    import copy
+
+    import resfuse
+    from bench.models import make_horblock
+    failures, ran = [], 0
+    for dim, order, N, H, W, cl in HORBLOCK_SHAPES:
+        plain = make_horblock(dim, order, s=1.0 / 3.0, seed=dim + order).train()
+        gen = torch.Generator().manual_seed(dim * order)
+        x0 = torch.randn(N, dim, H, W, generator=gen) + 1.0
+        g0 = torch.randn(N, dim, H, W, generator=gen)
+
+        def run(module, dtype):
+            m = copy.deepcopy(module).to(device=device, dtype=dtype)
+            x = x0.to(device, dtype)
+            if cl:
+                m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+            x.requires_grad_(True)
+            y = m(x)
+            y.backward(g0.to(device, dtype))
+            return y.detach(), x.grad
+        y64, dx64 = run(plain, torch.float64)
+        for dtype in DTYPES:
+            ye, dxe = run(plain, dtype)
+            for backend in backends:
+                try:
+                    fused = resfuse.convert(copy.deepcopy(plain), backend=backend)
+                    y, dx = run(fused, dtype)
+                except resfuse.BackendUnavailable as e:
+                    print(f"skip {backend}: {'; '.join(e.reasons)}")
+                    continue
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                ran += 1
+                bad = []
+                for what, got, ref, eager in (("y", y, y64, ye), ("dx", dx, dx64, dxe)):
+                    err, tol = numerics.rel_err(got, ref), numerics.tolerance(eager, ref, dtype)
+                    if not err <= tol:
+                        bad.append(f"{what} {err:.2e} > {tol:.2e}")
+                status = "ok" if not bad else "WRONG " + ", ".join(bad)
+                print(f"{backend:6s} {str(dtype):15s} HorBlock d{dim} o{order} {N}x{H}x{W}: fwd+bwd {status}")
+                if bad:
+                    failures.append((backend, dtype, "horblock", dim, order))
+    return ran, failures
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="run on CPU through the eager path only (no GPU needed)")
@@ -92,6 +147,8 @@ def main(argv=None) -> int:
                 print(f"{backend:6s} {str(dtype):15s} {shape}: rel err {err:.2e} (tol {tol:.2e}) {status}")
                 if status != "ok":
                     failures.append((backend, dtype, shape))
+    r, f = horblock_cases(device, backends, numerics)
+    ran, failures = ran + r, failures + f
     print(f"{ran} fused calls, {len(failures)} wrong")
     if ran == 0:
         print("no backend could run: nothing was checked")

@@ -426,6 +426,74 @@ def _fused_gnconv_backward(g: _Shape, norm: bool, residual: bool) -> List[Step]:
     return s
 
 
+def _cuda_gnconv_forward(g: _Shape, norm: bool, residual: bool) -> List[Step]:
+    """resfuse._C's forward (resfuse/ops_gnconv_cuda.py): the gate buffer
+    [pwa*g_0 | g_1 .. g_{o-1}] reaches memory and each gated 1x1 rewrites
+    its stage in place (o + 2 kernels: the stepwise design)."""
+    D, res = g.D, (g.D if residual else 0)
+    s = [Step("f = pixel_gemm(x" + (", LayerNorm prologue)" if norm else ")  # proj_in"), 1, D + 2 * D,
+              flops=4 * D * D),
+         Step("buf = dwconv_gate(abc, pwa)  # [x_0 | g_1 ..]", 1, 2 * D + g.S, flops=2 * g.S * g.k2)]
+    s += [Step(f"buf_{i + 1} = (W buf_{i} + b) * buf_{i + 1}  # pws[{i}], in place", 1, a + 2 * b, flops=2 * a * b)
+          for i, (a, b) in enumerate(g.pairs)]
+    s.append(Step("out = pixel_gemm(buf_o-1, W_out)" + (" * gamma1 + x" if residual else ""), 1, D + res + D,
+                  flops=2 * D * D))
+    return s
+
+
+def _cuda_gnconv_backward(g: _Shape, norm: bool, residual: bool) -> List[Step]:
+    """resfuse._C's backward: replay the gates and stages (x_i and z_i
+    written), one data-gradient GEMM per stage (dz = acc*g, dg = acc*z),
+    the depthwise backward, one weight gradient per 1x1 (partials not
+    counted), proj_in's data gradient (+ LayerNorm rows backward)."""
+    D, S, d0 = g.D, g.S, g.d0
+    s = [Step("g = dwconv_gate(abc)  # replay", 1, S + S, flops=2 * S * g.k2),
+         Step("x_0 = pwa * g_0  # torch.mul", 1, 3 * d0)]
+    s += [Step(f"x_{i + 1}, z_{i + 1} = pixel_gemm(x_{i}) * g_{i + 1}  # replay", 1, a + 3 * b, flops=2 * a * b)
+          for i, (a, b) in enumerate(g.pairs)]
+    dims = g.dims
+    s.append(Step(f"dz_{g.o - 1}, dg_{g.o - 1} = pixel_gemm(dout, (gamma W_out)^T)", 1, D + 4 * D, flops=2 * D * D))
+    s += [Step(f"dz_{i}, dg_{i} = pixel_gemm(dz_{i + 1}, W_{i}^T)" if i else "dpwa, dg_0 = pixel_gemm(dz_1, W_0^T)",
+               1, dims[i + 1] + 4 * dims[i], flops=2 * dims[i] * dims[i + 1]) for i in range(g.o - 2, -1, -1)]
+    s.append(Step("d_abc, dW_dw = dwconv_gate_backward(dg, abc)", 1, 3 * S, flops=4 * S * g.k2))
+    s += [Step(f"pixel_wgrad(dz_{i + 1}, x_{i})  # pws[{i}]", 1, a + b, flops=2 * a * b)
+          for i, (a, b) in enumerate(g.pairs)]
+    s.append(Step(f"pixel_wgrad(dout, x_{g.o - 1})  # proj_out", 1, 2 * D, flops=2 * D * D))
+    if norm:
+        s += [Step("dxhat = pixel_gemm(d_f, W_in^T)", 1, 2 * D + D, flops=4 * D * D),
+              Step("dx = layernorm_rows_backward(x, dxhat)", 1, 3 * D, stats=2),
+              Step("pixel_wgrad(d_f, LN(x))  # proj_in", 1, 3 * D, stats=2, flops=4 * D * D)]
+    else:
+        s += [Step("dx = pixel_gemm(d_f, W_in^T)", 1, 3 * D, flops=4 * D * D),
+              Step("pixel_wgrad(d_f, x)  # proj_in", 1, 3 * D, flops=4 * D * D)]
+    if residual:
+        s.append(Step("dx_total = dout + dx", 1, 3 * D, autograd=True))
+    return s
+
+
+def _cuda_mlp_backward(C: int) -> List[Step]:
+    return [
+        Step("d_a = pixel_gemm(dout, (gamma2 W2)^T) * gelu'(a)", 1, C + 4 * C + 4 * C, flops=8 * C * C),
+        Step("pixel_wgrad(dout, gelu(a))  # pwconv2, gamma2", 1, C + 4 * C, flops=8 * C * C),
+        Step("dxhat = pixel_gemm(d_a, W1^T)", 1, 4 * C + C, flops=8 * C * C),
+        Step("dx = layernorm_rows_backward(x, dxhat)", 1, 3 * C, stats=2),
+        Step("pixel_wgrad(d_a, LN(x))  # pwconv1, norm2", 1, 4 * C + C, stats=2, flops=8 * C * C),
+        Step("dx = dout + dx", 1, 3 * C, autograd=True),
+    ]
+
+
+#: Fused step lists per design: the Triton kernels (kernels/) or resfuse._C (csrc/).
+_DESIGNS = ("triton", "cuda")
+
+
+def _design(design: str):
+    if design not in _DESIGNS:
+        raise ValueError(f"design must be one of {_DESIGNS}, got {design!r}")
+    if design == "cuda":
+        return _cuda_gnconv_forward, _cuda_gnconv_backward, _fused_mlp_forward, _cuda_mlp_backward
+    return _fused_gnconv_forward, _fused_gnconv_backward, _fused_mlp_forward, _fused_mlp_backward
+
+
 def _eager_mlp_forward(C: int) -> List[Step]:
     """HorBlock's second half as HorNet writes it, on channels_last x:
     x.permute(0, 2, 3, 1) is contiguous NHWC, so no copy anywhere."""
@@ -493,31 +561,38 @@ def _totals(eager: List[Step], fused: List[Step], *, flops_px: int, recompute_px
 
 
 def gnconv_train_bytes(dim: int, order: int, H: int, W: int, batch: int, dtype: str = "float16", *,
-                       ksize: int = 7, norm: bool = False, residual: bool = False) -> StepTraffic:
+                       ksize: int = 7, norm: bool = False, residual: bool = False, train: bool = True,
+                       design: str = "triton") -> StepTraffic:
     """One training step's forward + backward of a gnconv (the module
     docstring's model), x requiring grad. ``norm``: HorBlock's norm1 in
     front; ``residual``: ``x + gamma1 * gnconv(.)`` after (as
-    ``gnconv_bytes``)."""
+    ``gnconv_bytes``). ``train=False``: the forward alone. ``design``:
+    the fused kernels' steps, "triton" (kernels/) or "cuda" (csrc/)."""
     g = _Shape(dim, order, ksize)
-    eager = _eager_gnconv_forward(g, norm, residual) + _eager_gnconv_backward(g, norm, residual)
-    fused = _fused_gnconv_forward(g, norm, residual) + _fused_gnconv_backward(g, norm, residual)
+    fwd, bwd, _, _ = _design(design)
+    eager, fused = _eager_gnconv_forward(g, norm, residual), fwd(g, norm, residual)
+    if train:
+        eager, fused = eager + _eager_gnconv_backward(g, norm, residual), fused + bwd(g, norm, residual)
     params = g.gnconv_params() + (2 * dim if norm else 0) + (dim if residual else 0)
-    return _totals(eager, fused, flops_px=3 * g.gnconv_flops(), recompute_px=2 * (g.S * g.k2 + g.sum_ab),
-                   params=3 * params, P=batch * H * W, dtype=dtype)
+    t = 3 if train else 1
+    return _totals(eager, fused, flops_px=t * g.gnconv_flops(),
+                   recompute_px=2 * (g.S * g.k2 + g.sum_ab) if train else 0,
+                   params=t * params, P=batch * H * W, dtype=dtype)
 
 
 def horblock_bytes(dim: int, order: int, H: int, W: int, batch: int, dtype: str = "float16", *,
-                   train: bool, ksize: int = 7) -> StepTraffic:
+                   train: bool, ksize: int = 7, design: str = "triton") -> StepTraffic:
     """A HorBlock (norm1, gnconv, gamma1, residual; norm2, pwconv1, GELU,
     pwconv2, gamma2, residual; drop_path the identity): the eval forward,
     or with ``train`` forward + backward (x requiring grad)."""
     g = _Shape(dim, order, ksize)
     C = dim
+    gfwd, gbwd, mfwd, mbwd = _design(design)
     eager = _eager_gnconv_forward(g, True, True) + _eager_mlp_forward(C)
-    fused = _fused_gnconv_forward(g, True, True) + _fused_mlp_forward(C)
+    fused = gfwd(g, True, True) + mfwd(C)
     if train:  # autograd runs the MLP half's backward first; its dx is the gnconv half's dout
         eager += _eager_mlp_backward(C) + _eager_gnconv_backward(g, True, True)
-        fused += _fused_mlp_backward(C) + _fused_gnconv_backward(g, True, True)
+        fused += mbwd(C) + gbwd(g, True, True)
     params = g.gnconv_params() + 3 * C + (2 * C + 4 * C * C + 4 * C + 4 * C * C + C + C)
     flops_px = g.gnconv_flops() + 16 * C * C
     return _totals(eager, fused, flops_px=(3 if train else 1) * flops_px,
