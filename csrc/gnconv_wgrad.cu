@@ -46,8 +46,8 @@
 //   accumulate dnw/dnb in smem slots owned by that thread; at the end each block writes its
 //   partial [dnw | dnb] row to the workspace and pixel_wgrad_reduce sums the blocks in order.
 //   Limit: C <= 4096 when dnw or dnb is requested (the smem accumulators, 32 KB); any C >= 1
-//   otherwise. Blocks = ceil(M / rows) with rows = 8*ceil(ceil(M/8) / 528) (528 = 4 blocks on each
-//   of 132 SMs); workspace = blocks*2C*4 B. M == 0 with dnw/dnb: zeros are written; C == 0:
+//   otherwise. Blocks = ceil(M / rows), rows = 8*max(4, ceil(ceil(M/8) / 528)) (528 = 4 blocks on
+//   each of 132 SMs; at least 4 rounds per block); workspace = blocks*2C*4 B. M == 0 with dnw/dnb: zeros are written; C == 0:
 //   nothing is launched (no rows to normalise).
 //   Bytes per pixel: reads 2C*e (x, dy; the four passes re-read the round's rows from L1/L2),
 //   writes C*e (dx) + 8 B (mean, rstd); partials blocks*2C*4 B written and read once.
@@ -348,6 +348,7 @@ namespace lnbwd {
 constexpr int kWarps = 8, kThreads = 32 * kWarps;
 constexpr int kMaxC = 4096;     // smem dnw/dnb accumulators (only when dnw or dnb is requested)
 constexpr int kMaxBlocks = 528; // 4 per SM on 132 SMs
+constexpr int kMinRounds = 4;   // >= 32 rows per block: partials cost <= 2C*4/32 B per pixel
 constexpr int kSmemBytes = (2 * kMaxC + 4 * kWarps * 32 + 4 * kWarps) * 4;
 static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
 
@@ -457,13 +458,14 @@ inline bool wg_aligned(const void* p, size_t n) { return (reinterpret_cast<uintp
 
 struct WgradPlan { int64_t chunks, chunk_len; int tiles_n, tiles_k; };
 
-inline WgradPlan wgrad_plan(int64_t M, int K, int Nout, bool db) {
+// K == 0 still gets one (masked) k-tile: it computes db when asked for, and the workspace size
+// then does not depend on db.
+inline WgradPlan wgrad_plan(int64_t M, int K, int Nout) {
   WgradPlan pl{};
   pl.tiles_n = static_cast<int>((int64_t(Nout) + wgrad::kTN - 1) / wgrad::kTN);
-  pl.tiles_k = static_cast<int>((int64_t(K) + wgrad::kTK - 1) / wgrad::kTK);
-  if (db && pl.tiles_k == 0) pl.tiles_k = 1;  // K == 0: one masked k-tile still computes db
-  if (M <= 0 || pl.tiles_n == 0 || pl.tiles_k == 0) return pl;
-  const int64_t tiles = int64_t(pl.tiles_n) * (pl.tiles_k > 0 ? pl.tiles_k : 1);
+  pl.tiles_k = K > 0 ? static_cast<int>((int64_t(K) + wgrad::kTK - 1) / wgrad::kTK) : 1;
+  if (M <= 0 || pl.tiles_n == 0) return pl;
+  const int64_t tiles = int64_t(pl.tiles_n) * pl.tiles_k;
   int64_t chunks = (wgrad::kTargetCtas + tiles - 1) / tiles;
   const int64_t by_m = (M + wgrad::kMinChunkPixels - 1) / wgrad::kMinChunkPixels;
   if (chunks > by_m) chunks = by_m;
@@ -477,14 +479,15 @@ inline WgradPlan wgrad_plan(int64_t M, int K, int Nout, bool db) {
 
 inline int64_t ln_rows_per_block(int64_t M) {
   const int64_t rounds = (M + lnbwd::kWarps - 1) / lnbwd::kWarps;
-  return lnbwd::kWarps * ((rounds + lnbwd::kMaxBlocks - 1) / lnbwd::kMaxBlocks);
+  const int64_t per_block = (rounds + lnbwd::kMaxBlocks - 1) / lnbwd::kMaxBlocks;
+  return lnbwd::kWarps * (per_block > lnbwd::kMinRounds ? per_block : lnbwd::kMinRounds);
 }
 
 }  // namespace detail
 
 size_t pixel_wgrad_workspace_bytes(const PixelWgradParams& p) {
   // db's slots are always counted: the size depends on M, K, Nout only.
-  const detail::WgradPlan pl = detail::wgrad_plan(p.M, p.K, p.Nout, false);
+  const detail::WgradPlan pl = detail::wgrad_plan(p.M, p.K, p.Nout);
   if (pl.chunks <= 1) return 0;
   return static_cast<size_t>(pl.chunks) * static_cast<size_t>(p.Nout) * (static_cast<size_t>(p.K) + 1) * 4;
 }
@@ -504,7 +507,7 @@ const char* pixel_wgrad_launch(const PixelWgradParams& p, cudaStream_t stream) {
     return "pixel_wgrad: mean and rstd must be given with the LayerNorm prologue";
   if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
     return "pixel_wgrad: unsupported dtype";
-  const WgradPlan pl = wgrad_plan(p.M, p.K, p.Nout, p.db != nullptr);
+  const WgradPlan pl = wgrad_plan(p.M, p.K, p.Nout);
   if (pl.tiles_k > 65535) return "pixel_wgrad: K too large (grid.y limit: K <= 4194240)";
   if (p.Nout == 0) return nullptr;
   if (p.M == 0) {  // empty sum: dw = 0, db = 0
@@ -515,7 +518,7 @@ const char* pixel_wgrad_launch(const PixelWgradParams& p, cudaStream_t stream) {
     r.chunks = 0;
     return launch_reduce(r, stream);
   }
-  if (pl.tiles_k == 0) return nullptr;  // K == 0 and no db
+  if (p.K == 0 && !p.db) return nullptr;
   const size_t need = pixel_wgrad_workspace_bytes(p);
   if (need > 0 && (!p.workspace || p.workspace_bytes < need))
     return "pixel_wgrad: workspace missing or smaller than pixel_wgrad_workspace_bytes()";

@@ -70,6 +70,7 @@ def test_wgrad_kernels_under_cpu_emulator(toolchain, tmp_path):  # noqa: F811
     out = r.stdout + (f"\n[stderr]\n{r.stderr}" if r.stderr else "")
     print(f"emulator: compile {t1 - t0:.1f} s, run {t2 - t1:.1f} s\n{out}")
     assert r.returncode == 0, f"emulator exit status {r.returncode}\n{out}"
+    assert "validation: ok" in r.stdout.splitlines(), f"launcher validation failed\n{out}"
     cases = _cases(r, out)
     by_case = {}
     for idx, mode, _, name, _, _ in cases:
