@@ -59,7 +59,10 @@ constexpr int kDwCB = 32;                 // channels per CTA (= lanes)
 constexpr int kDwR = 8;                   // pixels per run (forward)
 constexpr int kDwSmem = 48 * 1024;        // static shared memory per CTA
 constexpr int kDwMaxRuns = 2 * kDwWarps;  // runs per tile, two per thread
-constexpr int kDwMaxSlots = 512;          // weight-gradient partial slots per channel block
+#ifndef RESFUSE_DW_MAX_SLOTS  // the CPU emulator lowers it so that CTAs reduce several tiles
+#define RESFUSE_DW_MAX_SLOTS 512
+#endif
+constexpr int kDwMaxSlots = RESFUSE_DW_MAX_SLOTS;  // weight-gradient partial slots per channel block
 constexpr int kDwGatePix = 64;            // pixels per CTA, gates mode
 constexpr int kMaxK = 1023;
 
