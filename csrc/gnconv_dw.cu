@@ -9,6 +9,8 @@
 //   backward  dabc[m,c] = round(scale * sum_{r,s} dg[n, h+r-k/2, w+s-k/2, c] * w_dw[c, k-1-r, k-1-s])
 //             (the forward kernel with flipped taps: tap index t = r*k+s becomes k*k-1-t)
 //             dw_dw[c,r,s] = scale * sum_m dg[m,c] * abc[n, h+r-k/2, w+s-k/2, c],  db_dw[c] = scale * sum_m dg[m,c]
+//   Padding contributes nothing (a pixel outside the image is skipped, so dg = Inf at the border
+//   does not make dw NaN through Inf * 0). gates mode ignores abc, w_dw, b_dw and ksize.
 // Layouts: activations channels_last rows t[m*ld + c], m = (n*H + h)*W + w, int64 offsets
 //   (N*H*W*ld may exceed 2^31); w_dw (S, k, k) fp32; b_dw, dw_dw, db_dw fp32 contiguous.
 //
@@ -24,6 +26,7 @@
 //   14 smem loads, 56 FMAs); other k run a generic loop (8 loads + 1 weight load per 8 FMAs).
 //   Epilogue: accumulators go through smem (over the dead halo) so that the stores (and the pwa
 //   loads) are 16-byte vectors along channels when aligned, element-wise otherwise.
+//   __launch_bounds__(256, 1): with (256) alone ptxas spilled 4-8 bytes at 32/48/64 registers.
 //   Tile per k: the first of 8x16, 8x8, 4x8, 2x8, 1x8 whose halo + weights fit (k = 7: 8x16,
 //   39424 + 6272 B); when none fits (k >= 13) a direct path reads the input and weights from
 //   global memory per tap (slower, correct for any odd k <= kMaxK = 1023).
