@@ -134,7 +134,7 @@ struct DwGateOnlyArgs {
 struct DwWgradArgs {
   DwTiling t;
   const void* dg; int64_t ld_dg;
-  const void* abc; int64_t ld_abc;   // nullable (db only)
+  const void* abc; int64_t ld_abc;   // null: db only (no dw tasks, no abc staging)
   float* ws;                         // [ceil(S/32)][nslots][k*k+1][32]
   int64_t ntiles; int tps, nslots;
   bool vdg, vabc;
@@ -370,14 +370,14 @@ __global__ void __launch_bounds__(kDwThreads, 1) dwconv_wgrad_kernel(const DwWgr
     const int n = int(tile_id / t.tiles_hw), tile = int(tile_id % t.tiles_hw);
     const int y0 = (tile / t.tiles_w) * t.TH, x0 = (tile % t.tiles_w) * t.TW;
     if constexpr (!kDirect) {
-      stage_tile<E>(smem, a.abc, a.ld_abc, n, t.H, t.W, y0 - half, x0 - half, hrows, hcols, c0, t.S, a.vabc);
+      if (a.abc) stage_tile<E>(smem, a.abc, a.ld_abc, n, t.H, t.W, y0 - half, x0 - half, hrows, hcols, c0, t.S, a.vabc);
       stage_tile<E>(sdg, a.dg, a.ld_dg, n, t.H, t.W, y0, x0, t.TH, t.TW, c0, t.S, a.vdg);
       __syncthreads();
     }
     const auto A = make_window<E, kDirect>(smem + lane, hcols, a.abc, a.ld_abc, t, n, y0 - half, x0 - half, c);
     const auto D = make_window<E, kDirect>(sdg + lane, t.TW, a.dg, a.ld_dg, t, n, y0, x0, c);
     const int ye = imin(t.TH, t.H - y0), xe = imin(t.TW, t.W - x0);  // the tile's pixels in the image
-    for (int task = warp; task < ntasks; task += kDwWarps) {
+    for (int task = warp + (a.abc ? 0 : ntasks - 1); task < ntasks; task += kDwWarps) {  // db only: one task
       float acc[kSC];
 #pragma unroll
       for (int j = 0; j < kSC; ++j) acc[j] = 0.f;
