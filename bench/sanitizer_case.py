@@ -10,7 +10,8 @@ float64 reference so the run also fails on a wrong result. Then a HorBlock
 (gnconv orders 2 and 5, odd H/W, NCHW and channels_last) forward and
 backward on each backend, output and input gradient against float64
 autograd: every gnconv kernel (forward, data and weight gradients, the
-depthwise backward, the LayerNorm backward) runs under the tool. The Triton
+depthwise backward, the LayerNorm backward) runs under the tool (on cuda
+by default; ``--horblock cuda,triton`` adds the Triton kernels). The Triton
 autotuner benchmarks every config on the first call of each shape, so every
 tile config is launched under memcheck too. ``--check`` validates the
 script without a GPU: CPU tensors through the eager path, and through the
@@ -114,6 +115,9 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="run on CPU through the eager path only (no GPU needed)")
     ap.add_argument("--backends", default="triton,cuda",
                     help="GPU backends to run (comma-separated; racecheck runs the CUDA kernels only)")
+    ap.add_argument("--horblock", default="cuda",
+                    help="backends of the HorBlock forward+backward case (default cuda: the Triton ones autotune "
+                         "every config under the tool, minutes; name triton to include them)")
     args = ap.parse_args(argv)
     import resfuse
     from resfuse.reference import conv_bn_act_reference, to_float64
@@ -147,7 +151,8 @@ def main(argv=None) -> int:
                 print(f"{backend:6s} {str(dtype):15s} {shape}: rel err {err:.2e} (tol {tol:.2e}) {status}")
                 if status != "ok":
                     failures.append((backend, dtype, shape))
-    r, f = horblock_cases(device, backends, numerics)
+    hb = [b for b in backends if b in args.horblock.split(",") or b == "eager"]
+    r, f = horblock_cases(device, hb, numerics)
     ran, failures = ran + r, failures + f
     print(f"{ran} fused calls, {len(failures)} wrong")
     if ran == 0:
