@@ -64,24 +64,54 @@ void check_f32(const optional<Tensor>& t, const char* name, at::IntArrayRef shap
   TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
 }
 
-// `b` may alias `a` only as the very same view (in-place epilogues); any other overlap is refused.
-void exact_alias_or_disjoint(const Tensor& a, const Tensor& b, const char* an, const char* bn) {
-  if (!a.defined() || !b.defined() || !a.storage().is_alias_of(b.storage())) return;
-  if (a.data_ptr() == b.data_ptr() && a.strides() == b.strides() && a.sizes() == b.sizes()) return;
+// Memory overlap of two tensors. Pixel-row views of one buffer with equal strides (channel slices
+// such as f's pwa / abc or one stage of the gate buffer) are disjoint when their channel ranges
+// are: with b starting r = (offset of b - offset of a) mod ld channels into a's rows, when
+// [r, r + Cb) misses [0, Ca) and stays inside the row. Anything else is compared by address
+// range (conservative: interleaved but disjoint views other than those are reported).
+bool overlaps(const Tensor& a, const Tensor& b) {
+  if (!a.defined() || !b.defined() || a.numel() == 0 || b.numel() == 0) return false;
+  if (!a.storage().is_alias_of(b.storage())) return false;
   const auto lo = [](const Tensor& t) { return static_cast<const char*>(t.data_ptr()); };
   const auto hi = [](const Tensor& t) {
     int64_t last = 0;
     for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
     return static_cast<const char*>(t.data_ptr()) + (last + 1) * t.element_size();
   };
-  // channel slices of one buffer interleave; disjoint channel ranges of the same rows are fine
-  const bool rows_disjoint = a.dim() == 4 && b.dim() == 4 && a.stride(1) == 1 && b.stride(1) == 1 &&
-                             a.strides() == b.strides() && [&] {
-                               const int64_t da = (lo(a) - lo(b)) / a.element_size();
-                               return da >= b.size(1) || -da >= a.size(1);
-                             }();
-  TORCH_CHECK(rows_disjoint || hi(a) <= lo(b) || hi(b) <= lo(a), bn, " overlaps ", an,
-              " without being the same view; only exact aliasing (in place) is supported");
+  if (hi(a) <= lo(b) || hi(b) <= lo(a)) return false;
+  if (a.dim() == 4 && b.dim() == 4 && a.element_size() == b.element_size() && a.strides() == b.strides() &&
+      (a.size(1) <= 1 || a.stride(1) == 1)) {
+    const int64_t ld = a.size(3) > 1 ? a.stride(3) : a.size(2) > 1 ? a.stride(2) : a.stride(0);
+    if (ld >= 1) {
+      const int64_t off = (lo(b) - lo(a)) / a.element_size();
+      const int64_t r = ((off % ld) + ld) % ld;
+      return !(r >= a.size(1) && r + b.size(1) <= ld);
+    }
+  }
+  return true;
+}
+
+// b may overlap a only as the very same view (in-place epilogues: gnconv.h allows out == mul and
+// aux_out == aux_mul, each element read then written by one thread).
+void exact_alias_or_disjoint(const Tensor& a, const Tensor& b, const char* an, const char* bn) {
+  if (!overlaps(a, b)) return;
+  TORCH_CHECK(a.data_ptr() == b.data_ptr() && a.strides() == b.strides() && a.sizes() == b.sizes(), bn,
+              " overlaps ", an, " without being the same view; only exact aliasing (in place) is supported");
+}
+
+// b must not share memory with a at all (a kernel would read what another block already wrote).
+void disjoint(const Tensor& a, const Tensor& b, const char* an, const char* bn) {
+  TORCH_CHECK(!overlaps(a, b), bn, " overlaps ", an, ": they must not share memory");
+}
+
+const Tensor& opt(const optional<Tensor>& t) {
+  static const Tensor none;
+  return t.has_value() ? *t : none;
+}
+
+int as_int(int64_t v, const char* name) {
+  TORCH_CHECK(v <= INT32_MAX, name, " = ", v, " is too large for the CUDA kernels (at most 2^31 - 1)");
+  return static_cast<int>(v);
 }
 
 cudaStream_t stream_of(const Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
@@ -138,12 +168,13 @@ void pixel_gemm(const Tensor& a, const Tensor& weight, const optional<Tensor>& b
   const Rows rxm = aux_mul.has_value() ? rows_like(aux_mul, "aux_mul", ra, "a", Nout, a) : Rows{};
   check_vector(col_scale, "col_scale", Nout);
   check_vector(row_scale, "row_scale", ra.N);
-  exact_alias_or_disjoint(out, mul.value_or(Tensor()), "out", "mul");
-  exact_alias_or_disjoint(out, a, "out", "a");
-  if (aux_out.has_value()) {
-    exact_alias_or_disjoint(*aux_out, aux_mul.value_or(Tensor()), "aux_out", "aux_mul");
-    exact_alias_or_disjoint(out, *aux_out, "out", "aux_out");
-  }
+  exact_alias_or_disjoint(out, opt(mul), "out", "mul");
+  disjoint(out, a, "out", "a");
+  disjoint(out, opt(residual), "out", "residual");
+  exact_alias_or_disjoint(opt(aux_out), opt(aux_mul), "aux_out", "aux_mul");
+  for (const auto& [t, n] : {std::pair<const Tensor&, const char*>{out, "out"}, {a, "a"}, {opt(mul), "mul"},
+                             {opt(residual), "residual"}})
+    disjoint(t, opt(aux_out), n, "aux_out");
   check_device(a, "a", a);
   check_device(weight, "weight", a);
   check_device(out, "out", a);
@@ -164,7 +195,7 @@ void pixel_gemm(const Tensor& a, const Tensor& weight, const optional<Tensor>& b
   p.out = out.data_ptr(); p.ld_out = ro.ld;
   p.aux_out = aux_out.has_value() ? aux_out->data_ptr() : nullptr; p.ld_aux = rx.ld;
   p.aux_mul = ptr(aux_mul); p.ld_aux_mul = rxm.ld;
-  p.M = ra.M(); p.K = static_cast<int>(ra.C); p.Nout = static_cast<int>(Nout);
+  p.M = ra.M(); p.K = as_int(ra.C, "a's channels"); p.Nout = as_int(Nout, "out's channels");
   p.dtype = to_dtype(a); p.allow_tf32 = allow_tf32;
   ok_or_throw(resfuse::pixel_gemm_launch(p, stream_of(a)), "pixel_gemm");
 }
@@ -197,13 +228,20 @@ void pixel_wgrad(const Tensor& dy, const Tensor& b, int64_t prologue, const opti
                 "mean / rstd / norm_weight / norm_bias given without the layernorm prologue (prologue=1)");
   }
   check_vector(row_scale, "row_scale", rd.N);
+  as_int(rd.C, "dy's channels");
+  as_int(rb.C, "b's channels");
   check_device(dy, "dy", dy);
   check_device(b, "b", dy);
   check_device(dw, "dw", dy);
   for (auto* t : {&mean, &rstd, &norm_weight, &norm_bias, &row_scale, &db})
     check_optional_device(*t, "a vector argument", dy);
-  if (rd.C == 0 || rb.C == 0) return;
+  if (rd.C == 0) return;
   const c10::cuda::CUDAGuard guard(dy.device());
+  if (rd.M() == 0) {  // no pixels: the sums are empty
+    dw.zero_();
+    if (db.has_value()) db->zero_();
+    return;
+  }
   Tensor nw = as_f32(norm_weight), nb = as_f32(norm_bias), rs = as_f32(row_scale);
   resfuse::PixelWgradParams p{};
   p.dy = dy.data_ptr(); p.ld_dy = rd.ld; p.b = b.data_ptr(); p.ldb = rb.ld;
@@ -211,7 +249,7 @@ void pixel_wgrad(const Tensor& dy, const Tensor& b, int64_t prologue, const opti
   p.norm_weight = f32_ptr(nw); p.norm_bias = f32_ptr(nb);
   p.row_scale = f32_ptr(rs); p.HW = rd.H * rd.W;
   p.dw = dw.data_ptr<float>(); p.db = fptr(db);
-  p.M = rd.M(); p.K = static_cast<int>(rb.C); p.Nout = static_cast<int>(rd.C);
+  p.M = rd.M(); p.K = static_cast<int>(rb.C); p.Nout = static_cast<int>(rd.C);  // checked above
   p.dtype = to_dtype(dy); p.allow_tf32 = allow_tf32;
   const size_t bytes = resfuse::pixel_wgrad_workspace_bytes(p);
   Tensor ws = at::empty({static_cast<int64_t>((bytes + 3) / 4)}, dy.options().dtype(at::kFloat));
@@ -235,13 +273,20 @@ void layernorm_rows_backward(const Tensor& x, const Tensor& dy, const optional<T
   check_f32(rstd, "rstd", {rx.M()});
   check_f32(dnw, "dnw", {rx.C});
   check_f32(dnb, "dnb", {rx.C});
-  exact_alias_or_disjoint(dx, x, "dx", "x");
+  disjoint(dx, x, "dx", "x");
+  disjoint(dx, dy, "dx", "dy");
+  as_int(rx.C, "x's channels");
   check_device(x, "x", x);
   check_device(dy, "dy", x);
   check_device(dx, "dx", x);
   for (auto* t : {&norm_weight, &mean, &rstd, &dnw, &dnb}) check_optional_device(*t, "a vector argument", x);
   if (rx.C == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
+  if (rx.M() == 0) {  // no pixels: the parameter gradients are empty sums
+    for (auto* t : {&dnw, &dnb})
+      if (t->has_value()) (*t)->zero_();
+    return;
+  }
   Tensor nw = as_f32(norm_weight);
   resfuse::LayerNormRowsBwdParams p{};
   p.x = x.data_ptr(); p.ldx = rx.ld; p.dy = dy.data_ptr(); p.ld_dy = rd.ld;
@@ -286,7 +331,10 @@ void dwconv_gate(const Tensor& abc, const optional<Tensor>& w_dw, const optional
                 abc.scalar_type());
   }
   const Rows ro = rows_like(out, "out", ra, "abc", ra.C, abc);
-  exact_alias_or_disjoint(out, abc, "out", "abc");
+  disjoint(out, abc, "out", "abc");
+  disjoint(out, opt(pwa), "out", "pwa");
+  disjoint(out, opt(gates), "out", "gates");
+  as_int(ra.N, "N"); as_int(ra.H, "H"); as_int(ra.W, "W"); as_int(ra.C, "abc's channels");
   check_device(abc, "abc", abc);
   check_device(out, "out", abc);
   for (auto* t : {&w_dw, &b_dw, &gates, &pwa}) check_optional_device(*t, "a tensor argument", abc);
@@ -315,16 +363,20 @@ void dwconv_gate_backward(const Tensor& dg, const Tensor& abc, const Tensor& w_d
   const Rows ro = dabc.has_value() ? rows_like(dabc, "dabc", rd, "dg", rd.C, dg) : Rows{};
   check_f32(dw_dw, "dw_dw", {rd.C, 1, k, k});
   check_f32(db_dw, "db_dw", {rd.C});
-  if (dabc.has_value()) {
-    exact_alias_or_disjoint(*dabc, dg, "dabc", "dg");
-    exact_alias_or_disjoint(*dabc, abc, "dabc", "abc");
-  }
+  disjoint(opt(dabc), dg, "dabc", "dg");
+  disjoint(opt(dabc), abc, "dabc", "abc");
+  as_int(rd.N, "N"); as_int(rd.H, "H"); as_int(rd.W, "W"); as_int(rd.C, "dg's channels");
   check_device(dg, "dg", dg);
   check_device(abc, "abc", dg);
   check_device(w_dw, "w_dw", dg);
   for (auto* t : {&dabc, &dw_dw, &db_dw}) check_optional_device(*t, "an output", dg);
   if (rd.C == 0) return;
   const c10::cuda::CUDAGuard guard(dg.device());
+  if (rd.M() == 0) {  // no pixels: empty sums, nothing to launch
+    for (auto* t : {&dw_dw, &db_dw})
+      if (t->has_value()) (*t)->zero_();
+    return;
+  }
   Tensor w = w_dw.to(at::kFloat).contiguous();
   resfuse::DwGateBwdParams p{};
   p.dg = dg.data_ptr(); p.ld_dg = rd.ld; p.abc = abc.data_ptr(); p.ld_abc = ra.ld;

@@ -43,10 +43,31 @@ _NONE, _LAYERNORM, _GELU = 0, 1, 2
 LAUNCHES: Counter = Counter()
 
 
+#: Limits of the kernels (csrc/gnconv_dw.cu kMaxK, csrc/gnconv_wgrad.cu kMaxC).
+MAX_KSIZE = 1023
+MAX_LN_BACKWARD_CHANNELS = 4096
+
+
+def _shape_reasons(op: str, p) -> List[str]:
+    """Problems the kernels refuse (beyond device and dtype); `p` may be a
+    signature without tensors (``explain``)."""
+    out = []
+    args = getattr(p, "args", None)
+    w_dw = getattr(p, "w_dw", None) if args is None else args.get("w_dw")
+    if w_dw is not None and w_dw.shape[-1] > MAX_KSIZE:
+        out.append(f"depthwise kernel size {w_dw.shape[-1]} > {MAX_KSIZE}")
+    if op == "layernorm_conv1x1_backward" and args["norm_eps"] is not None and \
+            args["x"].shape[1] > MAX_LN_BACKWARD_CHANNELS and \
+            (args["norm_weight"] is not None or args["norm_bias"] is not None):
+        out.append(f"LayerNorm backward over {args['x'].shape[1]} > {MAX_LN_BACKWARD_CHANNELS} channels "
+                   "(its weight/bias gradient partials live in shared memory)")
+    return out
+
+
 def check(op: str):
     """The cuda candidate's "can I run this?" for `op` (forward or backward)."""
     def reasons(p) -> List[str]:
-        return cuda_reasons(op, p.device, p.dtype)
+        return cuda_reasons(op, p.device, p.dtype) + _shape_reasons(op, p)
     return reasons
 
 
@@ -264,9 +285,9 @@ def _chain_backward(p):
     grads = [None] * len(needs)
     if gates is None:
         k = w_dw.shape[-1]
-        alloc = torch.zeros if N * H * W == 0 else torch.empty  # no pixels: the kernel writes nothing
-        dw_dw = alloc((S, 1, k, k), dtype=torch.float32, device=fused.device) if needs[1] else None
-        db_dw = alloc((S,), dtype=torch.float32, device=fused.device) if needs[2] and b_dw is not None else None
+        dw_dw = torch.empty((S, 1, k, k), dtype=torch.float32, device=fused.device) if needs[1] else None
+        db_dw = torch.empty((S,), dtype=torch.float32, device=fused.device) if needs[2] and b_dw is not None \
+            else None
         _ops().dwconv_gate_backward(dg, abc, w_dw, scale, d_f[:, d0:], dw_dw, db_dw)
         grads[1], grads[2] = dw_dw, db_dw
     else:

@@ -98,6 +98,8 @@ def _dwb_args():
 
 
 _BUF = _cl(2, 16, 3, 5)
+_SAME8, _SAME12, _SAME6 = _cl(2, 8, 3, 5), _cl(2, 12, 3, 5), _cl(2, 6, 3, 5)
+_X8 = _cl(1, 8, 3, 5)
 CASES = [
     # pixel_gemm
     ("pixel_gemm", {"a": torch.randn(8, 3, 5)}, r"a must be 4-D"),
@@ -118,7 +120,17 @@ CASES = [
     ("pixel_gemm", {"col_scale": torch.randn(8)}, r"col_scale must have shape \(6\)"),
     ("pixel_gemm", {"aux_mul": _cl(2, 6, 3, 5)}, r"aux_mul given without aux_out"),
     ("pixel_gemm", {"a": _BUF[:, 0:8], "out": _BUF[:, 4:10]}, r"out overlaps a|a overlaps out"),
+    ("pixel_gemm", {"a": _BUF[:, 0:8], "weight": torch.randn(8, 8), "bias": None, "out": _BUF[:, 0:8]},
+     r"a overlaps out: they must not share memory"),
+    # channels 0-5 and 4-9 of the same rows: interleaved, overlapping in channels 4 and 5
+    ("pixel_gemm", {"out": _BUF[:, 0:6], "mul": _BUF[:, 4:10]}, r"mul overlaps out without being the same view"),
+    # image 1's channels 0-5 and image 0's 4-9: the same channels, other pixels: no overlap
+    ("pixel_gemm", {"a": _X8, "out": _BUF[1:, 0:6], "mul": _BUF[:-1, 4:10], "row_scale": None},
+     r"a must be a CUDA tensor"),
+    ("pixel_gemm", {"residual": _SAME6, "out": _SAME6}, r"residual overlaps out"),
+    ("pixel_gemm", {"aux_out": _SAME6, "out": _SAME6}, r"aux_out overlaps out"),
     ("pixel_gemm", {}, r"a must be a CUDA tensor"),
+    ("pixel_gemm", {"mul": _SAME6, "out": _SAME6, "aux_out": _cl(2, 6, 3, 5)}, r"a must be a CUDA tensor"),
     ("pixel_gemm", {"a": _BUF[:, 0:8], "out": _BUF[:, 8:14], "mul": _BUF[:, 8:14]}, r"a must be a CUDA tensor"),
     ("pixel_gemm", {"prologue": 1, "norm_weight": torch.randn(8), "norm_bias": torch.randn(8)},
      r"a must be a CUDA tensor"),
@@ -137,6 +149,7 @@ CASES = [
     ("layernorm_rows_backward", {"mean": torch.empty(31)}, r"mean must have shape \[30\]"),
     ("layernorm_rows_backward", {"eps": -1.0}, r"eps must be >= 0"),
     ("layernorm_rows_backward", {"dnw": torch.empty(8, dtype=torch.float16)}, r"dnw must be float32"),
+    ("layernorm_rows_backward", {"dy": _SAME8, "dx": _SAME8}, r"dy overlaps dx"),
     ("layernorm_rows_backward", {}, r"x must be a CUDA tensor"),
     # dwconv_gate
     ("dwconv_gate", {"w_dw": torch.randn(12, 1, 6, 6)}, r"w_dw must be a depthwise weight \(12, 1, k, k\)"),
@@ -145,12 +158,14 @@ CASES = [
     ("dwconv_gate", {"pwa": _cl(2, 13, 3, 5)}, r"pwa has 13 channels, more than abc's 12"),
     ("dwconv_gate", {"out": _cl(2, 11, 3, 5)}, r"out must have 12 channels"),
     ("dwconv_gate", {"b_dw": torch.randn(11)}, r"b_dw must have shape \(12\)"),
+    ("dwconv_gate", {"abc": _SAME12, "out": _SAME12}, r"abc overlaps out"),
     ("dwconv_gate", {}, r"abc must be a CUDA tensor"),
     ("dwconv_gate", {"w_dw": None, "b_dw": None, "gates": _cl(2, 12, 3, 5), "pwa": None}, r"abc must be a CUDA"),
     # dwconv_gate_backward
     ("dwconv_gate_backward", {"dw_dw": torch.empty(12, 1, 5, 5)}, r"dw_dw must have shape \[12, 1, 7, 7\]"),
     ("dwconv_gate_backward", {"abc": _cl(2, 11, 3, 5)}, r"abc must have 12 channels"),
     ("dwconv_gate_backward", {"dg": torch.randn(2, 12, 3, 5)}, r"dg must be channels_last pixel rows"),
+    ("dwconv_gate_backward", {"dg": _SAME12, "dabc": _SAME12}, r"dg overlaps dabc"),
     ("dwconv_gate_backward", {}, r"dg must be a CUDA tensor"),
 ]
 _ARGS = {"pixel_gemm": _gemm_args, "pixel_wgrad": _wgrad_args, "layernorm_rows_backward": _ln_args,
@@ -319,3 +334,17 @@ def test_cuda_byte_model_matches_the_launches_it_makes(dim, order, H):
     assert train.fused_launches == 4 * order + 6
     triton = gnconv_train_bytes(dim, order, H, H, 8, "float16")
     assert triton.fused_bytes < train.fused_bytes < train.eager_bytes
+
+
+@pytest.mark.gpu
+def test_empty_batch_training_step_through_cuda():
+    """N = 0: the weight gradients are empty sums, zeros as in eager (the
+    kernels launch nothing; the binding writes the zeros)."""
+    from seed_hornet import HorBlock, gnconv, randomize
+    _require_built()
+    block = randomize(HorBlock(16, gnconv=partial(gnconv, order=3, s=1.0 / 3.0)), 3).cuda()
+    fused = resfuse.convert(block, backend="cuda")
+    x = torch.randn(0, 16, 5, 5, device="cuda", requires_grad=True)
+    fused(x).sum().backward()
+    for name, p in fused.named_parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) == 0, name
