@@ -299,6 +299,23 @@ def test_horblock_gradients_through_cuda(dim, order, N, H, W, dt, layout):
 
 
 @pytest.mark.gpu
+def test_nonfinite_propagates_through_the_chain_as_eager():
+    """As test_gnconv's: the LayerNorm spreads a NaN over its pixel, the 7x7
+    halo to the neighbours; the cuda kernels must give eager's NaN pattern."""
+    from test_gnconv import Case, make_inputs, reference, run_fused
+    _require_built()
+    case = Case(16, 3, 1, 9, 11, norm=True, res=True)
+    t = make_inputs(case, torch.device("cuda"), 7)
+    t["x"][0, 3, 2, 2] = float("nan")
+    t["x"][0, 5, 6, 9] = float("inf")
+    _, y = run_fused(t, case.s, backend="cuda")
+    assert resfuse.last_decision().backend == "cuda"
+    ref = reference(t, case.s)
+    assert torch.isnan(ref).any() and not torch.isnan(ref).all()
+    assert_matches(y, ref, reference(t, case.s, to64=False), case.dtype, "nonfinite (cuda)")
+
+
+@pytest.mark.gpu
 def test_nonfinite_and_empty_batch_through_cuda():
     _require_built()
     dev = torch.device("cuda")
