@@ -200,7 +200,7 @@ def _gnconv_rows(prefix, gn: nn.Module, block):
         predicted = signature_reasons(w.device, w.dtype, spec.order, gn.backend)
     decision = {op: d if d is not None else predicted[op] for op, d in observed.items()}
     seen = {op: d is not None for op, d in observed.items()}
-    k1, k2 = "[gnconv kernel 1/2]", "[gnconv kernel 2/2]"
+    k1, k2 = "[gnconv op 1/2]", "[gnconv op 2/2]"  # one kernel each on triton, o + 1 for op 2 on cuda
     for n in names:
         if n == "proj_in":
             kind, op = ("norm1+" if block_fused else "") + f"conv1x1 {k1}", OP_PROJ
@@ -214,11 +214,11 @@ def _gnconv_rows(prefix, gn: nn.Module, block):
         yield dataclasses.replace(row, observed=seen[op])
     for n in filter_convs:
         yield Record(_join(prefix, n), "conv", "eager",
-                     "inside the gflayer filter (FFT-based), which runs eager between gnconv's two kernels", True)
+                     "inside the gflayer filter (FFT-based), which runs eager between gnconv's two ops", True)
 
 
 def _mlp_rows(prefix, block):
-    """pwconv1 / pwconv2 of a FusedHorBlock: the MLP half's two kernels, or
+    """pwconv1 / pwconv2 of a FusedHorBlock: the MLP half's two ops, or
     why it runs as HorNet writes it."""
     names = (_join(prefix, "pwconv1"), _join(prefix, "pwconv2"))
     why = block.unfused_reason() or mlp_reason(block)
@@ -226,7 +226,7 @@ def _mlp_rows(prefix, block):
         for n in names:
             yield Record(n, "linear", "eager", f"HorBlock MLP runs eager: {why}", True)
         return
-    kinds = ("norm2+linear [mlp kernel 1/2]", "gelu+linear+gamma2+drop_path+residual [mlp kernel 2/2]")
+    kinds = ("norm2+linear [mlp op 1/2]", "gelu+linear+gamma2+drop_path+residual [mlp op 2/2]")
     w = block._modules["pwconv1"].weight
     for n, key, kind in zip(names, ("pwconv1", "pwconv2"), kinds):
         d = block.last_decisions.get(key)

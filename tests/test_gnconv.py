@@ -606,10 +606,10 @@ def test_convert_fuses_every_gnconv_of_a_hornet(seed, device):
     observed = resfuse.explain(conv, torch.randn(1, 32, 4, 6, device=device))  # conv.index == 3
     rows = {r.name: r for r in observed}
     assert rows["stages.3.0.gnconv.pws.3"].observed and rows["stages.3.0.gnconv.pws.3"].backend == "triton"
-    assert rows["stages.3.0.gnconv.proj_in"].kind == "norm1+conv1x1 [gnconv kernel 1/2]"
-    assert rows["stages.3.0.gnconv.proj_out"].kind == "conv1x1+gamma1+residual [gnconv kernel 2/2]"
-    assert rows["stages.3.0.gnconv.dwconv"].kind == "dw7x7+bias+scale+gate [gnconv kernel 2/2]"
-    assert rows["stages.3.0.pwconv1"].kind == "norm2+linear [mlp kernel 1/2]" and rows["stages.3.0.pwconv1"].observed
+    assert rows["stages.3.0.gnconv.proj_in"].kind == "norm1+conv1x1 [gnconv op 1/2]"
+    assert rows["stages.3.0.gnconv.proj_out"].kind == "conv1x1+gamma1+residual [gnconv op 2/2]"
+    assert rows["stages.3.0.gnconv.dwconv"].kind == "dw7x7+bias+scale+gate [gnconv op 2/2]"
+    assert rows["stages.3.0.pwconv1"].kind == "norm2+linear [mlp op 1/2]" and rows["stages.3.0.pwconv1"].observed
     assert rows["stages.3.0.pwconv2"].backend == "triton" and rows["stages.3.0.pwconv2"].observed
     assert "HorLayerNorm" in rows["downsample_layers.0.0"].reason
 
