@@ -166,12 +166,7 @@ __global__ void __launch_bounds__(WarpLayout<kProj>::kThreads)
   const int n0 = blockIdx.y * kBN;
 
   float acc[MI][NI][4];
-#pragma unroll
-  for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[mi][ni][j] = 0.f;
+  zero_acc(acc);
   {
     TileLoader<Elem, L::kThreads> ld;
     ld.init(args.main, m0, n0, args.M, args.K, args.P, args.Q, tid);
@@ -180,12 +175,7 @@ __global__ void __launch_bounds__(WarpLayout<kProj>::kThreads)
 
   float acc_d[kProj ? MI : 1][kProj ? NI : 1][4];
   if constexpr (kProj) {
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-      for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc_d[mi][ni][j] = 0.f;
+    zero_acc(acc_d);
     TileLoader<Elem, L::kThreads> ld;
     ld.init(args.proj, m0, n0, args.M, args.K, args.P, args.Q, tid);
     mainloop<Math>(ld, args.proj.tiles, acc_d, smem, warp_m0, warp_n0, lane);

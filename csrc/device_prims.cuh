@@ -89,5 +89,34 @@ const char* launch_grid(void (*kernel)(Args), dim3 grid, int threads, cudaStream
 
 __device__ __forceinline__ bool finite_bits(uint32_t b) { return (b & 0x7f800000u) != 0x7f800000u; }
 
+// One masked 16-byte chunk of a channels-contiguous row into shared memory (the loaders of
+// conv_bn_act / pixel_gemm and of pixel_wgrad): `remaining` = channels left from the chunk's first
+// channel (may be <= 0), `ok` = the pixel is in range. vec: one cp.async (zero-fill when masked;
+// the caller guarantees the width is a multiple of the chunk and the address 16-byte aligned, so a
+// chunk is wholly inside or wholly outside); else element-wise masked loads stored at once.
+template <bool kCacheL1, typename Elem>
+__device__ __forceinline__ void copy_chunk_16(unsigned char* dst, const Elem* base, int64_t off, bool ok,
+                                              int remaining, bool vec) {
+  constexpr int kVE = 16 / sizeof(Elem);
+  if (vec) {
+    const bool v = ok && remaining > 0;
+    cp_async_16<kCacheL1>(dst, v ? static_cast<const void*>(base + off) : static_cast<const void*>(base), v);
+  } else {
+    Elem e[kVE];
+#pragma unroll
+    for (int j = 0; j < kVE; ++j) e[j] = (ok && j < remaining) ? ldg(base + off + j) : Elem(0);
+    uint4 v;
+    if constexpr (sizeof(Elem) == 2) {
+      v.x = e[0] | (uint32_t(e[1]) << 16);
+      v.y = e[2] | (uint32_t(e[3]) << 16);
+      v.z = e[4] | (uint32_t(e[5]) << 16);
+      v.w = e[6] | (uint32_t(e[7]) << 16);
+    } else {
+      v.x = e[0]; v.y = e[1]; v.z = e[2]; v.w = e[3];
+    }
+    *reinterpret_cast<uint4*>(dst) = v;
+  }
+}
+
 }  // namespace detail
 }  // namespace resfuse

@@ -315,12 +315,7 @@ __device__ __forceinline__ void pixel_gemm_body(const Args& args) {
   const int n0 = blockIdx.y * kBN;
 
   float acc[MI][NI][4];
-#pragma unroll
-  for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[mi][ni][j] = 0.f;
+  zero_acc(acc);
   {
     TileLoader<Elem, kThreads> ld;
     ld.init(args.geom, m0, n0, args.M, args.Nout, 1, 1, tid);

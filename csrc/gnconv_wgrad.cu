@@ -104,29 +104,6 @@ struct Tile {
   static_assert(kIt * kRowsPerPass == kRows, "loader mapping");
 };
 
-// One 16-byte chunk of `width` channels starting at channel c (masked: ok = pixel in range).
-template <class Math>
-__device__ __forceinline__ void load_chunk(unsigned char* dst, const typename Math::Elem* base, int64_t off, bool ok,
-                                           int remaining, bool vec) {
-  using Elem = typename Math::Elem;
-  constexpr int kVE = Tile<Math>::kVE;
-  if (vec) {
-    const bool v = ok && remaining > 0;
-    cp_async_16<false>(dst, v ? static_cast<const void*>(base + off) : static_cast<const void*>(base), v);
-  } else {
-    Elem e[kVE];
-#pragma unroll
-    for (int j = 0; j < kVE; ++j) e[j] = (ok && j < remaining) ? ldg(base + off + j) : Elem(0);
-    uint4 v;
-    if constexpr (sizeof(Elem) == 2) {
-      v.x = e[0] | (uint32_t(e[1]) << 16); v.y = e[2] | (uint32_t(e[3]) << 16);
-      v.z = e[4] | (uint32_t(e[5]) << 16); v.w = e[6] | (uint32_t(e[7]) << 16);
-    } else {
-      v.x = e[0]; v.y = e[1]; v.z = e[2]; v.w = e[3];
-    }
-    *reinterpret_cast<uint4*>(dst) = v;
-  }
-}
 
 __device__ __forceinline__ float gelu(float v) { return 0.5f * v * (1.f + erff(v * 0.7071067811865476f)); }
 
@@ -147,9 +124,10 @@ struct Loader {
       const int r = row0 + i * T::kRowsPerPass;
       const int64_t m = p0 + r;
       const bool ok = m < p_end;
-      load_chunk<Math>(stage + (r * kPitch + cc * T::kVE) * T::kE, dy, m * a.ld_dy + n_c, ok, a.Nout - n_c, a.vec_dy);
-      load_chunk<Math>(stage + ((T::kRows + r) * kPitch + cc * T::kVE) * T::kE, b, m * a.ldb + k_c, ok, a.K - k_c,
-                       a.vec_b);
+      copy_chunk_16<false>(stage + (r * kPitch + cc * T::kVE) * T::kE, dy, m * a.ld_dy + n_c, ok, a.Nout - n_c,
+                           a.vec_dy);
+      copy_chunk_16<false>(stage + ((T::kRows + r) * kPitch + cc * T::kVE) * T::kE, b, m * a.ldb + k_c, ok,
+                           a.K - k_c, a.vec_b);
     }
   }
 
@@ -261,15 +239,8 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const Args a) {
   ld.k_c = k0 + ld.cc * T::kVE;
 
   float acc[MI][NI][4], acc_db[MI][1][4];
-#pragma unroll
-  for (int mi = 0; mi < MI; ++mi) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc_db[mi][0][j] = 0.f;
-#pragma unroll
-    for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[mi][ni][j] = 0.f;
-  }
+  zero_acc(acc);
+  zero_acc(acc_db);
 
   // Pipeline as conv_bn_act's mainloop: tile kt lives in stage kt % kStages; the wait lands this
   // thread's copies of tile kt, the thread transforms its own chunks, and the barrier publishes

@@ -101,5 +101,16 @@ struct MathF32 {
   }
 };
 
+// Zero a warp's fp32 accumulator fragments (acc[mi][ni][4], the m16n8 C layout).
+template <int MI, int NI>
+__device__ __forceinline__ void zero_acc(float (&acc)[MI][NI][4]) {
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[mi][ni][j] = 0.f;
+}
+
 }  // namespace detail
 }  // namespace resfuse

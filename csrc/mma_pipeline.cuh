@@ -120,29 +120,10 @@ struct TileLoader {
     }
   }
 
-  // One 16-byte chunk: `remaining` = channels left from this chunk's first channel (may be <= 0).
   template <bool kCacheL1>
   __device__ __forceinline__ void copy_chunk(unsigned char* dst, const Elem* base, int64_t off, bool ok,
                                              int remaining) const {
-    if (vec) {
-      // C % kVE == 0 here, so a chunk is either wholly inside C or wholly outside.
-      const bool v = ok && remaining > 0;
-      cp_async_16<kCacheL1>(dst, v ? static_cast<const void*>(base + off) : static_cast<const void*>(base), v);
-    } else {
-      Elem e[kVE];
-#pragma unroll
-      for (int j = 0; j < kVE; ++j) e[j] = (ok && j < remaining) ? ldg(base + off + j) : Elem(0);
-      uint4 v;
-      if constexpr (sizeof(Elem) == 2) {
-        v.x = e[0] | (uint32_t(e[1]) << 16);
-        v.y = e[2] | (uint32_t(e[3]) << 16);
-        v.z = e[4] | (uint32_t(e[5]) << 16);
-        v.w = e[6] | (uint32_t(e[7]) << 16);
-      } else {
-        v.x = e[0]; v.y = e[1]; v.z = e[2]; v.w = e[3];
-      }
-      *reinterpret_cast<uint4*>(dst) = v;
-    }
+    copy_chunk_16<kCacheL1>(dst, base, off, ok, remaining, vec);
   }
 
   __device__ __forceinline__ void load(unsigned char* stage) const {
