@@ -216,25 +216,14 @@ int main(int argc, char** argv) {
     {"proj M=338 K=45 odd + res relu6", 2, 13, 13, 8, 45, 3, 3, 1, 1, 1, 1, 1, 1, true, true, true, false, true, 2, true, 13, 13, 16, 1, 1, false, true, 0, false},
     {"C=3 stem 7x7 s2 relu", 1, 11, 11, 3, 8, 7, 7, 2, 2, 3, 3, 1, 1, false, true, true, true, false, 1, false, 0, 0, 0, 1, 1, false, false, 0, false},
   };
-  struct Mode { const char* n; DType d; bool tf32; } modes[] = {
-      {"f16", DType::kFloat16, false}, {"bf16", DType::kBFloat16, false},
-      {"tf32", DType::kFloat32, true}, {"3xtf32", DType::kFloat32, false}};
   const int ncases = int(sizeof(cases) / sizeof(cases[0]));
-  std::vector<bool> selected(ncases, argc == 1);  // no arguments: every case
-  for (int i = 1; i < argc; ++i) {
-    char* end = nullptr;
-    const long ci = std::strtol(argv[i], &end, 10);
-    if (*argv[i] == 0 || *end != 0 || ci < 0 || ci >= ncases) {
-      std::fprintf(stderr, "usage: %s [case index 0..%d]...\n", argv[0], ncases - 1);
-      return 2;
-    }
-    selected[ci] = true;
-  }
+  std::vector<bool> selected;  // no arguments: every case
+  if (!select_cases(argc, argv, ncases, selected)) return 2;
   int runs = 0, fails = 0;
   for (int ci = 0; ci < ncases; ++ci) {
     if (!selected[ci]) continue;
     for (int mi = 0; mi < 4; ++mi) {
-      const Mode& md = modes[mi];
+      const MathMode& md = kMathModes[mi];
       emu::late_landing = (ci + mi) % 2 == 1;  // each case sees both policies across its modes
       const char* landing = emu::late_landing ? "late" : "early";
       std::snprintf(g_current, sizeof(g_current), "%d %s %s %s", ci, md.n, landing, cases[ci].name);

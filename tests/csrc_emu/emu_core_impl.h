@@ -139,3 +139,24 @@ extern "C" void on_segv(int) {
   _exit(3);
 }
 
+
+// The case indices named on the command line (none: every case). False after printing the usage
+// line when an argument is not an index in [0, ncases).
+inline bool select_cases(int argc, char** argv, int ncases, std::vector<bool>& selected) {
+  selected.assign(ncases, argc == 1);
+  for (int i = 1; i < argc; ++i) {
+    char* end = nullptr;
+    const long ci = std::strtol(argv[i], &end, 10);
+    if (*argv[i] == 0 || *end != 0 || ci < 0 || ci >= ncases) {
+      std::fprintf(stderr, "usage: %s [case index 0..%d]...\n", argv[0], ncases - 1);
+      return false;
+    }
+    selected[ci] = true;
+  }
+  return true;
+}
+
+// The four math modes of the mma.sync kernels (fp16, bf16, fp32 with TF32, fp32 with 3xTF32).
+struct MathMode { const char* n; DType d; bool tf32; };
+constexpr MathMode kMathModes[4] = {{"f16", DType::kFloat16, false}, {"bf16", DType::kBFloat16, false},
+                                    {"tf32", DType::kFloat32, true}, {"3xtf32", DType::kFloat32, false}};

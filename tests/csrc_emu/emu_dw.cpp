@@ -338,16 +338,8 @@ int main(int argc, char** argv) {
   };
   struct Mode { const char* n; DType d; } modes[] = {{"f16", DType::kFloat16}, {"bf16", DType::kBFloat16}, {"f32", DType::kFloat32}};
   const int ncases = int(sizeof(cases) / sizeof(cases[0]));
-  std::vector<bool> selected(ncases, argc == 1);
-  for (int i = 1; i < argc; ++i) {
-    char* end = nullptr;
-    const long ci = std::strtol(argv[i], &end, 10);
-    if (*argv[i] == 0 || *end != 0 || ci < 0 || ci >= ncases) {
-      std::fprintf(stderr, "usage: %s [case index 0..%d]...\n", argv[0], ncases - 1);
-      return 2;
-    }
-    selected[ci] = true;
-  }
+  std::vector<bool> selected;  // no arguments: every case
+  if (!select_cases(argc, argv, ncases, selected)) return 2;
   int runs = 0, fails = 0;
   for (int ci = 0; ci < ncases; ++ci) {
     if (!selected[ci]) continue;

@@ -315,25 +315,14 @@ int main(int argc, char** argv) {
     {"nonfinite LN K=16 Nout=24", 130, 16, 24, 1, true, true, true, 0, false, false, false, 1, false, 0, 0, 0, true},
     {"nonfinite plain gate K=32 Nout=16", 130, 32, 16, 0, false, false, true, 1, false, false, false, 1, false, 0, 0, 0, true},
   };
-  struct Mode { const char* n; DType d; bool tf32; } modes[] = {
-      {"f16", DType::kFloat16, false}, {"bf16", DType::kBFloat16, false},
-      {"tf32", DType::kFloat32, true}, {"3xtf32", DType::kFloat32, false}};
   const int ncases = int(sizeof(cases) / sizeof(cases[0]));
-  std::vector<bool> selected(ncases, argc == 1);
-  for (int i = 1; i < argc; ++i) {
-    char* end = nullptr;
-    const long ci = std::strtol(argv[i], &end, 10);
-    if (*argv[i] == 0 || *end != 0 || ci < 0 || ci >= ncases) {
-      std::fprintf(stderr, "usage: %s [case index 0..%d]...\n", argv[0], ncases - 1);
-      return 2;
-    }
-    selected[ci] = true;
-  }
+  std::vector<bool> selected;  // no arguments: every case
+  if (!select_cases(argc, argv, ncases, selected)) return 2;
   int runs = 0, fails = 0;
   for (int ci = 0; ci < ncases; ++ci) {
     if (!selected[ci]) continue;
     for (int mi = 0; mi < 4; ++mi) {
-      const Mode& md = modes[mi];
+      const MathMode& md = kMathModes[mi];
       emu::late_landing = (ci + mi) % 2 == 1;
       const char* landing = emu::late_landing ? "late" : "early";
       std::snprintf(g_current, sizeof(g_current), "%d %s %s %s", ci, md.n, landing, cases[ci].name);

@@ -314,26 +314,15 @@ int main(int argc, char** argv) {
     {"ln C=16 M=0 zeros", true, 0, 0, 16, 0, 0, true, 0, N0, true, false, 0},
     {"ln C=16 M=24 NaN in x", true, 24, 0, 16, 0, 0, true, 0, N0, true, true, 0},
   };
-  struct Mode { const char* n; DType d; bool tf32; } modes[] = {
-      {"f16", DType::kFloat16, false}, {"bf16", DType::kBFloat16, false},
-      {"tf32", DType::kFloat32, true}, {"3xtf32", DType::kFloat32, false}};
   const int ncases = int(sizeof(cases) / sizeof(cases[0]));
-  std::vector<bool> selected(ncases, argc == 1);
-  for (int i = 1; i < argc; ++i) {
-    char* end = nullptr;
-    const long ci = std::strtol(argv[i], &end, 10);
-    if (*argv[i] == 0 || *end != 0 || ci < 0 || ci >= ncases) {
-      std::fprintf(stderr, "usage: %s [case index 0..%d]...\n", argv[0], ncases - 1);
-      return 2;
-    }
-    selected[ci] = true;
-  }
+  std::vector<bool> selected;  // no arguments: every case
+  if (!select_cases(argc, argv, ncases, selected)) return 2;
   int runs = 0, fails = 0;
   const int vbad = check_validation();
   for (int ci = 0; ci < ncases; ++ci) {
     if (!selected[ci]) continue;
     for (int mi = 0; mi < 4; ++mi) {
-      const Mode& md = modes[mi];
+      const MathMode& md = kMathModes[mi];
       emu::late_landing = (ci + mi) % 2 == 1;
       const char* landing = emu::late_landing ? "late" : "early";
       std::snprintf(g_current, sizeof(g_current), "%d %s %s %s", ci, md.n, landing, cases[ci].name);
