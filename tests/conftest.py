@@ -1,5 +1,6 @@
 """Test setup: Triton's interpreter on machines without a GPU, the `gpu`
-marker, and the `device` fixture every kernel test is parametrized over."""
+marker, the `device` fixture every kernel test is parametrized over, and
+the `toolchain` fixture of the csrc emulation tests (tests/emulation.py)."""
 
 import os
 import zlib
@@ -14,6 +15,8 @@ if not torch.cuda.is_available():
 os.environ["RESFUSE_POISON_OUTPUTS"] = "1"
 
 import pytest  # noqa: E402
+
+from emulation import toolchain  # noqa: E402, F401  (fixture: g++ and CUDA headers for tests/csrc_emu)
 
 HAS_GPU = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

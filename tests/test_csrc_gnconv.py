@@ -15,7 +15,6 @@ float64 with eager's own error as the yardstick (GUIDE §3), counting the
 resfuse._C calls so that a silent fallback fails.
 """
 
-import os
 from functools import partial
 
 import pytest
@@ -26,21 +25,11 @@ from resfuse import ops_gnconv_cuda
 from resfuse._backends import cuda_extension
 
 from numerics import assert_matches
+from test_csrc import ext  # noqa: F401  (fixture: resfuse._C, required under RESFUSE_BUILD_CUDA=1)
 
-MUST_BE_BUILT = os.environ.get("RESFUSE_BUILD_CUDA") == "1"
 GNCONV_KERNEL_OPS = ("pixel_gemm", "pixel_wgrad", "layernorm_rows_backward", "dwconv_gate", "dwconv_gate_backward")
 SERVED = ("layernorm_conv1x1", "gnconv_chain", "gelu_conv1x1", "layernorm_conv1x1_backward",
           "gnconv_chain_backward", "gelu_conv1x1_backward")
-
-
-@pytest.fixture(scope="module")
-def ext():
-    mod, why = cuda_extension()
-    if mod is None:
-        if MUST_BE_BUILT:
-            pytest.fail(f"RESFUSE_BUILD_CUDA=1 but {why}")
-        pytest.skip(f"{why} (no CUDA toolkit or CPU-only torch where it was installed)")
-    return mod
 
 
 # ----------------------------------------------------------------------------

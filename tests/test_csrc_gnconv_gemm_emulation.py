@@ -9,17 +9,12 @@ checked global reads and the cp.async pipeline with early and late landing; plus
 validation strings. A ThreadSanitizer build on a few cases checks the shared-memory accesses
 (pipeline, LayerNorm stats reduction, per-stage prologue transform) against the emulated
 barriers. Needs g++ and a CUDA toolkit's include dir; skips visibly otherwise (a failure under
-RESFUSE_BUILD_CUDA=1), like tests/test_csrc_emulation.py whose helpers it reuses.
+RESFUSE_BUILD_CUDA=1): tests/emulation.py.
 """
 
 import re
-import time
-from pathlib import Path
 
-from test_csrc_emulation import CASE_LINE, MODES, SUMMARY, _compile, _run, toolchain  # noqa: F401 (fixture)
-
-ROOT = Path(__file__).resolve().parent.parent
-DRIVER = ROOT / "tests" / "csrc_emu" / "emu_gemm.cpp"
+from emulation import MATH_MODES, assert_covers, build_and_run, cases_of, cp_async_counts
 
 # What the driver's case list has to keep covering (regex on the case names it prints).
 REQUIRED_CASES = {
@@ -47,66 +42,23 @@ TSAN_CASES = ["1", "2", "5"]
 VALIDATION = re.compile(r"^validation: (ok|FAIL) \((\d+) checks\)$")
 
 
-def _check_output(r, out, expect_cases=None):
-    lines = r.stdout.splitlines()
-    cases = [m.groups() for m in map(CASE_LINE.match, lines) if m]
-    summary = [m.groups() for m in map(SUMMARY.match, lines) if m]
-    assert len(summary) == 1, f"no summary line\n{out}"
-    n, n_ok, n_failed = map(int, summary[0])
-    assert n_failed == 0 and n_ok == n == len(cases) > 0, out
-    failed = [c for c in cases if c[4] != "ok"]
-    assert not failed, f"cases not ok: {failed}\n{out}"
-    validation = [m.groups() for m in map(VALIDATION.match, lines) if m]
+def _validation_ok(stdout, out):
+    validation = [m.groups() for m in map(VALIDATION.match, stdout.splitlines()) if m]
     assert validation and validation[0][0] == "ok" and int(validation[0][1]) >= 15, out
-    by_case = {}
-    for idx, mode, _, name, _, _ in cases:
-        by_case.setdefault((int(idx), name), set()).add(mode)
-    for key, modes in by_case.items():
-        assert modes == MODES, f"case {key} ran in {sorted(modes)}, not in all of {sorted(MODES)}"
-    if expect_cases is not None:
-        assert sorted({c[0] for c in cases}) == sorted(expect_cases), out
-    return cases, by_case
 
 
 def test_pixel_gemm_under_cpu_emulator(toolchain, tmp_path):
-    gxx, inc = toolchain
-    exe = tmp_path / "gemm_emu"
-    t0 = time.perf_counter()
-    _compile([gxx, "-O2", "-std=c++20", "-pthread", "-Wno-unknown-pragmas", f"-I{inc}", str(DRIVER), "-o", str(exe)])
-    t1 = time.perf_counter()
-    r = _run([str(exe)], timeout=900)
-    t2 = time.perf_counter()
-    out = r.stdout + (f"\n[stderr]\n{r.stderr}" if r.stderr else "")
-    print(f"emulator: compile {t1 - t0:.1f} s, run {t2 - t1:.1f} s\n{out}")
-    assert r.returncode == 0, f"emulator exit status {r.returncode}\n{out}"
-    cases, by_case = _check_output(r, out)
+    stdout, out = build_and_run(toolchain, "emu_gemm.cpp", tmp_path)
+    cases, by_case = cases_of(stdout, out, MATH_MODES)
+    _validation_ok(stdout, out)
     assert len(by_case) >= 14, out
-    assert {c[2] for c in cases} == {"early", "late"}, out
-    copies = [int(re.search(r"cp\.async (\d+)", c[5]).group(1)) for c in cases]
+    assert {c["landing"] for c in cases} == {"early", "late"}, out
+    copies = cp_async_counts(cases)
     assert any(copies) and not all(copies), "both the cp.async and the element-wise loader must run"
-    names = [name for _, name in by_case]
-    missing = [what for what, pat in REQUIRED_CASES.items() if not any(re.search(pat, nm) for nm in names)]
-    assert not missing, f"the emulator's cases no longer cover: {missing}\n{names}"
+    assert_covers(by_case, REQUIRED_CASES)
 
 
 def test_pixel_gemm_under_cpu_emulator_threadsanitizer(toolchain, tmp_path):
-    import pytest
-
-    gxx, inc = toolchain
-    probe = tmp_path / "tsan_probe.cpp"
-    probe.write_text("#include <thread>\n"
-                     "int main() { int x = 0; std::thread t([&] { x = 1; }); t.join(); return x - 1; }\n")
-    flags = ["-O1", "-g", "-fsanitize=thread", "-std=c++20", "-pthread"]
-    p = _run([gxx, *flags, str(probe), "-o", str(tmp_path / "tsan_probe")], timeout=120)
-    if p.returncode == 0:
-        p = _run([str(tmp_path / "tsan_probe")], timeout=60)
-    if p.returncode != 0:
-        pytest.skip(f"g++ cannot build/run a ThreadSanitizer program here: {(p.stderr or p.stdout)[-500:]}")
-    exe = tmp_path / "gemm_emu_tsan"
-    _compile([gxx, *flags, "-Wno-unknown-pragmas", f"-I{inc}", str(DRIVER), "-o", str(exe)])
-    r = _run([str(exe), *TSAN_CASES], timeout=900)
-    out = r.stdout + (f"\n[stderr]\n{r.stderr[-20000:]}" if r.stderr else "")
-    print(out)
-    assert "WARNING: ThreadSanitizer" not in r.stderr, f"data race in the emulated kernel\n{out}"
-    assert r.returncode == 0, f"emulator (TSan) exit status {r.returncode}\n{out}"
-    _check_output(r, out, expect_cases=TSAN_CASES)
+    stdout, out = build_and_run(toolchain, "emu_gemm.cpp", tmp_path, TSAN_CASES, tsan=True)
+    cases_of(stdout, out, MATH_MODES, TSAN_CASES)
+    _validation_ok(stdout, out)

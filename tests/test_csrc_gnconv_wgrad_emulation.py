@@ -8,17 +8,7 @@ A ThreadSanitizer build runs two cases (the wgrad pipeline with its in-smem prol
 LayerNorm backward's smem reductions). Toolchain discovery and skips as in test_csrc_emulation.py.
 """
 
-import re
-import time
-from pathlib import Path
-
-import pytest
-
-from test_csrc_emulation import _compile, _run, toolchain  # noqa: F401  (toolchain is a fixture)
-
-ROOT = Path(__file__).resolve().parent.parent
-DRIVER = ROOT / "tests" / "csrc_emu" / "emu_wgrad.cpp"
-MODES = {"f16", "bf16", "tf32", "3xtf32"}
+from emulation import MATH_MODES, assert_covers, build_and_run, cases_of, cp_async_counts
 
 # What the driver's case list has to keep covering (regex on the case names it prints).
 REQUIRED_CASES = {
@@ -43,65 +33,18 @@ REQUIRED_CASES = {
 }
 TSAN_CASES = ["4", "15"]
 
-CASE_LINE = re.compile(r"^case (\d+) (\S+) (early|late) (.+): (ok|FAIL) \((.*)\)$")
-SUMMARY = re.compile(r"^emu: (\d+) cases, (\d+) ok, (\d+) failed$")
 
 
-def _cases(r, out):
-    lines = r.stdout.splitlines()
-    cases = [m.groups() for m in map(CASE_LINE.match, lines) if m]
-    summary = [m.groups() for m in map(SUMMARY.match, lines) if m]
-    assert len(summary) == 1, f"no summary line\n{out}"
-    n, n_ok, n_failed = map(int, summary[0])
-    assert n_failed == 0 and n_ok == n == len(cases) > 0, out
-    failed = [c for c in cases if c[4] != "ok"]
-    assert not failed, f"cases not ok: {failed}\n{out}"
-    return cases
-
-
-def test_wgrad_kernels_under_cpu_emulator(toolchain, tmp_path):  # noqa: F811
-    gxx, inc = toolchain
-    exe = tmp_path / "gnconv_wgrad_emu"
-    t0 = time.perf_counter()
-    _compile([gxx, "-O2", "-std=c++20", "-pthread", "-Wno-unknown-pragmas", f"-I{inc}", str(DRIVER), "-o", str(exe)])
-    t1 = time.perf_counter()
-    r = _run([str(exe)], timeout=600)
-    t2 = time.perf_counter()
-    out = r.stdout + (f"\n[stderr]\n{r.stderr}" if r.stderr else "")
-    print(f"emulator: compile {t1 - t0:.1f} s, run {t2 - t1:.1f} s\n{out}")
-    assert r.returncode == 0, f"emulator exit status {r.returncode}\n{out}"
-    assert "validation: ok" in r.stdout.splitlines(), f"launcher validation failed\n{out}"
-    cases = _cases(r, out)
-    by_case = {}
-    for idx, mode, _, name, _, _ in cases:
-        by_case.setdefault((int(idx), name), set()).add(mode)
-    for key, modes in by_case.items():
-        assert modes == MODES, f"case {key} ran in {sorted(modes)}, not in all of {sorted(MODES)}"
-    assert {c[2] for c in cases} == {"early", "late"}, out
-    wgrad_copies = [int(re.search(r"cp\.async (\d+)", c[5]).group(1)) for c in cases if c[3].startswith("wgrad")]
+def test_wgrad_kernels_under_cpu_emulator(toolchain, tmp_path):
+    stdout, out = build_and_run(toolchain, "emu_wgrad.cpp", tmp_path, timeout=600)
+    assert "validation: ok" in stdout.splitlines(), f"launcher validation failed\n{out}"
+    cases, by_case = cases_of(stdout, out, MATH_MODES)
+    assert {c["landing"] for c in cases} == {"early", "late"}, out
+    wgrad_copies = cp_async_counts([c for c in cases if c["name"].startswith("wgrad")])
     assert any(wgrad_copies) and not all(wgrad_copies), "both the cp.async and the element-wise loader must run"
-    names = [name for _, name in by_case]
-    missing = [what for what, pat in REQUIRED_CASES.items() if not any(re.search(pat, nm) for nm in names)]
-    assert not missing, f"the emulator's cases no longer cover: {missing}\n{names}"
+    assert_covers(by_case, REQUIRED_CASES)
 
 
-def test_wgrad_kernels_under_cpu_emulator_threadsanitizer(toolchain, tmp_path):  # noqa: F811
-    gxx, inc = toolchain
-    probe = tmp_path / "tsan_probe.cpp"
-    probe.write_text("#include <thread>\n"
-                     "int main() { int x = 0; std::thread t([&] { x = 1; }); t.join(); return x - 1; }\n")
-    flags = ["-O1", "-g", "-fsanitize=thread", "-std=c++20", "-pthread"]
-    p = _run([gxx, *flags, str(probe), "-o", str(tmp_path / "tsan_probe")], timeout=120)
-    if p.returncode == 0:
-        p = _run([str(tmp_path / "tsan_probe")], timeout=60)
-    if p.returncode != 0:
-        pytest.skip(f"g++ cannot build/run a ThreadSanitizer program here: {(p.stderr or p.stdout)[-500:]}")
-    exe = tmp_path / "gnconv_wgrad_emu_tsan"
-    _compile([gxx, *flags, "-Wno-unknown-pragmas", f"-I{inc}", str(DRIVER), "-o", str(exe)])
-    r = _run([str(exe), *TSAN_CASES], timeout=600)
-    out = r.stdout + (f"\n[stderr]\n{r.stderr[-20000:]}" if r.stderr else "")
-    print(out)
-    assert "WARNING: ThreadSanitizer" not in r.stderr, f"data race in the emulated kernels\n{out}"
-    assert r.returncode == 0, f"emulator (TSan) exit status {r.returncode}\n{out}"
-    cases = _cases(r, out)
-    assert sorted({c[0] for c in cases}) == sorted(TSAN_CASES) and {c[1] for c in cases} == MODES, out
+def test_wgrad_kernels_under_cpu_emulator_threadsanitizer(toolchain, tmp_path):
+    stdout, out = build_and_run(toolchain, "emu_wgrad.cpp", tmp_path, TSAN_CASES, tsan=True, timeout=600)
+    cases_of(stdout, out, MATH_MODES, TSAN_CASES)
