@@ -190,20 +190,12 @@ static Result run_case(const Case& cs, DType dt, bool tf32, unsigned seed) {
   for (long i = mis + no; i < mis + no + Buf::kGuard; ++i) guard_bad += !std::isnan(out.get(i));
   if (guard_bad) std::printf("  %d writes outside out (guard regions)\n", guard_bad);
   const emu::Counters& st = emu::stats;
-  const long long extra[] = {st.bad_reads, st.misaligned, st.smem_oob, emu::smem_overrun, st.unwaited, st.not_tf32};
-  const char* what[] = {"global reads outside the inputs", "misaligned global/shared accesses",
-                        "cp.async outside the shared buffer", "bytes written past the shared buffer",
-                        "cp.async copies never waited for", "tf32 mma operands that are not tf32 values"};
-  int extra_bad = 0;
-  for (int i = 0; i < 6; ++i)
-    if (extra[i]) { std::printf("  %lld %s\n", extra[i], what[i]); ++extra_bad; }
+  const int extra_bad = emu_violations();
   return {bad + guard_bad + extra_bad, worst, st.cp, st.ldg};
 }
 
 int main(int argc, char** argv) {
-  std::signal(SIGSEGV, on_segv);
-  if (const char* e = std::getenv("EMU_STAGGER")) emu::stagger = std::atoi(e) != 0;  // 0: off (debugging)
-  std::signal(SIGBUS, on_segv);
+  start_driver();
   // name, N,H,W,C,K,R,S, sh,sw,ph,pw,dh,dw, bias,bn,gamma,beta,res, act, proj,Hs,Ws,Cs,sdh,sdw,bias_d,bn_d, misalign, nonfinite
   const Case cases[] = {
     {"3x3 s2 C=19 K=70 bn res relu", 2, 7, 9, 19, 70, 3, 3, 2, 2, 1, 1, 1, 1, true, true, true, true, true, 1, false, 0, 0, 0, 1, 1, false, false, 0, false},

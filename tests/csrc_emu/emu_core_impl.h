@@ -160,3 +160,26 @@ inline bool select_cases(int argc, char** argv, int ncases, std::vector<bool>& s
 struct MathMode { const char* n; DType d; bool tf32; };
 constexpr MathMode kMathModes[4] = {{"f16", DType::kFloat16, false}, {"bf16", DType::kBFloat16, false},
                                     {"tf32", DType::kFloat32, true}, {"3xtf32", DType::kFloat32, false}};
+
+// Print and count the emulator's checks that failed during the last launches (each a failure of
+// the case): reads outside the inputs, misalignment, shared-memory overruns, unwaited cp.async,
+// non-tf32 mma operands.
+inline int emu_violations() {
+  const emu::Counters& st = emu::stats;
+  const long long extra[] = {st.bad_reads, st.misaligned, st.smem_oob, emu::smem_overrun, st.unwaited, st.not_tf32};
+  const char* what[] = {"global reads outside the inputs", "misaligned global/shared accesses",
+                        "cp.async outside the shared buffer", "bytes written past the shared buffer",
+                        "cp.async copies never waited for", "tf32 mma operands that are not tf32 values"};
+  int bad = 0;
+  for (int i = 0; i < 6; ++i)
+    if (extra[i]) { std::printf("  %lld %s\n", extra[i], what[i]); ++bad; }
+  return bad;
+}
+
+// Every driver's main() starts here: name the case on a crash, EMU_STAGGER=0 turns the staggered
+// warps off (debugging only).
+inline void start_driver() {
+  std::signal(SIGSEGV, on_segv);
+  std::signal(SIGBUS, on_segv);
+  if (const char* e = std::getenv("EMU_STAGGER")) emu::stagger = std::atoi(e) != 0;
+}

@@ -73,16 +73,6 @@ static bool nan_everywhere_else(Buf& b, long lo, long hi, long M, long ld, int S
   return stray == 0;
 }
 
-static int extra_failures() {
-  const emu::Counters& st = emu::stats;
-  const long long extra[] = {st.bad_reads, st.misaligned, st.smem_oob, emu::smem_overrun};
-  const char* what[] = {"global reads outside the inputs", "misaligned global/shared accesses",
-                        "shared accesses outside the buffer", "bytes written past the shared buffer"};
-  int bad = 0;
-  for (int i = 0; i < 4; ++i)
-    if (extra[i]) { std::printf("  %lld %s\n", extra[i], what[i]); ++bad; }
-  return bad;
-}
 
 struct Result { int fails; double worst; long long ldg; int tps = 0; };
 
@@ -144,7 +134,7 @@ static Result run_case(const Case& cs, DType dt, unsigned seed) {
   int fails = 0;
   long long ldg = 0;
   if (const char* err = resfuse::dwconv_gate_launch(p, nullptr)) { std::printf("  launch error: %s\n", err); return {1, 0, 0}; }
-  fails += extra_failures();
+  fails += emu_violations();
   ldg += emu::stats.ldg;
   const double rtol_out = dt == DType::kFloat32 ? 1.2e-7 : (dt == DType::kFloat16 ? 1.0 / 1024 : 1.0 / 128);
   OutCheck oc;
@@ -195,7 +185,7 @@ static Result run_case(const Case& cs, DType dt, unsigned seed) {
   emu::stats = {};
   emu::smem_overrun = 0;
   if (const char* err = resfuse::dwconv_gate_backward_launch(q, nullptr)) { std::printf("  backward launch error: %s\n", err); return {fails + 1, worst, ldg}; }
-  fails += extra_failures();
+  fails += emu_violations();
   ldg += emu::stats.ldg;
   OutCheck ob;
   for (long m = 0; m < M && want_dabc; ++m) {
@@ -315,9 +305,7 @@ static int validation() {
 }
 
 int main(int argc, char** argv) {
-  std::signal(SIGSEGV, on_segv);
-  std::signal(SIGBUS, on_segv);
-  if (const char* e = std::getenv("EMU_STAGGER")) emu::stagger = std::atoi(e) != 0;
+  start_driver();
   // name, N,H,W,S,k, d0, slice, ldx, gates, bias, misalign, nonfinite, bwd
   const Case cases[] = {
     {"k7 slice d0=4 S=28 (dim 16 order 3) n_pwa=d0", 2, 9, 11, 28, 7, 4, true, 0, false, true, 0, false, 7},

@@ -243,13 +243,7 @@ static Result run_case(const Case& cs, DType dt, bool tf32, unsigned seed) {
   const int stray = untouched(wide, wide0, outs) + untouched(obuf, obuf0, outs) + untouched(xbuf, xbuf0, outs);
   if (stray) std::printf("  %d writes outside the outputs (padding, A slice, guard regions)\n", stray);
   const emu::Counters& st = emu::stats;
-  const long long extra[] = {st.bad_reads, st.misaligned, st.smem_oob, emu::smem_overrun, st.unwaited, st.not_tf32};
-  const char* what[] = {"global reads outside the inputs", "misaligned global/shared accesses",
-                        "cp.async outside the shared buffer", "bytes written past the shared buffer",
-                        "cp.async copies never waited for", "tf32 mma operands that are not tf32 values"};
-  int extra_bad = 0;
-  for (int i = 0; i < 6; ++i)
-    if (extra[i]) { std::printf("  %lld %s\n", extra[i], what[i]); ++extra_bad; }
+  const int extra_bad = emu_violations();
   return {bad + (stray != 0) + extra_bad, worst, st.cp, st.ldg};
 }
 
@@ -295,9 +289,7 @@ static int check_validation() {
 }
 
 int main(int argc, char** argv) {
-  std::signal(SIGSEGV, on_segv);
-  std::signal(SIGBUS, on_segv);
-  if (const char* e = std::getenv("EMU_STAGGER")) emu::stagger = std::atoi(e) != 0;
+  start_driver();
   // name, M,K,Nout, pro,nw,nb,bias, mul,gelu_grad, col,row,HW, res, aux, pad, misalign, nonfinite
   const Case cases[] = {
     {"plain bias M=300 K=40 Nout=70", 300, 40, 70, 0, false, false, true, 0, false, false, false, 1, false, 0, 0, 0, false},

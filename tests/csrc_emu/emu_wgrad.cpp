@@ -72,15 +72,7 @@ static double gelu(double v) { return 0.5 * v * (1 + std::erf(v / std::sqrt(2.0)
 static int finish(int bad, int guard_bad) {
   if (bad > 5) std::printf("  ... %d mismatches in all\n", bad);
   if (guard_bad) std::printf("  %d writes outside the outputs (guard regions / gaps)\n", guard_bad);
-  const emu::Counters& st = emu::stats;
-  const long long extra[] = {st.bad_reads, st.misaligned, st.smem_oob, emu::smem_overrun, st.unwaited, st.not_tf32};
-  const char* what[] = {"global reads outside the inputs", "misaligned global/shared accesses",
-                        "cp.async outside the shared buffer", "bytes written past the shared buffer",
-                        "cp.async copies never waited for", "tf32 mma operands that are not tf32 values"};
-  int extra_bad = 0;
-  for (int i = 0; i < 6; ++i)
-    if (extra[i]) { std::printf("  %lld %s\n", extra[i], what[i]); ++extra_bad; }
-  return bad + guard_bad + extra_bad;
+  return bad + guard_bad + emu_violations();
 }
 
 struct Result { int fails; double worst; long long cp, ldg; };
@@ -286,9 +278,7 @@ static int check_validation() {
 }
 
 int main(int argc, char** argv) {
-  std::signal(SIGSEGV, on_segv);
-  std::signal(SIGBUS, on_segv);
-  if (const char* e = std::getenv("EMU_STAGGER")) emu::stagger = std::atoi(e) != 0;
+  start_driver();
   const Prologue N0 = Prologue::kNone, LN = Prologue::kLayerNorm, GE = Prologue::kGelu;
   // name, ln_bwd, M, Nout, K, pad_a, pad_b, db, HW, prologue, affine, nonfinite, misalign
   const Case cases[] = {
