@@ -11,6 +11,8 @@ from typing import List
 
 import torch
 
+from .build_info import describe, installed_package_dir
+
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -85,29 +87,28 @@ def triton_reasons(device: torch.device, dtype: torch.dtype) -> List[str]:
 @lru_cache(maxsize=None)
 def cuda_extension():
     """(module, "") when resfuse._C is built and importable (importing it
-    registers torch.ops.resfuse_cuda.*), else (None, why)."""
+    registers torch.ops.resfuse_cuda.*), else (None, why): the load error,
+    or what setup.py recorded at install (resfuse/build_info.py)."""
     try:
         return importlib.import_module("resfuse._C"), ""
     except ImportError as e:
         if "No module named" not in str(e):
-            return None, f"the CUDA extension resfuse._C does not load ({e})"
+            return None, f"the CUDA extension resfuse._C does not load ({e}); install: {describe(torch.__version__)}"
     # Running from a source checkout (its resfuse/ first on sys.path) after
     # `pip install .` built the extension into site-packages: use that one.
+    pkg = installed_package_dir()
     here = os.path.dirname(os.path.abspath(__file__))
-    for entry in sys.path:
-        pkg = os.path.join(entry or os.getcwd(), "resfuse")
-        if not os.path.isdir(pkg) or os.path.realpath(pkg) == os.path.realpath(here):
-            continue
+    if pkg and os.path.realpath(pkg) != os.path.realpath(here):
         for so in sorted(glob.glob(os.path.join(pkg, "_C*.so")) + glob.glob(os.path.join(pkg, "_C*.pyd"))):
             try:
                 spec = importlib.util.spec_from_file_location("resfuse._C", so)
                 mod = importlib.util.module_from_spec(spec)
                 spec.loader.exec_module(mod)
             except ImportError as e:
-                return None, f"the CUDA extension {so} does not load ({e})"
+                return None, f"the CUDA extension {so} does not load ({e}); install: {describe(torch.__version__)}"
             sys.modules["resfuse._C"] = mod
             return mod, ""
-    return None, "the CUDA extension resfuse._C is not built"
+    return None, f"resfuse._C is not built ({describe()})"
 
 
 #: Compute capabilities resfuse._C carries SASS for (TORCH_CUDA_ARCH_LIST
@@ -126,7 +127,7 @@ def cuda_reasons(op: str, device: torch.device, dtype: torch.dtype = None) -> Li
     if dtype is not None and dtype not in _TRITON_DTYPES:
         reasons.append(f"dtype {dtype} is not supported by the CUDA kernels (float16, bfloat16, float32)")
     if device.type != "cuda":
-        reasons.append(f"tensors are on {device.type}; the CUDA kernels need CUDA tensors")
+        reasons.append(f"tensors are on {device.type} (the CUDA kernels need CUDA tensors)")
     else:
         major, minor = torch.cuda.get_device_capability(device)
         if major not in CUDA_MAJORS:

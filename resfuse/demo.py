@@ -161,9 +161,12 @@ def main(argv=None) -> int:
     print()
 
     rows = layer_table(plain, fused, x, dtype)
-    print(f"{'fused unit':<24} {'what':<34} {'backend':<8} {'rel err':>9} {'eager err':>9} {'tol':>9}  ok")
+    wn = max([len("fused unit")] + [len(r[0]) for r in rows])
+    wk = max([len("what")] + [len(r[1]) for r in rows])
+    wb = max([len("backend")] + [len(r[2]) for r in rows])
+    print(f"{'fused unit':<{wn}} {'what':<{wk}} {'backend':<{wb}} {'rel err':>9} {'eager err':>9} {'tol':>9}  ok")
     for name, kind, backend, err, err_eager, tol, ok in rows:
-        print(f"{name:<24} {kind:<34} {backend:<8} {err:9.2e} {err_eager:9.2e} {tol:9.2e}  "
+        print(f"{name:<{wn}} {kind:<{wk}} {backend:<{wb}} {err:9.2e} {err_eager:9.2e} {tol:9.2e}  "
               f"{'yes' if ok else 'NO'}")
 
     ref_model = copy.deepcopy(plain).to(torch.float64)

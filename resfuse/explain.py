@@ -1,6 +1,9 @@
 """``resfuse.explain``: per conv layer, what runs, on which backend, and why."""
 
 import dataclasses
+import re
+import textwrap
+from collections import Counter
 from dataclasses import dataclass
 from typing import List
 
@@ -9,6 +12,7 @@ import torch.nn as nn
 
 from . import dispatch
 from .block_patterns import match_block
+from .build_info import describe
 from .nn.blocks import FusedResidualBlock
 from .nn.conv_bn_act import FusedSequential
 from .nn.gnconv import FusedHorBlock, GnConv, match_gnconv, mlp_reason
@@ -50,19 +54,61 @@ class Report:
         return [r for r in self.records if r.kind != "conv"]
 
     def __str__(self) -> str:
-        rows = [("layer", "fused as", "backend", "why")]
-        rows += [(r.name, r.kind, r.backend + ("" if r.observed else "*"), r.reason or "-")
-                 for r in self.records]
-        w = [max(len(row[i]) for row in rows) for i in range(3)]
-        lines = [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {d}" for a, b, c, d in rows]
-        lines.insert(1, "-" * min(120, sum(w) + 10))
-        what = "convs and HorBlock linears" if any("linear" in r.kind for r in self.records) else "convs"
-        lines.append(f"{len(self.fused)}/{len(self.records)} {what} fused"
-                     + ("; * = predicted from parameters (pass an example input to observe)"
-                        if any(not r.observed for r in self.records) else ""))
-        return "\n".join(lines)
+        return render(self.records)
 
     __repr__ = __str__
+
+
+WIDTH = 100  # the table fits a 100-column terminal; a long "why" wraps in its column
+
+
+_NEXT_BACKEND = re.compile(r"; (?=(?:%s): )" % "|".join(dispatch.AUTO_ORDER))
+
+
+def _clauses(reason: str) -> List[str]:
+    """A reason's clauses: dispatch joins one per backend passed over with
+    "; " ("cuda: ...; triton: ...")."""
+    return [c for c in _NEXT_BACKEND.split(reason) if c] if reason else []
+
+
+def _wrap(text: str, width: int) -> List[str]:
+    return textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=True) or [""]
+
+
+def render(records: List[Record]) -> str:
+    """The table of `records`, with each clause of a reason that two or more
+    rows share printed once, as a numbered note under the table (on a
+    CPU-only machine every fused row falls back for the same reasons), and
+    each row keeping the clauses that are its own."""
+    counts = Counter(c for r in records for c in dict.fromkeys(_clauses(r.reason)))
+    notes = {}
+    for r in records:
+        for c in _clauses(r.reason):
+            if counts[c] >= 2 and len(c) > 12 and c not in notes:
+                notes[c] = f"[{len(notes) + 1}]"
+    rows = [("layer", "fused as", "backend", "why")]
+    rows += [(r.name, r.kind, r.backend + ("" if r.observed else "*"),
+              "; ".join(notes.get(c, c) for c in _clauses(r.reason)) or "-") for r in records]
+    w = [max(len(row[i]) for row in rows) for i in range(3)]
+    lead = sum(w) + 6
+    why_width = max(30, WIDTH - lead)
+    lines = []
+    for a, b, c, d in rows:
+        wrapped = _wrap(d, why_width)
+        lines.append(f"{a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {wrapped[0]}".rstrip())
+        lines.extend(" " * lead + more for more in wrapped[1:])
+    lines.insert(1, "-" * min(WIDTH, lead + why_width))
+    for clause, mark in notes.items():
+        body = _wrap(f"{mark} ({counts[clause]} rows) {clause}", WIDTH - 4)
+        lines.append(body[0])
+        lines.extend("    " + more for more in body[1:])
+    what = "convs and HorBlock linears" if any("linear" in r.kind for r in records) else "convs"
+    fused = sum(r.kind != "conv" for r in records)
+    lines.append(f"{fused}/{len(records)} {what} fused"
+                 + ("; * = predicted from parameters (pass an example input to observe)"
+                    if any(not r.observed for r in records) else ""))
+    lines.extend(_wrap(f"resfuse._C: {describe(torch.__version__)}", WIDTH))
+    return "\n".join(lines)
 
 
 def _join(prefix: str, name: str) -> str:

@@ -86,12 +86,35 @@ def test_report_iterates_as_records_and_prints_a_table():
     lines = text.splitlines()
     assert lines[0].split() == ["layer", "fused", "as", "backend", "why"]
     assert set(lines[1]) == {"-"}
-    rows = lines[2:2 + len(report)]
-    for r, line in zip(report, rows):
-        assert line.split()[0] == r.name and r.kind in line and r.backend in line
-        assert (r.reason or "-")[:40] in line
-    assert lines[-1].startswith("3/13 convs fused")
+    assert all(len(l) <= 100 for l in lines), max(lines, key=len)
+    starts = [i for i, l in enumerate(lines) if l.split() and l.split()[0] in {r.name for r in report}]
+    assert len(starts) == len(report)
+    notes = {l.split()[0]: l.split(") ", 1)[1] for l in lines if l.startswith("[")}
+    for r, i, j in zip(report, starts, starts[1:] + [starts[-1] + 1]):
+        row = " ".join(x.strip() for x in lines[i:j])
+        assert row.split()[0] == r.name and r.kind in row and r.backend in row
+        why = row.split(r.backend, 1)[1].strip().lstrip("*").strip()
+        for mark, clause in notes.items():
+            why = why.replace(mark, clause)
+        assert why == (r.reason or "-"), (why, r.reason)
+    summary = next(l for l in lines if "convs fused" in l)
+    assert summary.startswith("3/13 convs fused")
+    assert lines[lines.index(summary) + 1].startswith("resfuse._C: ")
     assert repr(report) == text
+
+
+def test_table_says_a_shared_reason_once_and_fits_100_columns():
+    from resfuse.explain import Record, render
+    common = "cuda: resfuse._C is not built (no CUDA toolkit found, set CUDA_HOME to the toolkit root)"
+    records = [Record(f"layer{i}.conv{j}", "conv+bn+relu", "eager", f"{common}; triton: cpu tensors", True)
+               for i in range(4) for j in range(3)]
+    records.append(Record("head.conv", "conv+bn", "eager", f"{common}; triton: a reason of its own", True))
+    records.append(Record("fc.conv", "conv", "eager", "x" * 150, True))
+    text = render(records)
+    flat = " ".join(text.split())  # wrapping puts line breaks inside long clauses
+    assert flat.count(common) == 1 and flat.count("a reason of its own") == 1
+    assert all(len(l) <= 100 for l in text.splitlines()), text
+    assert "[1] (13 rows) " + common in flat
 
 
 def test_unfused_convs_have_specific_reasons():
@@ -174,7 +197,7 @@ def test_unconverted_model():
     rows = list(resfuse.explain(vgg16_bn_features().eval()))
     assert len(rows) == 13
     assert all(r.kind == "conv" and "not converted (resfuse.convert)" in r.reason for r in rows)
-    assert str(resfuse.explain(vgg16_bn_features())).splitlines()[-1].startswith("0/13 convs fused")
+    assert "\n0/13 convs fused" in str(resfuse.explain(vgg16_bn_features()))
     lone = list(resfuse.explain(nn.Conv2d(3, 4, 3)))
     assert len(lone) == 1 and "no BatchNorm" in lone[0].reason
 
