@@ -11,6 +11,13 @@ None / ``nn.Identity`` / a DropBlock or DropPath). The data flow is the one
 all of these share: each conv -> bn -> act feeds the next, the last BN's
 output is added to ``downsample(x)`` (or ``x``), then the out activation.
 
+Children are not enough: the block's own forward is traced (torch.fx,
+submodules opaque; ``recognize.dataflow``) and must compute exactly that
+data flow, each intermediate used once. A block whose forward scales a
+branch, drops the last activation, takes more than one input (timm's DLA
+blocks), or is a subclass with its own forward is left alone with the
+reason, and so is a block with hooks on itself or any member.
+
 The shortcut is ``identity`` (no downsample), ``projection`` (downsample is
 ``Sequential(Conv2d 1x1, BatchNorm)``: fused into the last kernel as a
 second accumulation) or ``module`` (any other downsample, e.g. timm's
@@ -23,7 +30,8 @@ from typing import Optional, Tuple, Union
 import torch.nn as nn
 
 from .activations import activation_of_module
-from .patterns import bn_reason, conv_reason, is_plain_sequential
+from .patterns import bn_reason, conv_reason, hooks_reason, is_plain_sequential
+from .recognize.dataflow import Expr, dataflow, describe, single_user_reason, trace
 
 # Children that may appear in a block and are the identity in eval mode.
 _EVAL_IDENTITY_NAMES = ("drop_block", "aa", "se", "drop_path")
@@ -70,8 +78,83 @@ def projection_reason(ds: nn.Module) -> Optional[str]:
     return None
 
 
-def match_block(block: nn.Module) -> Union[BlockSpec, str]:
-    """A BlockSpec, or the reason (str) why `block` is not a fusable residual block."""
+def _through_identities(e: Expr, ch) -> Expr:
+    """Step back over calls of eval-identity children (drop_block, aa, ...)."""
+    while e.op == "module" and e.target in _EVAL_IDENTITY_NAMES and _is_eval_identity(ch.get(e.target)) \
+            and e.users == 1:
+        e = e.args[0]
+    return e
+
+
+def forward_reason(block: nn.Module, spec: "BlockSpec", forward_of: type) -> Optional[str]:
+    """Why `forward_of.forward`, run on `block`, does not compute `spec`'s
+    data flow: out_act(last_bn(...conv1(x)) + shortcut(x)), every
+    intermediate used once, x used by conv1 and the shortcut only."""
+    view = block
+    if forward_of is not type(block):  # a fused block: its original class's forward
+        view = forward_of.__new__(forward_of)
+        view.__dict__ = block.__dict__
+    graph = trace(view)
+    if isinstance(graph, str):
+        return graph
+    root = dataflow(graph)
+    if isinstance(root, str):
+        return root
+    ch = block._modules
+
+    def expect_module(e: Expr, name: str, what: str) -> Optional[str]:
+        if e.op != "module" or e.target != name:
+            return f"forward feeds {describe(e)} where the pattern has self.{name} ({what})"
+        return single_user_reason(e)
+
+    if root.op != "module" or root.target != spec.out_act:
+        return f"forward returns {describe(root)}, not self.{spec.out_act}(branch + shortcut)"
+    add = _through_identities(root.args[0], ch)
+    if add.op != "add":
+        return f"the last activation reads {describe(add)}, not the sum of the branch and the shortcut"
+    why = single_user_reason(add)
+    if why:
+        return why
+    branch, short = (_through_identities(a, ch) for a in add.args)
+    if short.op != "input" and (branch.op == "input" or branch.target == spec.downsample):
+        branch, short = short, branch
+    if spec.downsample is None:
+        if short.op != "input":
+            return f"the shortcut is {describe(short)}, not the block's input"
+    else:
+        why = expect_module(short, spec.downsample, "the shortcut")
+        if why:
+            return why
+        short = short.args[0]
+        if short.op != "input":
+            return f"the downsample reads {describe(short)}, not the block's input"
+    e = branch
+    for i, st in reversed(list(enumerate(spec.stages))):
+        why = expect_module(e, st.bn, f"stage {i + 1}'s BatchNorm")
+        if why:
+            return why
+        e = _through_identities(e.args[0], ch)
+        why = expect_module(e, st.conv, f"stage {i + 1}'s conv")
+        if why:
+            return why
+        e = _through_identities(e.args[0], ch)
+        if i:
+            prev = spec.stages[i - 1]
+            why = expect_module(e, prev.act, f"the activation after stage {i}")
+            if why:
+                return why
+            e = _through_identities(e.args[0], ch)
+    if e.op != "input":
+        return f"the first conv reads {describe(e)}, not the block's input"
+    if e.users != 2:
+        return f"the block's input is used {e.users} times, not by the first conv and the shortcut only"
+    return None
+
+
+def match_block(block: nn.Module, forward_of: Optional[type] = None) -> Union[BlockSpec, str]:
+    """A BlockSpec, or the reason (str) why `block` is not a fusable residual
+    block. `forward_of`: the class whose forward `block` runs (default its
+    own type; a fused block passes the class it was made from)."""
     ch = dict(block.named_children())
     if "conv1" not in ch or "conv2" not in ch:
         return "no conv1/conv2 children"
@@ -114,4 +197,10 @@ def match_block(block: nn.Module) -> Union[BlockSpec, str]:
         if name in _EVAL_IDENTITY_NAMES and _is_eval_identity(m):
             continue
         return f"child {name!r} ({type(m).__name__}) takes part in forward in a way resfuse does not model"
-    return BlockSpec(spec_stages, out_act, out_activation, shortcut, "downsample" if downsample is not None else None)
+    hooked = next((hooks_reason(m, n or "block") for n, m in block.named_modules() if hooks_reason(m, n or "block")),
+                  None)
+    if hooked:
+        return hooked
+    spec = BlockSpec(spec_stages, out_act, out_activation, shortcut, "downsample" if downsample is not None else None)
+    why = forward_reason(block, spec, forward_of or type(block))
+    return spec if why is None else f"{(forward_of or type(block)).__name__}.forward: {why}"

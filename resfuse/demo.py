@@ -155,7 +155,7 @@ def main(argv=None) -> int:
 
     print(f"resfuse demo: {args.model}, batch {batch}, {size}x{size}, {dtype}, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''}, backend {args.backend}"
-          f"{', Triton interpreter' if interp else ''}; torch {torch.__version__}")
+          f"{', Triton interpreter' if interp else ''}\n  torch {torch.__version__}")
     print()
     print(explain(fused, x))
     print()
@@ -187,8 +187,8 @@ def main(argv=None) -> int:
     print(f"\ntiming ({device}, median of {reps}): eager {t_eager:.3f} ms, resfuse {t_fused:.3f} ms, "
           f"ratio {t_eager / t_fused:.2f}x")
     if not cuda:
-        print("note: CPU timings measure the eager/folded path (or the Triton interpreter); "
-              "they are no evidence about the GPU kernels.")
+        print("note: CPU timings measure the eager/folded path (or the Triton interpreter);\n"
+              "      they are no evidence about the GPU kernels.")
     ok = whole_ok and all(r[-1] for r in rows)
     print("\nRESULT:", "PASS" if ok else "FAIL")
     return 0 if ok else 1

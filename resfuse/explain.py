@@ -15,7 +15,7 @@ from .block_patterns import match_block
 from .build_info import describe
 from .nn.blocks import FusedResidualBlock
 from .nn.conv_bn_act import FusedSequential
-from .nn.gnconv import FusedHorBlock, GnConv, match_gnconv, mlp_reason
+from .nn.gnconv import FusedHorBlock, GnConv, gnconv_convert_reason, match_gnconv, mlp_reason
 from .nn.stem import ConvBNHead, head_fuses, stem_parts
 from .ops import OP, ProblemSignature
 from .ops_gnconv import OP_CHAIN, OP_PROJ, GnConvSignature, signature_reasons
@@ -229,7 +229,9 @@ def _gnconv_rows(prefix, gn: nn.Module, block):
     filter_convs = [] if not spec.gflayer else [
         _join("dwconv", n) for n, m in gn._modules["dwconv"].named_modules() if isinstance(m, nn.Conv2d)]
     if not isinstance(gn, GnConv):
-        why = "HorNet gnconv: fusable into 2 kernels, but not converted (resfuse.convert)"
+        why = gnconv_convert_reason(gn)
+        why = f"gnconv not fused: {why}" if why else \
+            "HorNet gnconv: fusable into 2 kernels, but not converted (resfuse.convert)"
         for n in names + filter_convs:
             yield Record(_join(prefix, n), "conv", "eager", why, True)
         return

@@ -574,9 +574,34 @@ class RecursiveGatedConv(nn.Module):
         self.proj_out = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x):
+        first, rest = torch.split(self.proj_in(x), (self.dims[0], sum(self.dims)), dim=1)
+        gates = torch.split(self.scale * self.dwconv(rest), self.dims, dim=1)
+        out = gates[0] * first
+        for i, pw in enumerate(self.pws):
+            out = gates[i + 1] * pw(out)
+        return self.proj_out(out)
+
+
+class FunctionalGnConv(RecursiveGatedConv):
+    """gnconv's children, but a forward that never calls them (it computes
+    the same function from their weights): not provably HorNet's, left alone."""
+
+    def forward(self, x):
         return gnconv_reference(x, self.proj_in.weight, self.proj_in.bias, self.dwconv.weight, self.dwconv.bias,
                                 [p.weight for p in self.pws], [p.bias for p in self.pws], self.proj_out.weight,
                                 self.proj_out.bias, self.scale)
+
+
+class UnscaledGnConv(RecursiveGatedConv):
+    """gnconv's children, a forward that drops the scale: left alone."""
+
+    def forward(self, x):
+        first, rest = torch.split(self.proj_in(x), (self.dims[0], sum(self.dims)), dim=1)
+        gates = torch.split(self.dwconv(rest), self.dims, dim=1)
+        out = gates[0] * first
+        for i, pw in enumerate(self.pws):
+            out = gates[i + 1] * pw(out)
+        return self.proj_out(out)
 
 
 def test_convert_fuses_every_gnconv_of_a_hornet(seed, device):
@@ -623,6 +648,13 @@ def test_convert_recognises_structure_not_names(seed):
     x = torch.randn(1, 3, 5, 3)
     with torch.no_grad():
         assert_matches(conv(x), model.double()(x.double()), model.float()(x), torch.float32, "look-alike", seed)
+    for cls, why in ((FunctionalGnConv, "does not trace with torch.fx"),
+                     (UnscaledGnConv, "does not compute what HorNet's gnconv.forward computes")):
+        other = nn.Sequential(nn.Conv2d(3, 16, 1), cls(16, 3))
+        kept = resfuse.convert(other, backend="triton")
+        assert type(kept[1]) is cls, f"{cls.__name__} was replaced"
+        reason = {r.name: r.reason for r in resfuse.explain(kept)}["1.proj_in"]
+        assert reason.startswith(f"gnconv not fused: {cls.__name__}.forward: ") and why in reason, reason
     lone = resfuse.convert(gnconv(8, order=2))
     assert isinstance(lone, GnConv)
     odd = gnconv(8, order=2)

@@ -40,7 +40,7 @@ class FusedResidualBlock(FusedModuleMixin, nn.Module):
     def from_module(cls, block: nn.Module, backend: str = "auto") -> "FusedResidualBlock":
         """A fused block sharing `block`'s children, parameters, buffers and
         hooks. Raises ValueError with the reason if `block` does not match."""
-        spec = match_block(block)
+        spec = match_block(block, forward_of=getattr(block, "_source_cls", None))
         if isinstance(spec, str):
             raise ValueError(f"{cls.__name__}.from_module: {type(block).__name__} is not a fusable residual "
                              f"block: {spec}")
@@ -137,7 +137,7 @@ class Bottleneck(FusedResidualBlock):
 
 def fuse_block(block: nn.Module, backend: str = "auto") -> FusedResidualBlock:
     """BasicBlock or Bottleneck (by the number of convs) wrapping `block`."""
-    spec = match_block(block)
+    spec = match_block(block, forward_of=getattr(block, "_source_cls", None))
     if isinstance(spec, str):
         raise ValueError(f"fuse_block: {type(block).__name__} is not a fusable residual block: {spec}")
     cls = BasicBlock if len(spec.stages) == 2 else Bottleneck

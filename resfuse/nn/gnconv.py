@@ -40,6 +40,8 @@ import torch.nn as nn
 
 from .. import dispatch
 from ..patterns import conv_reason, hooks_reason
+from ..recognize.dataflow import same_forward_reason
+from ..recognize.references import HorNetBlock, HorNetGnConv
 from ..reference import gnconv_dims
 from ._call import FusedModuleMixin, _cast, _compute_dtype, adopt
 
@@ -161,6 +163,32 @@ def match_horblock(m: nn.Module) -> Union[GnConvSpec, str]:
     return spec
 
 
+def _forward_reason(m: nn.Module, reference: type) -> Optional[str]:
+    """Why `m`'s own forward (for a fused module: the forward of the class it
+    was made from) does not compute `reference`'s (HorNet's)."""
+    src = m.__dict__.get("_source_cls", type(m)) if isinstance(m, (GnConv, FusedHorBlock)) else type(m)
+    if src is None:  # built by resfuse, never had another forward
+        return None
+    why = same_forward_reason(m, reference, forward_of=src)
+    return f"{src.__name__}.forward: {why}" if why else None
+
+
+def gnconv_convert_reason(m: nn.Module) -> Optional[str]:
+    """Why `m` may not be replaced by a GnConv: its structure, or a forward
+    that does not compute HorNet's gnconv (None: it may)."""
+    spec = match_gnconv(m)
+    return spec if isinstance(spec, str) else _forward_reason(m, HorNetGnConv)
+
+
+def horblock_convert_reason(m: nn.Module) -> Optional[str]:
+    """Why `m` may not be replaced by a FusedHorBlock (None: it may)."""
+    spec = match_horblock(m)
+    if isinstance(spec, str):
+        return spec
+    why = gnconv_convert_reason(m._modules["gnconv"])
+    return f"gnconv: {why}" if why else _forward_reason(m, HorNetBlock)
+
+
 # ----------------------------------------------------------------------------
 # GnConv
 # ----------------------------------------------------------------------------
@@ -194,9 +222,10 @@ class GnConv(FusedModuleMixin, nn.Module):
     def from_module(cls, module: nn.Module, backend: str = "auto") -> "GnConv":
         """A GnConv sharing `module`'s children, parameters and hooks (any
         module with HorNet's gnconv structure). Raises ValueError if not."""
+        why = gnconv_convert_reason(module)
+        if why:
+            raise ValueError(f"GnConv.from_module: {type(module).__name__} is not a gnconv: {why}")
         spec = match_gnconv(module)
-        if isinstance(spec, str):
-            raise ValueError(f"GnConv.from_module: {type(module).__name__} is not a gnconv: {spec}")
         self = adopt(cls, module)
         self.__dict__.setdefault("order", spec.order)
         self.__dict__.setdefault("dims", spec.dims)
@@ -344,9 +373,9 @@ class FusedHorBlock(nn.Module):
 
     @classmethod
     def from_module(cls, block: nn.Module, backend: str = "auto") -> "FusedHorBlock":
-        spec = match_horblock(block)
-        if isinstance(spec, str):
-            raise ValueError(f"FusedHorBlock.from_module: {type(block).__name__} is not a HorBlock: {spec}")
+        why = horblock_convert_reason(block)
+        if why:
+            raise ValueError(f"FusedHorBlock.from_module: {type(block).__name__} is not a HorBlock: {why}")
         self = adopt(cls, block)
         self.__dict__["_source_cls"] = block._source_cls if isinstance(block, FusedHorBlock) else type(block)
         self.__dict__["_mlp_decisions"] = {}
@@ -455,18 +484,18 @@ def convert_gnconv(model: nn.Module, backend: str) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, GnConv):
                 child.backend = backend
-            elif not isinstance(match_gnconv(child), str):
+            elif gnconv_convert_reason(child) is None:
                 setattr(parent, name, GnConv.from_module(child, backend))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, FusedHorBlock):
                 child.backend = backend
-            elif not isinstance(match_horblock(child), str):
+            elif horblock_convert_reason(child) is None:
                 setattr(parent, name, FusedHorBlock.from_module(child, backend))
     if isinstance(model, (GnConv, FusedHorBlock)):
         model.backend = backend
-    elif not isinstance(match_horblock(model), str):
+    elif horblock_convert_reason(model) is None:
         model = FusedHorBlock.from_module(model, backend)
-    elif not isinstance(match_gnconv(model), str):
+    elif gnconv_convert_reason(model) is None:
         model = GnConv.from_module(model, backend)
     return model

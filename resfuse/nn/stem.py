@@ -13,7 +13,9 @@ plain Conv2d and BatchNorm2d.
 
 Only valid where the owner's forward feeds conv -> bn directly, as in
 torchvision's, timm's and the seed's ResNet; ``convert`` applies it to
-modules with that structure (conv1, bn1 and layer1 children).
+modules with that structure (conv1, bn1 and layer1 children) whose traced
+forward (``recognize.dataflow.chain_reason``) shows conv1's output read by
+bn1 alone, and the activation's only when bn1's output feeds it alone.
 """
 
 from typing import Optional
@@ -109,8 +111,21 @@ def stem_parts(owner: nn.Module):
     if why:
         return why
     from ..activations import activation_of_module
-    act_mod = ch.get("relu", ch.get("act1"))
-    return conv, bn, activation_of_module(act_mod) if act_mod is not None else None
+    from ..recognize.dataflow import chain_reason
+    hooked = hooks_reason(ch["conv1"], "conv1") or hooks_reason(owner, type(owner).__name__)
+    if hooked:
+        return hooked
+    # The owner's forward must feed conv1 -> bn1 alone (bn1's output is the
+    # head's). The activation is fused only if bn1's output feeds it alone.
+    why = chain_reason(owner, ("conv1", "bn1"))
+    if why:
+        return f"{type(owner).__name__}.forward: {why}"
+    act_name = "relu" if "relu" in ch else "act1"
+    act_mod = ch.get(act_name)
+    activation = activation_of_module(act_mod) if act_mod is not None else None
+    if activation is not None and chain_reason(owner, ("conv1", "bn1", act_name)):
+        activation = None
+    return conv, bn, activation
 
 
 def convert_stems(model: nn.Module, backend: str) -> None:

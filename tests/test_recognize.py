@@ -1,0 +1,216 @@
+"""convert replaces a module only when its traced forward computes the
+fused pattern (resfuse/recognize/dataflow.py): blocks with standard
+children but another forward, more inputs, hooks, or an intermediate used
+twice are left alone with the reason, and the converted model computes
+exactly what the original computes."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+import resfuse
+from resfuse.block_patterns import match_block
+from resfuse.nn.blocks import FusedResidualBlock
+from resfuse.nn.stem import ConvBNHead, stem_parts
+from resfuse.recognize.dataflow import chain_reason, trace
+from resfuse import models
+from seed_models import ResidualLayer, downsample, randomize_bn
+
+
+class Planted(BasicBlock):
+    """torchvision BasicBlock's children, a different forward: no final ReLU, a scaled branch."""
+
+    def forward(self, x):
+        return 0.5 * self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x
+
+
+class NoFinalAct(BasicBlock):
+    def forward(self, x):
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x
+
+
+class BranchReused(BasicBlock):
+    def forward(self, x):
+        h = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(h)) + x) + 0 * h
+
+
+class InputReused(BasicBlock):
+    def forward(self, x):
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x) * x
+
+
+class ExtraInputs(BasicBlock):
+    """timm DLA's signature: forward(x, shortcut=None, children=None)."""
+
+    def forward(self, x, shortcut=None, children=None):
+        shortcut = x if shortcut is None else shortcut
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + shortcut)
+
+
+class DataDependent(BasicBlock):
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        if out.sum() > 0:
+            out = out + x
+        return self.relu(out)
+
+
+class SameComputationSubclass(BasicBlock):
+    """Overrides forward with the same data flow, written differently: proven, so fused."""
+
+    def forward(self, inp):
+        branch = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(inp)))))
+        shortcut = inp if self.downsample is None else self.downsample(inp)
+        return self.relu(shortcut + branch)
+
+
+def _net(block):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), block)
+    return randomize_bn(net.eval(), torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("cls, why", [
+    (Planted, "forward returns an addition"),
+    (NoFinalAct, "forward returns an addition"),
+    (BranchReused, "forward returns an addition"),
+    (InputReused, "forward returns"),
+    (ExtraInputs, "takes 3 inputs (x, shortcut, children)"),
+    (DataDependent, "does not trace with torch.fx"),
+])
+def test_block_with_standard_children_and_another_forward_is_left_alone(cls, why):
+    plain = _net(cls(8, 8))
+    fused = resfuse.convert(plain, backend="eager")
+    assert type(fused[3]) is cls, "a block whose forward is not the pattern was replaced"
+    x, h = torch.randn(2, 3, 9, 7), torch.randn(2, 8, 9, 7)
+    with torch.no_grad():
+        assert torch.equal(fused[3](h), plain[3](h))  # the block itself runs as written
+        ref, out = plain(x), fused(x)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+    reason = match_block(plain[3])
+    assert isinstance(reason, str) and why in reason and cls.__name__ in reason, reason
+    rows = {r.name: r for r in resfuse.explain(fused)}
+    assert rows["3.conv1"].kind == "conv" and why in rows["3.conv1"].reason, rows["3.conv1"]
+    assert rows["0"].kind == "conv+bn+relu"  # the Sequential run around it still fuses
+
+
+def test_the_issue_planted_block_no_longer_changes_the_output():
+    """The reported case: converted, it differed by a relative error of 0.75."""
+    plain = _net(Planted(8, 8))
+    with torch.no_grad():
+        x = torch.randn(1, 3, 12, 12)
+        ref = plain(x)
+        out = resfuse.convert(plain, backend="eager")(x)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-6
+
+
+def test_a_subclass_with_the_same_data_flow_is_proven_and_fused():
+    plain = _net(SameComputationSubclass(8, 8))
+    fused = resfuse.convert(plain, backend="eager")
+    assert isinstance(fused[3], FusedResidualBlock) and fused[3]._source_cls is SameComputationSubclass
+    x = torch.randn(2, 3, 9, 7)
+    with torch.no_grad():
+        ref, out = plain(x), fused(x)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("where", ["block pre-hook", "block hook", "conv2 hook", "downsample hook"])
+def test_hooked_block_is_left_alone(where):
+    ds = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+    block = Bottleneck(8, 4, stride=2, downsample=ds)
+    calls = []
+    target = {"block pre-hook": block, "block hook": block, "conv2 hook": block.conv2,
+              "downsample hook": ds[0]}[where]
+    if where == "block pre-hook":
+        target.register_forward_pre_hook(lambda m, a: calls.append(1))
+    else:
+        target.register_forward_hook(lambda m, a, o: calls.append(1))
+    plain = _net(block)
+    fused = resfuse.convert(plain, backend="eager", inplace=True)
+    assert type(fused[3]) is Bottleneck
+    assert "hooks" in match_block(block)
+    with torch.no_grad():
+        fused(torch.randn(1, 3, 8, 8))
+    assert calls == [1]
+
+
+def test_timm_dla34_converts_runs_and_matches():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    plain = randomize_bn(timm.create_model("dla34", pretrained=False).eval(), torch.Generator().manual_seed(2))
+    fused = resfuse.convert(plain, backend="eager")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref, out = plain(x), fused(x)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+    blocks = [m for m in plain.modules() if type(m).__name__ == "DlaBasic"]
+    assert blocks and all("takes 3 inputs" in match_block(b) for b in blocks)
+    assert not any(isinstance(m, FusedResidualBlock) for m in fused.modules())
+
+
+@pytest.mark.parametrize("block", [BasicBlock(8, 8), Bottleneck(32, 8), models.Bottleneck(32, 8),
+                                   ResidualLayer(8, 16, 2, downsample(8, 16, 2))],
+                         ids=["tv-basic", "tv-bottleneck", "resfuse-models-bottleneck", "seed-ResidualLayer"])
+def test_known_blocks_are_proven(block):
+    assert not isinstance(match_block(block), str), match_block(block)
+
+
+def test_tracing_restores_training_flags():
+    block = BasicBlock(8, 8).train()
+    block.bn1.eval()
+    trace(block)
+    assert block.training and block.conv1.training and not block.bn1.training and block.bn2.training
+
+
+class _StemReused(torchvision.models.ResNet):
+    def forward(self, x):
+        y = self.conv1(x)
+        return self.layer1(self.maxpool(self.relu(self.bn1(y)) + y))
+
+
+class _ActReused(torchvision.models.ResNet):
+    def forward(self, x):
+        y = self.bn1(self.conv1(x))
+        return self.layer1(self.maxpool(self.relu(y) + y))
+
+
+def _resnet(cls):
+    torch.manual_seed(0)
+    m = cls(BasicBlock, [1, 1, 1, 1], width_per_group=64).eval()
+    return randomize_bn(m, torch.Generator().manual_seed(3))
+
+
+def test_stem_is_fused_only_as_its_forward_allows():
+    x = torch.randn(1, 3, 32, 32)
+    # conv1's output read twice: the stem is not fused at all
+    plain = _resnet(_StemReused)
+    assert "conv1's output is read by more than self.bn1" in stem_parts(plain)
+    fused = resfuse.convert(plain, backend="eager")
+    assert type(fused.conv1) is nn.Conv2d and type(fused.bn1) is nn.BatchNorm2d
+    with torch.no_grad():
+        ref, out = plain(x), fused(x)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+    # bn1's output read twice: conv + BN fuse, the ReLU stays outside
+    plain = _resnet(_ActReused)
+    assert stem_parts(plain)[2] is None
+    fused = resfuse.convert(plain, backend="eager")
+    assert type(fused.conv1) is ConvBNHead and fused.conv1.fused_activation == "identity"
+    with torch.no_grad():
+        ref, out = plain(x), fused(x)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+    # torchvision's own forward: conv -> bn -> relu in one head
+    fused = resfuse.convert(_resnet(torchvision.models.ResNet), backend="eager")
+    assert type(fused.conv1) is ConvBNHead and fused.conv1.fused_activation == "relu"
+
+
+def test_chain_reason():
+    seq_owner = copy.deepcopy(_resnet(torchvision.models.ResNet))
+    assert chain_reason(seq_owner, ("conv1", "bn1", "relu")) is None
+    assert "calls self.layer9 0 times" in chain_reason(seq_owner, ("conv1", "layer9"))
+    assert "does not call self.layer1 on self.bn1" in chain_reason(seq_owner, ("bn1", "layer1"))
