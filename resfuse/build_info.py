@@ -26,14 +26,15 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 def installed_package_dir() -> Optional[str]:
     """The ``resfuse`` folder of the installed distribution (site-packages),
     or None when resfuse is not installed or is installed in editable mode
-    (its files are then this checkout's)."""
-    try:
-        dist = importlib.metadata.distribution("resfuse")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for f in dist.files or ():
-        if f.parts[:1] == ("resfuse",) and f.name == "__init__.py" and len(f.parts) == 2:
-            return os.path.dirname(str(dist.locate_file(f)))
+    (its files are then this checkout's). Only an install's own record
+    (``*.dist-info/RECORD``) counts: the ``resfuse.egg-info`` that setuptools
+    leaves in a checkout it built from lists the checkout's sources."""
+    for dist in importlib.metadata.distributions(name="resfuse"):
+        if dist.read_text("RECORD") is None:
+            continue
+        for f in dist.files or ():
+            if f.parts == ("resfuse", "__init__.py"):
+                return os.path.dirname(str(dist.locate_file(f)))
     return None
 
 

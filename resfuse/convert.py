@@ -1,7 +1,9 @@
 """``resfuse.convert``: rewrite a model so its fusable runs execute fused.
 
-Recognition is structural (module types and order, see ``patterns``), so
-copies of torchvision code in user projects convert too. Parameters and
+Recognition reads structure (module types, see ``patterns``) and proves
+semantics from each module's traced forward (``recognize``), so copies of
+torchvision code in user projects convert too, and a module whose forward
+is not the pattern is left alone. Parameters and
 buffers are never moved or renamed: the converted model's state_dict has
 the original's keys, shapes and values.
 """
@@ -14,9 +16,28 @@ from . import dispatch
 from .block_patterns import match_block
 from .nn.blocks import FusedResidualBlock, convert_blocks, fuse_block
 from .nn.conv_bn_act import FusedSequential
-from .nn.gnconv import convert_gnconv
-from .nn.stem import convert_stems
+from .nn.gnconv import FusedHorBlock, GnConv, convert_gnconv
+from .nn.stem import ConvBNHead, convert_stems, fuse_head
 from .patterns import FusedGroup, is_plain_sequential, plan_sequential
+from .recognize.heads import find_heads, is_batchnorm_act
+
+
+def convert_heads(model: nn.Module, backend: str, absorbed: set) -> None:
+    """Fuse in place every conv -> BN (-> act) chain that a module's traced
+    forward computes (``recognize.heads``), in modules no other pass owns:
+    not plain Sequentials (FusedSequential), fused blocks, gnconvs or
+    absorbed projections."""
+    for owner in list(model.modules()):
+        if id(owner) in absorbed or is_plain_sequential(owner) or isinstance(
+                owner, (FusedSequential, FusedResidualBlock, GnConv, FusedHorBlock, ConvBNHead)):
+            continue
+        plan = find_heads(owner)
+        if isinstance(plan, str):
+            continue
+        for h in plan.heads:
+            conv, bn = owner._modules[h.conv], owner._modules[h.bn]
+            if type(conv) is nn.Conv2d:  # not already a head (the stem pass)
+                fuse_head(conv, bn, h.activation, backend, label="head", bn_act=is_batchnorm_act(bn))
 
 
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
@@ -27,7 +48,10 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
       ``resfuse.nn.BasicBlock`` / ``Bottleneck``: 2 or 3 kernels in eval,
       the shortcut inside the last one;
     - a ResNet-style stem (conv1, bn1, relu/act1 of a module with layer1)
-      becomes one kernel (``resfuse.nn.stem``);
+      becomes one kernel (``resfuse.nn.stem``), and so does every other
+      conv -> BN (-> act) chain a module's traced forward computes
+      (googlenet's BasicConv2d, timm's ConvNormAct / BatchNormAct2d, the
+      insides of blocks that are not replaced; ``recognize.heads``);
     - every Conv2d -> BatchNorm (-> activation) run inside an
       ``nn.Sequential`` runs as one kernel (``resfuse.nn.FusedSequential``);
     - every HorNet gnconv (recognised by structure: proj_in, dwconv, pws,
@@ -56,6 +80,7 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
     if isinstance(model, FusedResidualBlock) and model.spec.shortcut == "projection":
         absorbed.add(id(model._modules[model.spec.downsample]))
     convert_stems(model, backend)
+    convert_heads(model, backend, absorbed)
     for m in list(model.modules()):
         if id(m) in absorbed:
             continue  # a projection shortcut computed inside its block's last kernel

@@ -49,7 +49,7 @@ def _units(plain, fused):
             def eager(x, m=m, bn=bn, act=act):
                 return conv_bn_act_reference(x, m.weight, m.bias, bn.running_mean, bn.running_var, bn.weight,
                                              bn.bias, bn.eps, None, m.stride, m.padding, m.dilation, m.groups, act)
-            yield name, f"conv+bn+{act} (stem)", name, m, ref, eager, lambda m=m: [m.__dict__.get("last_decision")]
+            yield name, f"conv+bn+{act} ({m.label})", name, m, ref, eager, lambda m=m: [m.__dict__.get("last_decision")]
         elif isinstance(m, FusedResidualBlock):
             original = plain_mods[name]
             kind = f"{m.spec.kind} block, {m.spec.shortcut} shortcut"

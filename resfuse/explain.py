@@ -21,6 +21,7 @@ from .ops import OP, ProblemSignature
 from .ops_gnconv import OP_CHAIN, OP_PROJ, GnConvSignature, signature_reasons
 from .ops_mlp import OP_GELU_CONV1X1
 from .patterns import FusedGroup, bn_uses_running_stats, is_plain_sequential, plan_sequential
+from .recognize.heads import find_heads
 
 
 @dataclass(frozen=True)
@@ -188,17 +189,17 @@ def _other_rows(prefix, parent):
     else:
         block = match_block(parent)
         stem = stem_parts(parent)
-        if not isinstance(block, str):
-            generic = "fusable residual block, but not converted (resfuse.convert)"
-        elif "conv1" in convs and "conv2" in convs:
-            generic = f"residual block not fused: {block}"
-        elif isinstance(parent, nn.Sequential):
-            generic = (f"inside {type(parent).__name__}, an nn.Sequential subclass with its own forward: "
-                       f"the order its children run in is unknown")
+        plan = find_heads(parent)
+        if isinstance(plan, str):
+            unfused = {n: plan for n in convs}
         else:
-            generic = (f"inside {type(parent).__name__}: not a Sequential run, a residual block or a "
-                       f"ResNet stem, so its data flow is unknown")
-        unfused = {n: generic for n in convs}
+            unfused = {n: plan.unfused.get(n, "fusable conv -> BN chain, but not converted (resfuse.convert)")
+                       for n in convs}
+        if not isinstance(block, str):
+            unfused = {n: "fusable residual block, but not converted (resfuse.convert)" for n in convs}
+        elif "conv1" in convs and "conv2" in convs and not any(isinstance(c, ConvBNHead) for c in convs.values()):
+            unfused = {n: f"residual block not fused ({block})" + ("" if isinstance(plan, str) else f"; {why}")
+                       for n, why in unfused.items()}
         if not isinstance(stem, str) and not isinstance(stem[0], ConvBNHead) and "conv1" in unfused:
             unfused["conv1"] = "fusable stem, but not converted (resfuse.convert)"
     for child, why in unfused.items():
@@ -338,7 +339,7 @@ def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
         if isinstance(parent, ConvBNHead):
             kind = "conv+bn" + _act_suffix(parent.fused_activation)
             if head_fuses(parent, parent.fused_bn):
-                records.append(_decision_row(prefix, kind + " (stem)", parent.backend, parent,
+                records.append(_decision_row(prefix, f"{kind} ({parent.label})", parent.backend, parent,
                                              parent.__dict__.get("last_decision")))
             else:
                 records.append(Record(prefix, "conv", "eager", "train mode or hooks: BN runs on its own", True))

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 import resfuse
 from resfuse._backends import cuda_reasons
+from resfuse.nn.stem import ConvBNHead
 from seed_models import ResNet, randomize_bn, vgg16_bn_features
 
 
@@ -28,13 +29,31 @@ class _OwnForward(nn.Sequential):
 
 
 class _Block(nn.Module):
-    def __init__(self):
+    def __init__(self, c=4):
         super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
 
     def forward(self, x):
         return self.bn(self.conv(x)) + x
+
+
+class _Untraceable(_Block):
+    def __init__(self):
+        super().__init__(3)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y if y.sum() > 0 else x
+
+
+class _ReadTwice(_Block):
+    def __init__(self):
+        super().__init__(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
 
 
 def _zoo():
@@ -48,12 +67,14 @@ def _zoo():
         nn.Sequential(_ScaledConv(4, 4, 1), nn.BatchNorm2d(4)),                                  # 4.0
         nn.Sequential(nn.Conv2d(4, 4, 1), nn.GroupNorm(2, 4)),                                   # 5.0
         nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.BatchNorm2d(4), nn.ReLU()),   # 6.0 eager
-        _Block(),                                                                                 # 7.conv
-        _OwnForward(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)),                                      # 8.0
+        _Block(),                                                                                 # 7.conv head
+        _OwnForward(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)),                                      # 8.0 head
         hooked,                                                                                   # 9.0
         nn.Sequential(nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6), nn.GELU(approximate="tanh")),      # 10.0
         nn.Conv2d(6, 6, 1),                                                                       # 11
         nn.Sequential(nn.Conv2d(6, 3, 1)),                                                        # 12.0
+        _Untraceable(),                                                                           # 13.conv
+        _ReadTwice(),                                                                             # 14.conv
     )
     conv = resfuse.convert(model)
     conv[9][0].register_forward_hook(lambda *a: None)
@@ -66,8 +87,8 @@ _EXPECTED_UNFUSED = {
     "3.0": "without running statistics",
     "4.0": "_ScaledConv overrides Conv2d.forward",
     "5.0": "followed by GroupNorm, not BatchNorm2d",
-    "7.conv": "inside _Block: not a Sequential run, a residual block or a ResNet stem",
-    "8.0": "_OwnForward, an nn.Sequential subclass with its own forward",
+    "13.conv": "_Untraceable.forward: its forward does not trace with torch.fx",
+    "14.conv": "in _ReadTwice.forward its output is not read by one BatchNorm2d child alone",
     "9.0": "Conv2d has forward hooks",
     "11": "followed by Sequential, not BatchNorm2d",
     "12.0": "no BatchNorm2d follows it",
@@ -79,9 +100,10 @@ def test_report_iterates_as_records_and_prints_a_table():
     fields = [f.name for f in dataclasses.fields(report[0])]
     assert fields[:4] == ["name", "kind", "backend", "reason"]
     names = [r.name for r in report]
-    assert len(report) == len(names) == 13 and len(set(names)) == 13
+    assert len(report) == len(names) == 15 and len(set(names)) == 15
     assert names == [n for n, m in _zoo().named_modules() if isinstance(m, nn.Conv2d)]  # model order
-    assert [r.name for r in report.fused] == ["0.0", "6.0", "10.0"]
+    assert [r.name for r in report.fused] == ["0.0", "6.0", "7.conv", "8.0", "10.0"]
+    assert report[7].kind == report[8].kind == "conv+bn (head)"
     text = str(report)
     lines = text.splitlines()
     assert lines[0].split() == ["layer", "fused", "as", "backend", "why"]
@@ -89,8 +111,17 @@ def test_report_iterates_as_records_and_prints_a_table():
     assert all(len(l) <= 100 for l in lines), max(lines, key=len)
     starts = [i for i, l in enumerate(lines) if l.split() and l.split()[0] in {r.name for r in report}]
     assert len(starts) == len(report)
-    notes = {l.split()[0]: l.split(") ", 1)[1] for l in lines if l.startswith("[")}
-    for r, i, j in zip(report, starts, starts[1:] + [starts[-1] + 1]):
+    notes, mark = {}, None
+    for l in lines:  # a note wraps onto lines indented by 4
+        if l.startswith("["):
+            mark = l.split()[0]
+            notes[mark] = l.split(") ", 1)[1]
+        elif mark and l.startswith("    "):
+            notes[mark] += " " + l.strip()
+        else:
+            mark = None
+    end = next(i for i, l in enumerate(lines) if l.startswith("[") or "convs fused" in l)
+    for r, i, j in zip(report, starts, starts[1:] + [end]):
         row = " ".join(x.strip() for x in lines[i:j])
         assert row.split()[0] == r.name and r.kind in row and r.backend in row
         why = row.split(r.backend, 1)[1].strip().lstrip("*").strip()
@@ -98,7 +129,7 @@ def test_report_iterates_as_records_and_prints_a_table():
             why = why.replace(mark, clause)
         assert why == (r.reason or "-"), (why, r.reason)
     summary = next(l for l in lines if "convs fused" in l)
-    assert summary.startswith("3/13 convs fused")
+    assert summary.startswith("5/15 convs fused")
     assert lines[lines.index(summary) + 1].startswith("resfuse._C: ")
     assert repr(report) == text
 
@@ -158,7 +189,7 @@ def test_predicted_then_observed_backends(seed, device):
 def test_explicit_backends_and_env_var(monkeypatch):
     model = _zoo()
     for m in model.modules():
-        if isinstance(m, resfuse.nn.FusedSequential):
+        if isinstance(m, (resfuse.nn.FusedSequential, ConvBNHead)):
             m.backend = "eager"
     assert {r.backend for r in resfuse.explain(model).fused} == {"eager"}
     assert all(r.reason == "" for r in resfuse.explain(model).fused)  # asked for, not a fallback

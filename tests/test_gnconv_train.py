@@ -238,6 +238,7 @@ def _train(model, x, labels, steps, dtype, device, rng_seed):
     return torch.cat(losses), model
 
 
+@pytest.mark.slow  # a whole model trained through the interpreter, ~2-4 min on 2 cores
 def test_tiny_hornet_trains_like_eager(device):
     """Four SGD steps (momentum, drop path on) of a two-HorBlock model: the
     fused run's losses and final weights match float64 eager training by the

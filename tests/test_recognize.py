@@ -5,6 +5,7 @@ twice are left alone with the reason, and the converted model computes
 exactly what the original computes."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -90,14 +91,18 @@ def test_block_with_standard_children_and_another_forward_is_left_alone(cls, why
     assert type(fused[3]) is cls, "a block whose forward is not the pattern was replaced"
     x, h = torch.randn(2, 3, 9, 7), torch.randn(2, 8, 9, 7)
     with torch.no_grad():
-        assert torch.equal(fused[3](h), plain[3](h))  # the block itself runs as written
-        ref, out = plain(x), fused(x)
-    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+        for inp, a, b in ((h, plain[3], fused[3]), (x, plain, fused)):
+            ref, out = a(inp), b(inp)
+            assert ((out - ref).norm() / ref.norm()).item() < 1e-5
     reason = match_block(plain[3])
     assert isinstance(reason, str) and why in reason and cls.__name__ in reason, reason
     rows = {r.name: r for r in resfuse.explain(fused)}
-    assert rows["3.conv1"].kind == "conv" and why in rows["3.conv1"].reason, rows["3.conv1"]
     assert rows["0"].kind == "conv+bn+relu"  # the Sequential run around it still fuses
+    if cls is DataDependent:  # no traced forward: nothing inside is touched
+        assert type(fused[3].conv1) is nn.Conv2d and type(fused[3].bn1) is nn.BatchNorm2d
+        assert rows["3.conv1"].kind == "conv" and why in rows["3.conv1"].reason, rows["3.conv1"]
+    else:  # the block stays, its proven conv -> BN (-> ReLU) chains fuse in place
+        assert rows["3.conv1"].kind == "conv+bn+relu (head)" and rows["3.conv2"].kind == "conv+bn (head)", rows
 
 
 def test_the_issue_planted_block_no_longer_changes_the_output():
@@ -132,9 +137,9 @@ def test_hooked_block_is_left_alone(where):
     else:
         target.register_forward_hook(lambda m, a, o: calls.append(1))
     plain = _net(block)
+    assert "hooks" in match_block(block)
     fused = resfuse.convert(plain, backend="eager", inplace=True)
     assert type(fused[3]) is Bottleneck
-    assert "hooks" in match_block(block)
     with torch.no_grad():
         fused(torch.randn(1, 3, 8, 8))
     assert calls == [1]
@@ -214,3 +219,130 @@ def test_chain_reason():
     assert chain_reason(seq_owner, ("conv1", "bn1", "relu")) is None
     assert "calls self.layer9 0 times" in chain_reason(seq_owner, ("conv1", "layer9"))
     assert "does not call self.layer1 on self.bn1" in chain_reason(seq_owner, ("bn1", "layer1"))
+
+
+# ---------------------------------------------------------------------------
+# conv -> BN (-> act) wherever a forward computes it (recognize/heads.py)
+# ---------------------------------------------------------------------------
+
+def _rel(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _heads(model):
+    return {n: m.fused_activation for n, m in model.named_modules() if isinstance(m, ConvBNHead)}
+
+
+def test_googlenet_basic_conv2d_fuses_conv_bn_and_functional_relu():
+    from torchvision.models.googlenet import BasicConv2d
+    plain = randomize_bn(nn.Sequential(BasicConv2d(3, 8, kernel_size=3, padding=1),
+                                       BasicConv2d(8, 5, kernel_size=1)).eval(), torch.Generator().manual_seed(4))
+    fused = resfuse.convert(plain, backend="eager")
+    assert _heads(fused) == {"0.conv": "relu", "1.conv": "relu"}  # F.relu(bn(conv(x))) in BasicConv2d.forward
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    x = torch.randn(2, 3, 11, 9)
+    with torch.no_grad():
+        assert _rel(fused(x), plain(x)) < 1e-6
+    rows = {r.name: r.kind for r in resfuse.explain(fused)}
+    assert rows == {"0.conv": "conv+bn+relu (head)", "1.conv": "conv+bn+relu (head)"}
+
+
+@pytest.mark.parametrize("act, fused_act", [("silu", "silu"), ("relu", "relu"), ("leaky_relu", "identity"),
+                                             ("hard_swish", "identity")])
+def test_timm_conv_norm_act_fuses_batchnorm_act(act, fused_act):
+    """timm's ConvNormAct: conv -> BatchNormAct2d (BN, drop, act inside). The
+    BN's own act is fused whatever it is when the kernels have it; otherwise
+    the BN module applies it to the head's output."""
+    timm = pytest.importorskip("timm")
+    from timm.layers import ConvNormAct
+    plain = randomize_bn(nn.Sequential(ConvNormAct(3, 6, 3, act_layer=act), ConvNormAct(6, 4, 1, act_layer=act)),
+                         torch.Generator().manual_seed(5)).eval()
+    keys = {k: v.clone() for k, v in plain.state_dict().items()}
+    fused = resfuse.convert(plain, backend="eager")
+    assert _heads(fused) == {"0.conv": fused_act, "1.conv": fused_act}
+    sd = fused.state_dict()
+    assert list(sd) == list(keys) and all(torch.equal(sd[k], v) for k, v in keys.items())
+    x = torch.randn(2, 3, 10, 7)
+    with torch.no_grad():
+        assert _rel(fused(x), plain(x)) < 1e-6
+    # train mode is the original's: batch statistics, the same running-stat updates
+    plain.train(), fused.train()
+    ref, out = plain(x), fused(x)
+    assert torch.equal(out, ref)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), fused.state_dict().values()))
+    # checkpoints and copies keep the folded classes
+    buf = io.BytesIO()
+    torch.save(fused.eval(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fused(x)) and torch.equal(copy.deepcopy(fused)(x), fused(x))
+
+
+def test_batchnorm_act_with_a_drop_layer_keeps_its_act_outside():
+    timm = pytest.importorskip("timm")
+    from timm.layers import BatchNormAct2d
+
+    class Unit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = BatchNormAct2d(4, act_layer=nn.SiLU, drop_layer=nn.Dropout)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    plain = randomize_bn(Unit().eval(), torch.Generator().manual_seed(6))
+    fused = resfuse.convert(plain, backend="eager")
+    assert _heads(fused) == {"conv": "identity"}
+    x = torch.randn(1, 3, 7, 7)
+    with torch.no_grad():
+        assert _rel(fused(x), plain(x)) < 1e-6
+
+
+class _ChainCases(nn.Module):
+    """Four conv -> BN chains with different readers of their outputs."""
+
+    def __init__(self):
+        super().__init__()
+        for i in range(4):
+            setattr(self, f"conv{i}", nn.Conv2d(4, 4, 1))
+            setattr(self, f"bn{i}", nn.BatchNorm2d(4))
+        self.act = nn.ReLU()
+        self.silu = nn.SiLU()
+
+    def forward(self, x):
+        a = self.act(self.bn0(self.conv0(x)))           # ReLU child: fused
+        b = self.bn1(self.conv1(x))
+        b = torch.relu(b) + b                          # BN output read twice: conv + BN only
+        c = self.silu(self.bn2(self.conv2(x)))          # non-idempotent act after a plain BN: stays outside
+        y = self.conv3(x)
+        d = self.bn3(y) + y                            # conv output read twice: not fused
+        return a + b + c + d
+
+
+def test_chain_readers_decide_what_fuses():
+    plain = randomize_bn(_ChainCases().eval(), torch.Generator().manual_seed(7))
+    fused = resfuse.convert(plain, backend="eager")
+    assert _heads(fused) == {"conv0": "relu", "conv1": "identity", "conv2": "identity"}
+    reasons = {r.name: r.reason for r in resfuse.explain(fused) if r.kind == "conv"}
+    assert reasons == {"conv3": "in _ChainCases.forward its output is not read by one BatchNorm2d child alone"}
+    x = torch.randn(2, 4, 6, 5)
+    with torch.no_grad():
+        assert _rel(fused(x), plain(x)) < 1e-6
+
+
+def test_conv_bn_head_through_the_triton_kernel(device):
+    timm = pytest.importorskip("timm")
+    from timm.layers import ConvNormAct
+    plain = randomize_bn(ConvNormAct(3, 6, 3, stride=2, act_layer="silu"), torch.Generator().manual_seed(8))
+    plain = plain.eval().to(device)
+    fused = resfuse.convert(plain, backend="triton")
+    x = torch.randn(1, 3, 9, 11, device=device)
+    with torch.no_grad():
+        out = fused(x)
+    assert fused.conv.last_decision.backend == "triton"
+    from numerics import assert_matches
+    from seed_models import float64_reference
+    with torch.no_grad():
+        assert_matches(out, float64_reference(plain, x), plain(x), torch.float32, "ConvNormAct head", 8)

@@ -32,9 +32,10 @@ IDEMPOTENT = ("relu", "relu6", "identity")
 def head_fuses(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
     """Whether the head applies the BN now. ConvBNHead and FoldedBatchNorm2d
     both ask this, so the BN is applied exactly once: fused while the BN
-    uses running statistics and neither module has hooks (a hook must see
-    the module really run)."""
-    return bn_uses_running_stats(bn) and not hooks_reason(conv, "conv") and not hooks_reason(bn, "bn")
+    uses running statistics and neither module (nor a BN's own act/drop)
+    has hooks (a hook must see the module really run)."""
+    return bn_uses_running_stats(bn) and not hooks_reason(conv, "conv") and \
+        not any(hooks_reason(m, "bn") for m in bn.modules())
 
 
 class ConvBNHead(nn.Conv2d):
@@ -66,6 +67,11 @@ class ConvBNHead(nn.Conv2d):
     def fused_activation(self) -> str:
         return self.__dict__["_fused_activation"]
 
+    @property
+    def label(self) -> str:
+        """'stem' (a ResNet stem) or 'head' (a conv -> BN chain of another forward)."""
+        return self.__dict__.get("_label", "stem")
+
 
 class FoldedBatchNorm2d(nn.BatchNorm2d):
     """A BatchNorm2d already applied by the ConvBNHead before it while it
@@ -77,17 +83,46 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
         return nn.BatchNorm2d.forward(self, x)
 
 
-def fuse_head(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: Optional[str], backend: str = "auto") -> None:
+_FOLDED_BN_ACT = {}
+
+
+def _folded_bn_act_class(cls: type) -> type:
+    """A subclass of timm's BatchNormAct2d (BN, then its ``drop`` and ``act``
+    children) that, while its ConvBNHead applies the BN, applies only what
+    the head did not: nothing when the head fused the activation, else
+    act(drop(x))."""
+    if cls not in _FOLDED_BN_ACT:
+        def forward(self, x):
+            if head_fuses(self.__dict__["_head_conv"], self):
+                return x if self.__dict__["_act_fused"] else self.act(self.drop(x))
+            return cls.forward(self, x)
+        name = "Folded" + cls.__name__
+        folded = type(name, (cls,), {"forward": forward, "__module__": __name__, "__qualname__": name,
+                                     "__doc__": _folded_bn_act_class.__doc__})
+        globals()[name] = folded  # so torch.save / pickle find it by name
+        _FOLDED_BN_ACT[cls] = folded
+    return _FOLDED_BN_ACT[cls]
+
+
+def fuse_head(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: Optional[str], backend: str = "auto",
+              label: str = "stem", bn_act: bool = False) -> None:
     """Turn `conv`/`bn` (in place, same objects) into ConvBNHead /
-    FoldedBatchNorm2d. `activation` is fused only if idempotent."""
-    if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d:
-        raise ValueError("fuse_head needs an exact nn.Conv2d and nn.BatchNorm2d")
+    FoldedBatchNorm2d. For a plain BN the `activation` (the module after
+    it) is fused only if idempotent; with ``bn_act`` the BN is timm's
+    BatchNormAct2d and `activation` is its own act, fused whatever it is.
+    `label`: how explain names the head ('stem', 'head')."""
+    if type(conv) is not nn.Conv2d or (type(bn) is not nn.BatchNorm2d and not bn_act):
+        raise ValueError("fuse_head needs an exact nn.Conv2d and nn.BatchNorm2d (or timm's BatchNormAct2d)")
+    if not bn_act:
+        activation = activation if activation in IDEMPOTENT else "identity"
     conv.__class__ = ConvBNHead
     conv.__dict__["_fused_bn"] = bn  # not registered: bn stays where it is in the tree
-    conv.__dict__["_fused_activation"] = activation if activation in IDEMPOTENT else "identity"
+    conv.__dict__["_fused_activation"] = activation or "identity"
+    conv.__dict__["_label"] = label
     conv.backend = backend
-    bn.__class__ = FoldedBatchNorm2d
+    bn.__class__ = _folded_bn_act_class(type(bn)) if bn_act else FoldedBatchNorm2d
     bn.__dict__["_head_conv"] = conv  # not registered either
+    bn.__dict__["_act_fused"] = (activation or "identity") != "identity"
 
 
 def stem_parts(owner: nn.Module):
