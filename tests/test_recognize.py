@@ -215,10 +215,45 @@ def test_stem_is_fused_only_as_its_forward_allows():
 
 
 def test_chain_reason():
-    seq_owner = copy.deepcopy(_resnet(torchvision.models.ResNet))
-    assert chain_reason(seq_owner, ("conv1", "bn1", "relu")) is None
-    assert "calls self.layer9 0 times" in chain_reason(seq_owner, ("conv1", "layer9"))
-    assert "does not call self.layer1 on self.bn1" in chain_reason(seq_owner, ("bn1", "layer1"))
+    graph = trace(copy.deepcopy(_resnet(torchvision.models.ResNet)))
+    assert chain_reason(graph, ("conv1", "bn1", "relu")) is None
+    assert "calls self.layer9 0 times" in chain_reason(graph, ("conv1", "layer9"))
+    assert "does not call self.layer1 on self.bn1" in chain_reason(graph, ("bn1", "layer1"))
+
+
+class _TrainOnlyReuse(BasicBlock):
+    """The BasicBlock forward in eval; in train mode it reads bn1's output twice."""
+
+    def forward(self, x):
+        h = self.bn1(self.conv1(x))
+        if self.training:
+            h = h + 0.1 * h
+        out = self.bn2(self.conv2(self.relu(h)))
+        return self.relu(out + x)
+
+
+def test_a_forward_that_differs_in_train_mode_is_not_proven():
+    """Fused modules run fused whenever their BNs use running statistics,
+    which holds for frozen BNs in a model in train mode; so the eval graph
+    alone is no proof."""
+    block = _TrainOnlyReuse(8, 8)
+    assert "something else in train mode" in trace(block)
+    assert "something else in train mode" in match_block(block)
+    plain = _net(_TrainOnlyReuse(8, 8))
+    fused = resfuse.convert(plain, backend="eager")
+    assert type(fused[3]) is _TrainOnlyReuse and type(fused[3].conv1) is nn.Conv2d
+    fused.train()
+    for m in fused.modules():  # frozen BN fine-tuning: BNs on running statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    plain.load_state_dict(fused.state_dict())
+    plain.train()
+    for m in plain.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    x = torch.randn(2, 3, 6, 5)
+    with torch.no_grad():
+        assert _rel(fused(x), plain(x)) < 1e-5
 
 
 # ---------------------------------------------------------------------------

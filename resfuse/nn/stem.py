@@ -34,8 +34,8 @@ def head_fuses(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
     both ask this, so the BN is applied exactly once: fused while the BN
     uses running statistics and neither module (nor a BN's own act/drop)
     has hooks (a hook must see the module really run)."""
-    return bn_uses_running_stats(bn) and not hooks_reason(conv, "conv") and \
-        not any(hooks_reason(m, "bn") for m in bn.modules())
+    return bn_uses_running_stats(bn) and not hooks_reason(conv, "conv") and not hooks_reason(bn, "bn") and \
+        not any(hooks_reason(m, "bn") for m in bn._modules.values())  # a BatchNormAct2d's act/drop
 
 
 class ConvBNHead(nn.Conv2d):
@@ -146,19 +146,20 @@ def stem_parts(owner: nn.Module):
     if why:
         return why
     from ..activations import activation_of_module
-    from ..recognize.dataflow import chain_reason
+    from ..recognize.dataflow import chain_reason, trace
     hooked = hooks_reason(ch["conv1"], "conv1") or hooks_reason(owner, type(owner).__name__)
     if hooked:
         return hooked
     # The owner's forward must feed conv1 -> bn1 alone (bn1's output is the
     # head's). The activation is fused only if bn1's output feeds it alone.
-    why = chain_reason(owner, ("conv1", "bn1"))
+    graph = trace(owner)
+    why = graph if isinstance(graph, str) else chain_reason(graph, ("conv1", "bn1"))
     if why:
         return f"{type(owner).__name__}.forward: {why}"
     act_name = "relu" if "relu" in ch else "act1"
     act_mod = ch.get(act_name)
     activation = activation_of_module(act_mod) if act_mod is not None else None
-    if activation is not None and chain_reason(owner, ("conv1", "bn1", act_name)):
+    if activation is not None and chain_reason(graph, ("conv1", "bn1", act_name)):
         activation = None
     return conv, bn, activation
 

@@ -31,20 +31,33 @@ class _SubmodulesAsLeaves(fx.Tracer):
         return True
 
 
-def trace(module: nn.Module) -> Union[fx.Graph, str]:
-    """The fx graph of ``type(module).forward`` in eval mode, or the reason
-    (str) it cannot be traced."""
+def _trace_in_mode(module: nn.Module, training: bool) -> fx.Graph:
     flags = [(m, m.training) for m in module.modules()]
     try:
         for m, _ in flags:
-            m.training = False
+            m.training = training
         return _SubmodulesAsLeaves().trace(module)
-    except Exception as e:  # noqa: BLE001  (any failure means: unknown data flow)
-        msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
-        return f"its forward does not trace with torch.fx ({type(e).__name__}{': ' + msg if msg else ''})"
     finally:
         for m, t in flags:
             m.training = t
+
+
+def trace(module: nn.Module) -> Union[fx.Graph, str]:
+    """The fx graph of ``type(module).forward`` in eval mode, or the reason
+    (str) it cannot be traced. The forward must trace to the same code in
+    train mode too: a fused module decides per call whether to run fused
+    (its BatchNorms on running statistics), which can hold while the owner
+    is in train mode (frozen BN fine-tuning), so a forward that branches on
+    ``self.training`` is not proven by its eval graph alone."""
+    try:
+        graph = _trace_in_mode(module, False)
+        train = _trace_in_mode(module, True)
+    except Exception as e:  # noqa: BLE001  (any failure means: unknown data flow)
+        msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        return f"its forward does not trace with torch.fx ({type(e).__name__}{': ' + msg if msg else ''})"
+    if graph.python_code("self").src != train.python_code("self").src:
+        return "its forward computes something else in train mode than in eval mode"
+    return graph
 
 
 @dataclass(frozen=True)
@@ -120,13 +133,10 @@ def single_user_reason(e: Expr, allowed: int = 1) -> Optional[str]:
     return None
 
 
-def chain_reason(module: nn.Module, names: Sequence[str]) -> Optional[str]:
-    """Why `module`'s forward does not run its submodules `names` as one
-    chain: each called exactly once, on one tensor, and each one's output
-    read by the next alone (the last one's output may go anywhere)."""
-    graph = trace(module)
-    if isinstance(graph, str):
-        return graph
+def chain_reason(graph: fx.Graph, names: Sequence[str]) -> Optional[str]:
+    """Why `graph` (a traced forward) does not run the submodules `names`
+    as one chain: each called exactly once, on one tensor, and each one's
+    output read by the next alone (the last one's output may go anywhere)."""
     calls = {}
     for name in names:
         nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
