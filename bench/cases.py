@@ -175,7 +175,7 @@ def _eager_conv_bn_act(x, w, b, mean, var, gamma, beta, res, *, spec: ConvSpec):
         y = y.relu_()
     elif spec.act != "identity":
         from resfuse.activations import get_activation
-        y = get_activation(spec.act).eager(y)
+        y = get_activation(spec.act).eager(y, 0.01)
     return y
 
 

@@ -75,8 +75,9 @@ Geometry check_main(const Tensor& x, const Tensor& weight, const optional<Tensor
   check_vector(bn_weight, "bn_weight", g.K);
   check_vector(bn_bias, "bn_bias", g.K);
   TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
-  TORCH_CHECK(activation >= 0 && activation <= 4,
-              "activation must be 0..4 (identity, relu, relu6, silu, gelu), got ", activation);
+  TORCH_CHECK(activation >= 0 && activation <= 8,
+              "activation must be 0..8 (identity, relu, relu6, silu, gelu, leaky_relu, hardswish, hardsigmoid, "
+              "gelu_tanh), got ", activation);
   check_4d(out, "out", x);
   TORCH_CHECK(out.sizes() == at::IntArrayRef({g.N, g.K, g.P, g.Q}), "out must have shape (", g.N, ", ", g.K,
               ", ", g.P, ", ", g.Q, "), got ", out.sizes());
@@ -98,7 +99,8 @@ void check_main_devices(const Tensor& x, const Tensor& weight, const optional<Te
 
 resfuse::ConvBNActParams main_params(const Geometry& g, const Tensor& xc, const Tensor& wc, const Tensor& bias,
                                      const Tensor& mean, const Tensor& var, const Tensor& gamma,
-                                     const Tensor& beta, double eps, int64_t activation, bool allow_tf32,
+                                     const Tensor& beta, double eps, int64_t activation, double negative_slope,
+                                     bool allow_tf32,
                                      const Tensor& x, Output& o) {
   resfuse::ConvBNActParams p{};
   p.x = xc.data_ptr();
@@ -115,6 +117,7 @@ resfuse::ConvBNActParams main_params(const Geometry& g, const Tensor& xc, const 
   p.pad_h = g.padding[0]; p.pad_w = g.padding[1];
   p.dil_h = g.dilation[0]; p.dil_w = g.dilation[1];
   p.activation = static_cast<int>(activation);
+  p.negative_slope = static_cast<float>(negative_slope);
   p.dtype = to_dtype(x);
   p.allow_tf32 = allow_tf32;
   return p;
@@ -134,7 +137,9 @@ void conv_bn_act(const Tensor& x, const Tensor& weight, const optional<Tensor>& 
                  const optional<Tensor>& bn_mean, const optional<Tensor>& bn_var,
                  const optional<Tensor>& bn_weight, const optional<Tensor>& bn_bias, double eps,
                  const optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
-                 at::IntArrayRef dilation, int64_t groups, int64_t activation, bool allow_tf32, Tensor out) {
+                 at::IntArrayRef dilation, int64_t groups, int64_t activation, double negative_slope,
+                 bool allow_tf32,
+                 Tensor out) {
   Geometry g = check_main(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, stride, padding, dilation,
                           groups, activation, out);
   if (residual.has_value()) {
@@ -151,7 +156,8 @@ void conv_bn_act(const Tensor& x, const Tensor& weight, const optional<Tensor>& 
   Tensor b = as_f32(bias), mean = as_f32(bn_mean), var = as_f32(bn_var), gamma = as_f32(bn_weight),
          beta = as_f32(bn_bias);
   Output o(out);
-  resfuse::ConvBNActParams p = main_params(g, xc, wc, b, mean, var, gamma, beta, eps, activation, allow_tf32, x, o);
+  resfuse::ConvBNActParams p = main_params(g, xc, wc, b, mean, var, gamma, beta, eps, activation, negative_slope,
+                                                 allow_tf32, x, o);
   p.residual = rc.defined() ? rc.data_ptr() : nullptr;
   launch(p, x, o);
 }
@@ -166,7 +172,7 @@ void conv_bn_proj_act(const Tensor& x, const Tensor& weight, const optional<Tens
                       const Tensor& bn_mean_d, const Tensor& bn_var_d, const optional<Tensor>& bn_weight_d,
                       const optional<Tensor>& bn_bias_d, double eps_d, at::IntArrayRef stride_d,
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                      int64_t activation, bool allow_tf32, Tensor out) {
+                      int64_t activation, double negative_slope, bool allow_tf32, Tensor out) {
   Geometry g = check_main(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, stride, padding, dilation,
                           groups, activation, out);
   check_4d(xs, "xs", x);
@@ -201,7 +207,8 @@ void conv_bn_proj_act(const Tensor& x, const Tensor& weight, const optional<Tens
   Tensor bd = as_f32(bias_d), mean_d = as_f32(bn_mean_d), var_d = as_f32(bn_var_d), gamma_d = as_f32(bn_weight_d),
          beta_d = as_f32(bn_bias_d);
   Output o(out);
-  resfuse::ConvBNActParams p = main_params(g, xc, wc, b, mean, var, gamma, beta, eps, activation, allow_tf32, x, o);
+  resfuse::ConvBNActParams p = main_params(g, xc, wc, b, mean, var, gamma, beta, eps, activation, negative_slope,
+                                                 allow_tf32, x, o);
   p.xs = xsc.data_ptr();
   p.wd = wdc.data_ptr();
   p.bias_d = f32_ptr(bd);
@@ -219,11 +226,12 @@ void conv_bn_proj_act(const Tensor& x, const Tensor& weight, const optional<Tens
 TORCH_LIBRARY(resfuse_cuda, m) {
   m.def("conv_bn_act(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_mean, Tensor? bn_var, Tensor? bn_weight, "
         "Tensor? bn_bias, float eps, Tensor? residual, int[] stride, int[] padding, int[] dilation, int groups, "
-        "int activation, bool allow_tf32, Tensor(a!) out) -> ()");
+        "int activation, float negative_slope, bool allow_tf32, Tensor(a!) out) -> ()");
   m.def("conv_bn_proj_act(Tensor x, Tensor weight, Tensor? bias, Tensor bn_mean, Tensor bn_var, "
         "Tensor? bn_weight, Tensor? bn_bias, float eps, Tensor xs, Tensor weight_d, Tensor? bias_d, "
         "Tensor bn_mean_d, Tensor bn_var_d, Tensor? bn_weight_d, Tensor? bn_bias_d, float eps_d, int[] stride_d, "
-        "int[] stride, int[] padding, int[] dilation, int groups, int activation, bool allow_tf32, "
+        "int[] stride, int[] padding, int[] dilation, int groups, int activation, float negative_slope, "
+        "bool allow_tf32, "
         "Tensor(a!) out) -> ()");
 }
 

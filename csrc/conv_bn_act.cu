@@ -7,7 +7,8 @@
 //   y         = acc*scale + shift
 //             [+ acc_d*scale_d + shift_d,  acc_d[m,k] = sum_c xs[n, p*sd_h, q*sd_w, c] * wd[k,c]]
 //             [+ residual[n,p,q,k]]
-//   out       = act(y)   act: 0 identity, 1 relu, 2 relu6, 3 silu, 4 gelu(erf); NaN propagates.
+//   out       = act(y)   act: 0 identity, 1 relu, 2 relu6, 3 silu, 4 gelu(erf), 5 leaky_relu(negative_slope),
+//                        6 hardswish, 7 hardsigmoid, 8 gelu(tanh); NaN propagates.
 // The BN fold is computed in the epilogue from the live BN vectors at every launch (no folded
 // weight copy exists). Layouts: x NHWC, w KRSC, out/residual NHWC (N,P,Q,K), xs NHWC, wd (K,Cs),
 // all contiguous; out offset = m*K + k with m = (n*P + p)*Q + q.
@@ -82,15 +83,25 @@ namespace detail {
 // Epilogue math: host + device, so the host self-test runs exactly this code.
 // ----------------------------------------------------------------------------------------------
 
-enum : int { kActIdentity = 0, kActRelu = 1, kActRelu6 = 2, kActSilu = 3, kActGelu = 4 };
+// The ids are resfuse.activations.ACTIVATIONS[name].triton_id.
+enum : int {
+  kActIdentity = 0, kActRelu = 1, kActRelu6 = 2, kActSilu = 3, kActGelu = 4,
+  kActLeakyRelu = 5, kActHardswish = 6, kActHardsigmoid = 7, kActGeluTanh = 8, kActCount = 9
+};
 
 // Comparisons written so that NaN falls through unchanged (as eager's relu/hardtanh do).
-RF_HD float apply_activation(float v, int act) {
+RF_HD float clamp06(float v) { return v < 0.f ? 0.f : (v > 6.f ? 6.f : v); }
+
+RF_HD float apply_activation(float v, int act, float negative_slope) {
   switch (act) {
     case kActRelu: return v < 0.f ? 0.f : v;
-    case kActRelu6: return v < 0.f ? 0.f : (v > 6.f ? 6.f : v);
+    case kActRelu6: return clamp06(v);
     case kActSilu: return v / (1.f + expf(-v));  // ATen's silu formula
     case kActGelu: return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+    case kActLeakyRelu: return v < 0.f ? v * negative_slope : v;
+    case kActHardswish: return v * clamp06(v + 3.f) / 6.f;
+    case kActHardsigmoid: return clamp06(v + 3.f) / 6.f;
+    case kActGeluTanh: return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
     default: return v;
   }
 }
@@ -113,8 +124,9 @@ RF_HD void bn_fold(const float* bias, const float* mean, const float* var, const
 
 // One output value before rounding: proj = acc_d*scale_d + shift_d (0 without projection),
 // res = residual (0 without).
-RF_HD float epilogue_value(float acc, float scale, float shift, float proj, float res, int act) {
-  return apply_activation(acc * scale + shift + proj + res, act);
+RF_HD float epilogue_value(float acc, float scale, float shift, float proj, float res, int act,
+                           float negative_slope) {
+  return apply_activation(acc * scale + shift + proj + res, act, negative_slope);
 }
 
 }  // namespace detail
@@ -148,6 +160,7 @@ struct KernelArgs {
   const void* residual;
   void* out;
   int act;
+  float negative_slope;
 };
 
 template <class Math, bool kProj>
@@ -239,7 +252,8 @@ __global__ void __launch_bounds__(WarpLayout<kProj>::kThreads)
         for (int j = 0; j < 2; ++j) {
           float proj = 0.f;
           if constexpr (kProj) proj = acc_d[mi][ni][2 * h + j] * scd[ni][j] + shd[ni][j];
-          o[j] = Math::from_float(epilogue_value(acc[mi][ni][2 * h + j], sc[ni][j], sh[ni][j], proj, r[j], args.act));
+          o[j] = Math::from_float(epilogue_value(acc[mi][ni][2 * h + j], sc[ni][j], sh[ni][j], proj, r[j], args.act,
+                                                      args.negative_slope));
         }
         if (args.pair_ok) {
           if constexpr (sizeof(Elem) == 2) {
@@ -292,7 +306,7 @@ const char* conv_bn_act_launch(const ConvBNActParams& p, cudaStream_t stream) {
   if (p.pad_h < 0 || p.pad_w < 0) return "conv_bn_act: padding must be >= 0";
   if (int64_t(p.H) + 2 * int64_t(p.pad_h) > INT32_MAX || int64_t(p.W) + 2 * int64_t(p.pad_w) > INT32_MAX)
     return "conv_bn_act: H + 2*pad_h and W + 2*pad_w must fit in int32";
-  if (p.activation < 0 || p.activation > 4) return "conv_bn_act: activation must be in 0..4";
+  if (p.activation < 0 || p.activation >= kActCount) return "conv_bn_act: activation must be in 0..8";
   if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
     return "conv_bn_act: unsupported dtype";
   if (p.bn_mean && !p.bn_var) return "conv_bn_act: bn_var must be given with bn_mean";
@@ -340,6 +354,7 @@ const char* conv_bn_act_launch(const ConvBNActParams& p, cudaStream_t stream) {
   a.bias_d = p.bias_d; a.mean_d = p.mean_d; a.var_d = p.var_d; a.gamma_d = p.gamma_d; a.beta_d = p.beta_d;
   a.eps_d = p.eps_d;
   a.residual = p.residual; a.out = p.out; a.act = p.activation;
+  a.negative_slope = p.negative_slope;
 
   switch (p.dtype) {
     case DType::kFloat16: return launch_math<Math16<false>>(a, proj, stream);
@@ -356,6 +371,25 @@ const char* conv_bn_act_launch(const ConvBNActParams& p, cudaStream_t stream) {
 #if defined(RESFUSE_CONV_BN_ACT_SELFTEST) && !defined(__CUDACC__)
 // Host check of the epilogue math against double-precision formulas, including NaN/Inf.
 #include <cstdio>
+// float64 forms of the activations, as ATen writes them (leaky_relu: x > 0 ? x : x * slope).
+static const char* const kActName[] = {"identity", "relu", "relu6", "silu", "gelu",
+                                       "leaky_relu", "hardswish", "hardsigmoid", "gelu_tanh"};
+static const double kSlope = -0.37;  // any slope; a negative one also flips the sign
+static double clamp06_ref(double v) { return std::isnan(v) ? v : std::min(std::max(v, 0.0), 6.0); }
+static double act_ref(double v, int act) {
+  switch (act) {
+    case 1: return std::isnan(v) ? v : (v < 0 ? 0 : v);
+    case 2: return clamp06_ref(v);
+    case 3: return v / (1 + std::exp(-v));
+    case 4: return 0.5 * v * (1 + std::erf(v / std::sqrt(2.0)));
+    case 5: return v > 0 ? v : v * kSlope;
+    case 6: return v * clamp06_ref(v + 3) / 6;
+    case 7: return clamp06_ref(v + 3) / 6;
+    case 8: return 0.5 * v * (1 + std::tanh(std::sqrt(2 / M_PI) * (v + 0.044715 * v * v * v)));
+    default: return v;
+  }
+}
+
 int main() {
   using namespace resfuse::detail;
   int fails = 0;
@@ -371,11 +405,8 @@ int main() {
   const double vals[] = {-7.5, -6.0, -1.0, -1e-3, -0.0, 0.0, 1e-3, 0.5, 5.9, 6.0, 6.5, 40.0, -100.0, nan, inf, -inf};
   for (double v0 : vals) {
     const double v = double(float(v0));  // the value the float path sees
-    check("identity", apply_activation(float(v), 0), v, 0);
-    check("relu", apply_activation(float(v), 1), std::isnan(v) ? nan : (v < 0 ? 0 : v), 0);
-    check("relu6", apply_activation(float(v), 2), std::isnan(v) ? nan : std::min(std::max(v, 0.0), 6.0), 0);
-    check("silu", apply_activation(float(v), 3), v / (1 + std::exp(-v)), 1e-6);
-    check("gelu", apply_activation(float(v), 4), 0.5 * v * (1 + std::erf(v / std::sqrt(2.0))), 1e-6);
+    for (int act = 0; act < kActCount; ++act)
+      check(kActName[act], apply_activation(float(v), act, float(kSlope)), act_ref(v, act), act == 0 ? 0 : 1e-6);
   }
   // BN fold with every optional vector present / absent, checked through epilogue_value.
   const float bias[2] = {0.25f, -1.5f}, mean[2] = {0.1f, -0.3f}, var[2] = {2.0f, 0.01f};
@@ -390,21 +421,17 @@ int main() {
       const double acc = 3.25, res = -0.5, proj = 0.75;
       double y = acc + (hb ? bias[k] : 0.0);
       if (hbn) y = (y - mean[k]) / std::sqrt(double(var[k]) + eps) * (hg ? gamma[k] : 1.0) + (hbe ? beta[k] : 0.0);
-      for (int act = 0; act < 5; ++act) {
-        double want = y + proj + res;
-        if (act == 1) want = want < 0 ? 0 : want;
-        if (act == 2) want = std::min(std::max(want, 0.0), 6.0);
-        if (act == 3) want = want / (1 + std::exp(-want));
-        if (act == 4) want = 0.5 * want * (1 + std::erf(want / std::sqrt(2.0)));
-        check("bn_fold+epilogue", epilogue_value(float(acc), sc, shf, float(proj), float(res), act), want, 2e-6);
-      }
+      for (int act = 0; act < kActCount; ++act)
+        check("bn_fold+epilogue",
+              epilogue_value(float(acc), sc, shf, float(proj), float(res), act, float(kSlope)),
+              act_ref(y + proj + res, act), 2e-6);
     }
   // NaN accumulator / residual propagate through every activation.
-  for (int act = 0; act < 5; ++act) {
-    check("nan acc", epilogue_value(float(nan), 1.f, 0.f, 0.f, 0.f, act), nan, 0);
-    check("nan res", epilogue_value(1.f, 1.f, 0.f, 0.f, float(nan), act), nan, 0);
+  for (int act = 0; act < kActCount; ++act) {
+    check("nan acc", epilogue_value(float(nan), 1.f, 0.f, 0.f, 0.f, act, 0.1f), nan, 0);
+    check("nan res", epilogue_value(1.f, 1.f, 0.f, 0.f, float(nan), act, 0.1f), nan, 0);
   }
-  check("inf acc relu", epilogue_value(float(inf), 2.f, 1.f, 0.f, 0.f, 1), inf, 0);
+  check("inf acc relu", epilogue_value(float(inf), 2.f, 1.f, 0.f, 0.f, 1, 0.f), inf, 0);
   if (fails) std::printf("conv_bn_act epilogue self-test: %d FAILED\n", fails);
   else std::printf("conv_bn_act epilogue self-test: ok\n");
   return fails ? 1 : 0;

@@ -36,7 +36,9 @@ struct ConvBNActParams {
   const float* gamma_d; const float* beta_d; float eps_d; int Hs, Ws, Cs, sd_h, sd_w;
   int N, H, W, C, K, R, S, P, Q;
   int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-  int activation;         // 0 identity, 1 relu, 2 relu6, 3 silu, 4 gelu (exact erf)
+  int activation;         // 0 identity, 1 relu, 2 relu6, 3 silu, 4 gelu (exact erf), 5 leaky_relu,
+                          // 6 hardswish, 7 hardsigmoid, 8 gelu (tanh approximation)
+  float negative_slope;   // leaky_relu's slope (the other activations ignore it)
   DType dtype;            // of x, weight, residual, xs, wd, out
   bool allow_tf32;        // fp32 only: true => TF32 tensor cores; false => IEEE-accurate fp32 (3xTF32, see above)
 };
@@ -44,7 +46,7 @@ struct ConvBNActParams {
 // Launches on `stream`; returns nullptr on success, else a static error string (bad params, launch error).
 // Validates: non-null x/weight/out (and bn_var with bn_mean, wd/var_d with xs/mean_d), sizes >= 0
 // (R, S, strides, dilations >= 1, pads >= 0), P and Q equal to conv2d's output size, the projection's
-// reads inside xs ((P-1)*sd_h < Hs, (Q-1)*sd_w < Ws), activation in 0..4, K <= 4194240 (grid.y).
+// reads inside xs ((P-1)*sd_h < Hs, (Q-1)*sd_w < Ws), activation in 0..8, K <= 4194240 (grid.y).
 // N*P*Q == 0 or K == 0 launches nothing and succeeds.
 const char* conv_bn_act_launch(const ConvBNActParams& p, cudaStream_t stream);
 

@@ -246,7 +246,7 @@ def _ln_conv1x1_kernel(
             xt = tl.where(c_ok[:, None], v, 0.0).to(x_ptr.dtype.element_ty)
         if PROLOGUE_GELU:
             # GELU(0) = 0: masked lanes stay zero.
-            xt = _apply_activation(xt.to(tl.float32), _GELU).to(x_ptr.dtype.element_ty)
+            xt = _apply_activation(xt.to(tl.float32), 0.0, _GELU).to(x_ptr.dtype.element_ty)
         wt = tl.load(w_ptr + offs_n[:, None] * sw_k + cc[None, :] * sw_c, mask=n_ok[:, None] & c_ok[None, :],
                      other=0.0)
         if DOT_IN_FP32:

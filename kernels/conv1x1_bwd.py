@@ -481,7 +481,7 @@ def _conv1x1_wgrad_kernel(
         bt = tl.load(b_ptr + n * sb_n + offs_c[:, None] * sb_c + _pix_offsets(q, sb_h, sb_w, W, FLAT)[None, :],
                      mask=bok, other=0.0)
         if B_GELU:
-            bt = _apply_activation(bt.to(tl.float32), _GELU).to(b_ptr.dtype.element_ty)
+            bt = _apply_activation(bt.to(tl.float32), 0.0, _GELU).to(b_ptr.dtype.element_ty)
         if B_NORM:
             mu = tl.load(mean_ptr + n * HW + q, mask=p_ok, other=0.0)
             rsd = tl.load(rstd_ptr + n * HW + q, mask=p_ok, other=0.0)

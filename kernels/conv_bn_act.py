@@ -7,6 +7,10 @@ Formula (per output element, n, k = output channel, p/q = output row/col)::
     shift[k]    = beta[k] + (bias[k] - mean[k]) * scale[k]         (bias without BN)
     y[n,k,p,q]  = act(z * scale[k] + shift[k] + residual[n,k,p,q])
 
+act: identity, relu, relu6, silu, gelu (erf), leaky_relu (slope
+``negative_slope``), hardswish, hardsigmoid, gelu_tanh; ids in
+resfuse.activations.
+
 Implicit GEMM: M = N*P*Q output pixels, N_gemm = K output channels,
 K_gemm = R*S*C, ordered (r, s) outer and c inner so that the input tile of
 one (r, s) step is a plain strided gather with a single boundary mask per
@@ -30,22 +34,37 @@ import torch
 import triton
 import triton.language as tl
 
-# Activation ids shared with resfuse.activations (one source of truth there:
-# ACTIVATIONS[name].triton_id). Adding one is a line here and a line there.
-ACT_IDENTITY, ACT_RELU, ACT_RELU6, ACT_SILU, ACT_GELU = 0, 1, 2, 3, 4
+# The ids are resfuse.activations.ACTIVATIONS[name].triton_id (the one
+# source of truth); adding an activation is a row there and a branch here.
 
 
 @triton.jit
-def _apply_activation(v, ACT: tl.constexpr):
+def _clamp06(v):
     # Comparisons are written so that NaN propagates as it does in eager.
+    return tl.where(v < 0.0, 0.0, tl.where(v > 6.0, 6.0, v))
+
+
+@triton.jit
+def _apply_activation(v, negative_slope, ACT: tl.constexpr):
+    """act(v) in fp32 for activation id ACT (negative_slope: leaky_relu's)."""
     if ACT == 1:
         v = tl.where(v < 0.0, 0.0, v)
     elif ACT == 2:
-        v = tl.where(v < 0.0, 0.0, tl.where(v > 6.0, 6.0, v))
+        v = _clamp06(v)
     elif ACT == 3:
         v = v * tl.sigmoid(v)
     elif ACT == 4:
         v = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
+    elif ACT == 5:
+        v = tl.where(v < 0.0, v * negative_slope, v)
+    elif ACT == 6:
+        v = v * _clamp06(v + 3.0) / 6.0
+    elif ACT == 7:
+        v = _clamp06(v + 3.0) / 6.0
+    elif ACT == 8:
+        # 0.5 v (1 + tanh(t)) = v sigmoid(2t): exact at +-inf, no libdevice needed.
+        t = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+        v = v * tl.sigmoid(2.0 * t)
     return v
 
 
@@ -154,7 +173,7 @@ def _conv_bn_act_fwd_kernel(
     sr_n, sr_c, sr_h, sr_w,
     sy_n, sy_c, sy_h, sy_w,
     STRIDE_H, STRIDE_W, pad_h, pad_w, dil_h, dil_w,
-    eps,
+    eps, negative_slope,
     R: tl.constexpr, S: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr,
@@ -243,7 +262,7 @@ def _conv_bn_act_fwd_kernel(
         res = tl.load(res_ptr + (img * sr_n + out_p * sr_h + out_q * sr_w)[:, None]
                       + offs_n[None, :] * sr_c, mask=pix_ok, other=0.0)
         out = out + res.to(tl.float32)
-    out = _apply_activation(out, ACT)
+    out = _apply_activation(out, negative_slope, ACT)
     y_off = (img * sy_n + out_p * sy_h + out_q * sy_w)[:, None] + offs_n[None, :] * sy_c
     tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=pix_ok)
 
@@ -263,7 +282,7 @@ def _span(t):
 
 
 def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
-                    stride, padding, dilation, activation_id, out, *, allow_tf32,
+                    stride, padding, dilation, activation_id, negative_slope, out, *, allow_tf32,
                     projection=None, force_int64=False):
     """Launch the fused kernel. Inputs are validated by resfuse.ops; this
     computes strides, flags and the grid. `out` is a preallocated
@@ -330,7 +349,7 @@ def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, r
         *proj_args[1:],
         *x.stride(), *weight.stride(), *rs, *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        float(eps),
+        float(eps), float(negative_slope),
         R=R, S=S,
         HAS_BIAS=bias is not None, HAS_BN=has_bn,
         HAS_GAMMA=has_bn and bn_weight is not None, HAS_BETA=has_bn and bn_bias is not None,

@@ -3,6 +3,9 @@ fake kernel and autograd.
 
     y = act(conv(x, W, b) * s + beta - mean * s [+ residual]),  s = gamma / sqrt(var + eps)
 
+(``act`` one of ``resfuse.activations.ACTIVATIONS``; ``negative_slope``,
+the schema's optional last argument, is LeakyReLU's slope)
+
 i.e. Conv2d -> BatchNorm2d (eval, running statistics) -> (+ residual) ->
 activation. Without BN (``bn_mean is None``) it is conv + bias (+ residual)
 -> activation. The BN fold is computed from the live BN tensors at every
@@ -23,7 +26,8 @@ import torch.nn.functional as F
 
 from . import dispatch
 from ._backends import conv_allows_tf32, cuda_reasons, kernels_module, triton_reasons
-from .activations import ACTIVATIONS, get_activation
+from .activations import (ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, activation_grad, check_negative_slope,
+                          get_activation)
 
 OP = "conv_bn_act"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -71,6 +75,10 @@ class ConvBNActProblem:
     groups: int
     activation: str
     out_shape: Tuple[int, int, int, int]
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE   # leaky_relu's; the other activations ignore it
+
+    def act(self, t: torch.Tensor) -> torch.Tensor:
+        return get_activation(self.activation).eager(t, self.negative_slope)
 
     # What the backends' checks read; a ProblemSignature has the same three.
     @property
@@ -107,7 +115,8 @@ def _check_tensor(t, name, *, dims, device, dtype=None, shape=None):
 
 
 def make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
-                 stride, padding, dilation, groups, activation) -> ConvBNActProblem:
+                 stride, padding, dilation, groups, activation,
+                 negative_slope=DEFAULT_NEGATIVE_SLOPE) -> ConvBNActProblem:
     """Validate every argument; raise a clear error naming the bad one."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -152,6 +161,7 @@ def make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, resi
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     get_activation(activation)
+    negative_slope = check_negative_slope(negative_slope)
     hp, wp = H + 2 * padding[0], W + 2 * padding[1]
     rd, sd = dilation[0] * (R - 1) + 1, dilation[1] * (S - 1) + 1
     if hp < rd or wp < sd:
@@ -162,7 +172,7 @@ def make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, resi
     if residual is not None:
         _check_tensor(residual, "residual", dims=4, device=dev, dtype=x.dtype, shape=out_shape)
     return ConvBNActProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual,
-                            stride, padding, dilation, groups, activation, out_shape)
+                            stride, padding, dilation, groups, activation, out_shape, negative_slope)
 
 
 # ----------------------------------------------------------------------------
@@ -223,11 +233,11 @@ def _eager_run(p: ConvBNActProblem) -> torch.Tensor:
             y.mul_(scale.view(1, -1, 1, 1)).add_(shift.view(1, -1, 1, 1))
         if p.residual is not None:
             y.add_(p.residual)
-        y = torch.relu_(y) if p.activation == "relu" else get_activation(p.activation).eager(y)
+        y = torch.relu_(y) if p.activation == "relu" else p.act(y)
     else:
         _, u = pre_activation(p, p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias,
                               p.residual)
-        y = get_activation(p.activation).eager(u).to(p.x.dtype)
+        y = p.act(u).to(p.x.dtype)
     return y.contiguous(memory_format=output_memory_format(p.x))
 
 
@@ -256,7 +266,7 @@ def launch_triton_conv(p: ConvBNActProblem, **launcher_kwargs) -> torch.Tensor:
     kern = kernels_module("conv_bn_act")
     out = alloc_output(p)
     args = (p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps, p.residual,
-            p.stride, p.padding, p.dilation, ACTIVATIONS[p.activation].triton_id, out)
+            p.stride, p.padding, p.dilation, ACTIVATIONS[p.activation].triton_id, p.negative_slope, out)
     if p.device.type == "cuda":
         with torch.cuda.device(p.device):
             return kern.conv_bn_act_fwd(*args, allow_tf32=conv_allows_tf32(), **launcher_kwargs)
@@ -276,7 +286,8 @@ def _cuda_run(p: ConvBNActProblem) -> torch.Tensor:
     with torch.cuda.device(p.device):
         torch.ops.resfuse_cuda.conv_bn_act(p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias,
                                            p.eps, p.residual, p.stride, p.padding, p.dilation, p.groups,
-                                           ACTIVATIONS[p.activation].triton_id, conv_allows_tf32(), out)
+                                           ACTIVATIONS[p.activation].triton_id, p.negative_slope,
+                                           conv_allows_tf32(), out)
     return out
 
 
@@ -306,43 +317,28 @@ def _conv_bn_act_op(
     groups: int,
     activation: str,
     backend: str,
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> torch.Tensor:
     p = make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
-                     stride, padding, dilation, groups, activation)
+                     stride, padding, dilation, groups, activation, negative_slope)
     return dispatch.run(OP, backend, p)
 
 
 @_conv_bn_act_op.register_fake
 def _conv_bn_act_fake(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
-                      stride, padding, dilation, groups, activation, backend):
+                      stride, padding, dilation, groups, activation, backend,
+                      negative_slope=DEFAULT_NEGATIVE_SLOPE):
     p = make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
-                     stride, padding, dilation, groups, activation)
+                     stride, padding, dilation, groups, activation, negative_slope)
     dispatch.validate_backend(backend)
     return torch.empty(p.out_shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
-     stride, padding, dilation, groups, activation, backend) = inputs
+     stride, padding, dilation, groups, activation, backend, negative_slope) = inputs
     ctx.save_for_backward(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual)
-    ctx.conf = (eps, list(stride), list(padding), list(dilation), groups, activation)
-
-
-def activation_grad(name: str, u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    if name == "identity":
-        return g
-    if name == "relu":
-        return g * (u > 0)
-    if name == "relu6":
-        return g * ((u > 0) & (u < 6))
-    if name == "silu":
-        sig = torch.sigmoid(u)
-        return g * sig * (1 + u * (1 - sig))
-    if name == "gelu":
-        cdf = 0.5 * (1 + torch.erf(u * 0.7071067811865476))
-        pdf = torch.exp(-0.5 * u * u) * 0.3989422804014327
-        return g * (cdf + u * pdf)
-    raise ValueError(f"no gradient for activation {name!r}")
+    ctx.conf = (eps, list(stride), list(padding), list(dilation), groups, activation, negative_slope)
 
 
 def branch_grads(gu, z, x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps,
@@ -388,18 +384,18 @@ def branch_grads(gu, z, x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, ep
 def _backward(ctx, grad):
     """Explicit derivatives, eager (training kernels are a later step)."""
     x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual = ctx.saved_tensors
-    eps, stride, padding, dilation, groups, activation = ctx.conf
+    eps, stride, padding, dilation, groups, activation, negative_slope = ctx.conf
     need = dict(zip(("x", "weight", "bias", "bn_mean", "bn_var", "bn_weight", "bn_bias", "eps",
                      "residual"), ctx.needs_input_grad[:9]))
     p = ConvBNActProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
                          stride, padding, dilation, groups, activation, tuple(grad.shape))
     z, u = pre_activation(p, x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual)
-    gu = activation_grad(activation, u, grad.to(u.dtype))
+    gu = activation_grad(activation, u, grad.to(u.dtype), negative_slope)
     out = branch_grads(gu, z, x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps,
                        stride, padding, dilation, groups, need)
     g_res = gu.to(residual.dtype) if need["residual"] else None
     return (out["x"], out["weight"], out["bias"], out["bn_mean"], out["bn_var"], out["bn_weight"],
-            out["bn_bias"], None, g_res, None, None, None, None, None, None)
+            out["bn_bias"], None, g_res, None, None, None, None, None, None, None)
 
 
 _conv_bn_act_op.register_autograd(_backward, setup_context=_setup_context)
@@ -444,13 +440,15 @@ def conv_bn_act(
     dilation=1,
     groups: int = 1,
     activation: str = "identity",
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
     backend: str = "auto",
 ) -> torch.Tensor:
     """``act(BN_eval(conv2d(x, weight, bias)) [+ residual])`` in one kernel.
 
     Arguments mirror ``F.conv2d`` and ``F.batch_norm`` (running statistics);
     stride/padding/dilation take an int or a pair, padding also 'valid' or
-    'same'. ``activation`` is one of ``resfuse.activations.ACTIVATIONS``.
+    'same'. ``activation`` is one of ``resfuse.activations.ACTIVATIONS``;
+    ``negative_slope`` is leaky_relu's slope (ignored by the others).
     ``backend`` is 'auto', 'triton', 'cuda' or 'eager'.
     """
     dispatch.validate_backend(backend)
@@ -461,4 +459,5 @@ def conv_bn_act(
     padding = resolve_padding(padding, weight.shape[2:], dilation)
     return torch.ops.resfuse.conv_bn_act(
         x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual,
-        _pair(stride, "stride"), padding, dilation, int(groups), activation, backend)
+        _pair(stride, "stride"), padding, dilation, int(groups), activation, backend,
+        check_negative_slope(negative_slope))

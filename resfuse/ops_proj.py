@@ -16,8 +16,8 @@ import torch
 
 from . import dispatch
 from ._backends import conv_allows_tf32
-from .activations import get_activation
-from .ops import (ACTIVATIONS, ConvBNActProblem, _check_tensor, _pair, activation_grad, alloc_output, branch_grads,
+from .activations import DEFAULT_NEGATIVE_SLOPE, activation_grad, check_negative_slope
+from .ops import (ACTIVATIONS, ConvBNActProblem, _check_tensor, _pair, alloc_output, branch_grads,
                   cuda_check, launch_triton_conv,
                   make_problem, output_memory_format, pre_activation, triton_check)
 
@@ -44,9 +44,10 @@ class ConvBNProjProblem(ConvBNActProblem):
 
 def make_proj_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps,
                       xs, weight_d, bias_d, bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, eps_d, stride_d,
-                      stride, padding, dilation, groups, activation) -> ConvBNProjProblem:
+                      stride, padding, dilation, groups, activation,
+                      negative_slope=DEFAULT_NEGATIVE_SLOPE) -> ConvBNProjProblem:
     main = make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, None,
-                        stride, padding, dilation, groups, activation)
+                        stride, padding, dilation, groups, activation, negative_slope)
     if bn_mean is None:
         raise ValueError("conv_bn_proj_act needs the main BN (bn_mean/bn_var)")
     if not isinstance(xs, torch.Tensor) or xs.dim() != 4:
@@ -90,7 +91,7 @@ def _pre_activations(p: ConvBNProjProblem):
 
 def _eager_run(p: ConvBNProjProblem) -> torch.Tensor:
     _, _, u = _pre_activations(p)
-    y = get_activation(p.activation).eager(u).to(p.x.dtype)
+    y = p.act(u).to(p.x.dtype)
     return y.contiguous(memory_format=output_memory_format(p.x))
 
 
@@ -105,7 +106,8 @@ def _cuda_run(p: ConvBNProjProblem) -> torch.Tensor:
         torch.ops.resfuse_cuda.conv_bn_proj_act(
             p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps,
             p.xs, p.weight_d, p.bias_d, p.bn_mean_d, p.bn_var_d, p.bn_weight_d, p.bn_bias_d, p.eps_d, p.stride_d,
-            p.stride, p.padding, p.dilation, p.groups, ACTIVATIONS[p.activation].triton_id, conv_allows_tf32(), out)
+            p.stride, p.padding, p.dilation, p.groups, ACTIVATIONS[p.activation].triton_id, p.negative_slope,
+            conv_allows_tf32(), out)
     return out
 
 
@@ -123,21 +125,21 @@ def _conv_bn_proj_act_op(
     bn_mean_d: torch.Tensor, bn_var_d: torch.Tensor, bn_weight_d: Optional[torch.Tensor],
     bn_bias_d: Optional[torch.Tensor], eps_d: float, stride_d: List[int],
     stride: List[int], padding: List[int], dilation: List[int], groups: int,
-    activation: str, backend: str,
+    activation: str, backend: str, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> torch.Tensor:
     p = make_proj_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, xs, weight_d, bias_d,
                           bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, eps_d, stride_d,
-                          stride, padding, dilation, groups, activation)
+                          stride, padding, dilation, groups, activation, negative_slope)
     return dispatch.run(OP, backend, p)
 
 
 @_conv_bn_proj_act_op.register_fake
 def _fake(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, xs, weight_d, bias_d, bn_mean_d,
           bn_var_d, bn_weight_d, bn_bias_d, eps_d, stride_d, stride, padding, dilation, groups, activation,
-          backend):
+          backend, negative_slope=DEFAULT_NEGATIVE_SLOPE):
     p = make_proj_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, xs, weight_d, bias_d,
                           bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, eps_d, stride_d,
-                          stride, padding, dilation, groups, activation)
+                          stride, padding, dilation, groups, activation, negative_slope)
     dispatch.validate_backend(backend)
     return torch.empty(p.out_shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
@@ -148,23 +150,23 @@ _MAIN = ("x", "weight", "bias", "bn_mean", "bn_var", "bn_weight", "bn_bias")
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[0:7], *inputs[8:15])
     ctx.conf = (inputs[7], inputs[15], list(inputs[16]), list(inputs[17]), list(inputs[18]),
-                list(inputs[19]), inputs[20], inputs[21])
+                list(inputs[19]), inputs[20], inputs[21], inputs[23])
 
 
 def _backward(ctx, grad):
     t = ctx.saved_tensors
-    eps, eps_d, stride_d, stride, padding, dilation, groups, activation = ctx.conf
+    eps, eps_d, stride_d, stride, padding, dilation, groups, activation, negative_slope = ctx.conf
     p = ConvBNProjProblem(*t[0:7], eps, None, stride, padding, dilation, groups, activation, tuple(grad.shape),
-                          *t[7:14], eps_d, stride_d)
+                          negative_slope, *t[7:14], eps_d, stride_d)
     z, zd, u = _pre_activations(p)
-    gu = activation_grad(activation, u, grad.to(u.dtype))
+    gu = activation_grad(activation, u, grad.to(u.dtype), negative_slope)
     needs = ctx.needs_input_grad
     main = branch_grads(gu, z, *t[0:7], eps, stride, padding, dilation, groups,
                         dict(zip(_MAIN, needs[0:7])))
     short = branch_grads(gu, zd, *t[7:14], eps_d, stride_d, [0, 0], [1, 1], 1,
                          dict(zip(_MAIN, needs[8:15])))
     return (*(main[k] for k in _MAIN), None, *(short[k] for k in _MAIN), None, None,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 _conv_bn_proj_act_op.register_autograd(_backward, setup_context=_setup_context)
@@ -173,11 +175,11 @@ _conv_bn_proj_act_op.register_autograd(_backward, setup_context=_setup_context)
 def conv_bn_proj_act(x, weight, bias=None, *, bn_mean, bn_var, bn_weight=None, bn_bias=None, eps=1e-5,
                      xs, weight_d, bias_d=None, bn_mean_d, bn_var_d, bn_weight_d=None, bn_bias_d=None,
                      eps_d=1e-5, stride_d=1, stride=1, padding=0, dilation=1, groups=1,
-                     activation="relu", backend="auto"):
+                     activation="relu", negative_slope=DEFAULT_NEGATIVE_SLOPE, backend="auto"):
     """``act(BN(conv(x, W, b)) + BN_d(conv1x1(xs, W_d, b_d, stride_d)))`` in one kernel."""
     dispatch.validate_backend(backend)
     return torch.ops.resfuse.conv_bn_proj_act(
         x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps),
         xs, weight_d, bias_d, bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, float(eps_d), _pair(stride_d, "stride_d"),
         _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), int(groups),
-        activation, backend)
+        activation, backend, check_negative_slope(negative_slope))

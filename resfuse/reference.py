@@ -27,6 +27,7 @@ def conv_bn_act_reference(
     dilation: Sequence[int] = (1, 1),
     groups: int = 1,
     activation: str = "identity",
+    negative_slope: float = 0.01,
 ) -> torch.Tensor:
     """``act(batch_norm_eval(conv2d(x, weight, bias)) [+ residual])``.
 
@@ -39,7 +40,7 @@ def conv_bn_act_reference(
         y = F.batch_norm(y, bn_mean, bn_var, bn_weight, bn_bias, training=False, eps=eps)
     if residual is not None:
         y = y + residual
-    return get_activation(activation).eager(y)
+    return get_activation(activation).eager(y, negative_slope)
 
 
 def to_float64(*tensors):

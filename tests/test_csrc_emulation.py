@@ -36,6 +36,9 @@ REQUIRED_CASES = {
     "several M tiles": r"\bM=(160|338)\b",
     "misaligned pointers": r"\bmisaligned\b",
     "NaN/Inf inputs": r"\bnonfinite\b",
+    # every activation id the epilogue has, through the launch arguments (leaky_relu's slope too)
+    **{f"activation {a}": rf"\b{a}$" for a in ("relu", "silu", "gelu", "relu6", "identity", "gelu_tanh",
+                                                "leaky_relu", "hardsigmoid", "hardswish")},
 }
 
 # ThreadSanitizer run: projection (element-wise and cp.async loaders, one and nine reduction tiles),

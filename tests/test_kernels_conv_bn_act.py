@@ -67,7 +67,7 @@ def launch(inp, case, out, **kw):
     before = kern.LAUNCHES
     res = kern.conv_bn_act_fwd(inp.x, inp.weight, inp.bias, inp.bn_mean, inp.bn_var, inp.bn_weight,
                                inp.bn_bias, case.eps, inp.residual, list(case.stride), list(case.padding),
-                               list(case.dilation), ACTIVATIONS[case.act].triton_id, out, **kw)
+                               list(case.dilation), ACTIVATIONS[case.act].triton_id, 0.01, out, **kw)
     assert res is out, "the launcher must return the buffer it was given"
     assert kern.LAUNCHES == before + 1
     return out
@@ -229,7 +229,7 @@ def test_empty_problem_launches_nothing(device):
     kern = _kern()
     before = kern.LAUNCHES
     assert kern.conv_bn_act_fwd(inp.x, inp.weight, inp.bias, inp.bn_mean, inp.bn_var, inp.bn_weight,
-                                inp.bn_bias, 1e-5, None, [1, 1], [0, 0], [1, 1], 1, out,
+                                inp.bn_bias, 1e-5, None, [1, 1], [0, 0], [1, 1], 1, 0.01, out,
                                 allow_tf32=False) is out
     assert kern.LAUNCHES == before
 

@@ -26,7 +26,9 @@ from resfuse.reference import conv_bn_act_reference, to_float64
 
 from numerics import FLOOR, assert_matches
 
-ACTS = tuple(ACTIVATIONS)  # identity, relu, relu6, silu, gelu
+ACTS = tuple(ACTIVATIONS)  # identity, relu, relu6, silu, gelu, leaky_relu, hardswish, hardsigmoid, gelu_tanh
+NA = len(ACTS)
+SLOPE = 0.3  # leaky_relu's slope in every test (not the default 0.01, so a dropped argument shows)
 DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64"}
 
 
@@ -172,7 +174,7 @@ def make_inputs(case: Case, device, seed: int) -> Inputs:
 def run_op(inp: Inputs, case: Case, backend: str, **over):
     kw = dict(bn_mean=inp.bn_mean, bn_var=inp.bn_var, bn_weight=inp.bn_weight, bn_bias=inp.bn_bias,
               eps=case.eps, residual=inp.residual, stride=case.stride, padding=case.padding,
-              dilation=case.dilation, activation=case.act, backend=backend)
+              dilation=case.dilation, activation=case.act, negative_slope=SLOPE, backend=backend)
     kw.update(over)
     return resfuse.conv_bn_act(inp.x, inp.weight, inp.bias, **kw)
 
@@ -191,7 +193,7 @@ def run_triton(fn, what=""):
 def references(inp: Inputs, case: Case):
     """(float64 reference, eager PyTorch in the tested dtype)."""
     kw = dict(eps=case.eps, stride=case.stride, padding=case.padding, dilation=case.dilation,
-              activation=case.act)
+              activation=case.act, negative_slope=SLOPE)
     ref64 = conv_bn_act_reference(*to_float64(*inp.tensors()[:7]), residual=to_float64(inp.residual)[0], **kw)
     eager = conv_bn_act_reference(*inp.tensors()[:7], residual=inp.residual, **kw)
     return ref64, eager
@@ -296,7 +298,7 @@ def _geometry_cases():
         # mix bias/BN/residual/activation/layout combinations.
         cases.append(Case(N, C, K, H, W, R, S, _t(st), _t(pad), _t(dil),
                           bias=i % 2 == 0, bn=_BN[i % 5], residual=_RES[i % 5 if i % 3 else (i + 1) % 5],
-                          act=ACTS[i % 5 if i % 2 else (i + 2) % 5], layout=_LAYOUTS[i % 3],
+                          act=ACTS[i % NA if i % 2 else (i + 2) % NA], layout=_LAYOUTS[i % 3],
                           strided_vecs=i % 7 == 3))
     return cases
 
@@ -311,7 +313,7 @@ def test_geometry_fp32(case, device):
 
 _SMALL = Case(2, 5, 7, 5, 7, 3, 3, (1, 1), (1, 1), (1, 1))
 FEATURE_CASES = [
-    replace(_SMALL, bias=b, bn=bn, residual=res, act=ACTS[(i + j) % 5])
+    replace(_SMALL, bias=b, bn=bn, residual=res, act=ACTS[(i + j) % NA])
     for i, (b, bn) in enumerate((b, bn) for bn in _BN for b in (True, False))
     for j, res in enumerate(("none", "contig", "strided", "expand"))
 ]
@@ -325,7 +327,7 @@ def test_features_fp32(case, device):
 
 _MID = Case(2, 17, 33, 7, 5, 3, 3, (2, 2), (1, 1), (1, 1), residual="strided")
 DTYPE_LAYOUT_CASES = [
-    replace(_MID, dtype=dt, layout=lay, act=ACTS[(i + 1) % 5])
+    replace(_MID, dtype=dt, layout=lay, act=ACTS[(i + 1) % NA])
     for i, (dt, lay) in enumerate((dt, lay) for dt in (torch.float32, torch.float16, torch.bfloat16)
                                   for lay in _LAYOUTS)
 ] + [
@@ -379,7 +381,7 @@ def test_outputs_are_poisoned_before_launch(device, monkeypatch):
     real, so an element the kernel fails to write fails the comparison."""
     assert os.environ.get("RESFUSE_POISON_OUTPUTS") == "1"
     kern = _kern()
-    monkeypatch.setattr(kern, "conv_bn_act_fwd", lambda *a, **k: a[13])  # a[13]: `out`, unwritten
+    monkeypatch.setattr(kern, "conv_bn_act_fwd", lambda *a, **k: a[14])  # a[14]: `out`, unwritten
     case = replace(_SMALL, residual="contig")
     inp = make_inputs(case, device, 0)
     out = run_op(inp, case, "triton")
@@ -420,7 +422,7 @@ def _problem(inp: Inputs, case: Case):
     from resfuse.ops import make_problem
     return make_problem(inp.x, inp.weight, inp.bias, inp.bn_mean, inp.bn_var, inp.bn_weight, inp.bn_bias,
                         case.eps, inp.residual, list(case.stride), list(case.padding), list(case.dilation),
-                        1, case.act)
+                        1, case.act, SLOPE)
 
 
 # ----------------------------------------------------------------------------
@@ -435,7 +437,7 @@ def test_nonfinite_propagates(where, device):
     # in at least one case, with the fp16 path on half of them.
     i = ["x_nan", "x_inf", "x_neginf", "var_nan", "var_negative", "mean_inf", "residual_nan",
          "weight_nan"].index(where)
-    case = replace(_SMALL, act=ACTS[i % 5], residual="contig", dtype=(torch.float32, torch.float16)[i % 2])
+    case = replace(_SMALL, act=ACTS[i % NA], residual="contig", dtype=(torch.float32, torch.float16)[i % 2])
     seed = seed_of(case.name + where)
     inp = make_inputs(case, device, seed)
     n, c, h, w = 1, 2, 3, 4
@@ -482,7 +484,7 @@ def autograd_reference(x, w, b, m, v, g, be, eps, res, stride, padding, dilation
             y = y + be.view(1, -1, 1, 1)
     if res is not None:
         y = y + res
-    return ACTIVATIONS[act].eager(y)
+    return ACTIVATIONS[act].eager(y, SLOPE)
 
 
 _NAMES = ("x", "weight", "bias", "bn_mean", "bn_var", "bn_weight", "bn_bias", "residual")
@@ -500,17 +502,20 @@ def _leaves(inp: Inputs, dtype=None):
 
 
 def _kink_free_inputs(case: Case, device, seed0: int):
-    """Inputs whose pre-activation stays away from the kinks of relu (0) and
-    relu6 (0, 6) by more than gradcheck's step can cross, while relu6 still
-    sees all three branches. Tries successive seeds (deterministically)."""
+    """Inputs whose pre-activation stays away from the kinks of relu and
+    leaky_relu (0), relu6 (0, 6), hardswish and hardsigmoid (-3, 3) by more
+    than gradcheck's step can cross, while the clamped ones still see all
+    three branches. Tries successive seeds (deterministically)."""
+    lo, hi = {"relu6": (0, 6), "hardswish": (-3, 3), "hardsigmoid": (-3, 3)}.get(case.act, (0, 0))
     for seed in range(seed0, seed0 + 50):
         inp = make_inputs(case, device, seed)
-        if case.act == "relu6":
+        if hi > lo:
             inp.bn_weight.mul_(5.0)
         t = inp.tensors()
         u = autograd_reference(*t[:7], case.eps, t[7], case.stride, case.padding, case.dilation, "identity")
-        gap = torch.minimum(u.abs(), (u - 6).abs()).min().item()
-        branches = (u < 0).any() and (u > 0).any() and (case.act != "relu6" or ((u > 6).any() and (u < 6).any()))
+        gap = min((u - k).abs().min().item() for k in (0, 6, -3, 3))
+        branches = (u < lo).any() and (u > hi).any() and ((u > lo) & (u < hi)).any() if hi > lo else \
+            (u < 0).any() and (u > 0).any()
         if gap > 1e-3 and branches:
             return inp, seed
     raise AssertionError(f"no kink-free inputs for {case.name} from seed {seed0}")
@@ -554,7 +559,7 @@ def test_gradcheck_eager_float64(case):
         return resfuse.conv_bn_act(full[0], full[1], full[2], bn_mean=full[3], bn_var=full[4],
                                    bn_weight=full[5], bn_bias=full[6], eps=case.eps, residual=full[7],
                                    stride=case.stride, padding=case.padding, dilation=case.dilation,
-                                   activation=case.act, backend="eager")
+                                   activation=case.act, negative_slope=SLOPE, backend="eager")
 
     assert torch.autograd.gradcheck(fn, tuple(leaves[i] for i in present), eps=1e-6, atol=1e-6, rtol=1e-5), (
         f"{case.name} seed {seed}")
@@ -568,6 +573,8 @@ BACKWARD_CASES = [
     Case(2, 5, 7, 6, 7, 3, 3, (1, 1), (1, 1), (1, 1), residual="contig", act="relu6", dtype=torch.float16),
     Case(1, 6, 9, 5, 5, 1, 1, (1, 1), (0, 0), (1, 1), bn="none", residual="contig", act="identity",
          dtype=torch.float16, layout="cl"),
+    Case(1, 4, 6, 5, 6, 3, 3, (1, 1), (1, 1), (1, 1), residual="contig", act="leaky_relu"),
+    Case(1, 4, 6, 5, 6, 3, 3, (1, 1), (1, 1), (1, 1), bn="gamma", act="hardswish", dtype=torch.float16),
 ]
 
 
@@ -582,7 +589,7 @@ def test_triton_forward_backward_vs_eager_autograd(case, device):
     out = run_triton(lambda: resfuse.conv_bn_act(
         leaves[0], leaves[1], leaves[2], bn_mean=leaves[3], bn_var=leaves[4], bn_weight=leaves[5],
         bn_bias=leaves[6], eps=case.eps, residual=leaves[7], stride=case.stride, padding=case.padding,
-        dilation=case.dilation, activation=case.act, backend="triton"), case.name)
+        dilation=case.dilation, activation=case.act, negative_slope=SLOPE, backend="triton"), case.name)
     gen = torch.Generator().manual_seed(seed + 1)
     grad_out = torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
     present = [i for i, t in enumerate(leaves) if t is not None]
@@ -620,9 +627,10 @@ def test_opcheck(backend, device):
     and AOT dispatch, with all optionals given and with none."""
     full = Case(1, 3, 5, 5, 4, 3, 3, (2, 1), (1, 1), (1, 1), residual="contig", act="silu")
     bare = Case(2, 3, 4, 5, 5, 3, 3, (1, 1), (0, 0), (1, 1), bias=False, bn="none", act="identity")
-    for case in (full, bare):
+    leaky = Case(1, 3, 5, 4, 5, 3, 3, (1, 1), (1, 1), (1, 1), act="leaky_relu")
+    for case, tail in ((full, ()), (bare, ()), (leaky, (SLOPE,))):  # the slope: optional, trailing
         args = _opcheck_args(case, device, seed_of(case.name))
-        torch.library.opcheck(torch.ops.resfuse.conv_bn_act.default, args + (backend,))
+        torch.library.opcheck(torch.ops.resfuse.conv_bn_act.default, args + (backend,) + tail)
         assert resfuse.last_decision().backend == backend
 
 

@@ -282,8 +282,10 @@ def test_googlenet_basic_conv2d_fuses_conv_bn_and_functional_relu():
     assert rows == {"0.conv": "conv+bn+relu (head)", "1.conv": "conv+bn+relu (head)"}
 
 
-@pytest.mark.parametrize("act, fused_act", [("silu", "silu"), ("relu", "relu"), ("leaky_relu", "identity"),
-                                             ("hard_swish", "identity")])
+@pytest.mark.parametrize("act, fused_act", [("silu", "silu"), ("relu", "relu"), ("leaky_relu", "leaky_relu"),
+                                             ("hard_swish", "hardswish"), ("hard_sigmoid", "hardsigmoid"),
+                                             ("gelu_tanh", "gelu_tanh"), ("elu", "identity"),
+                                             ("tanh", "identity")])
 def test_timm_conv_norm_act_fuses_batchnorm_act(act, fused_act):
     """timm's ConvNormAct: conv -> BatchNormAct2d (BN, drop, act inside). The
     BN's own act is fused whatever it is when the kernels have it; otherwise

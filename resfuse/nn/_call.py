@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from .. import dispatch
+from ..activations import negative_slope_of
 from ..ops import resolve_padding
 from ..patterns import bn_tensors
 
@@ -70,9 +71,13 @@ def conv_geometry(conv: nn.Conv2d):
 
 def fused_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, activation: str, backend: str,
                   residual: Optional[torch.Tensor] = None,
-                  shortcut: Optional[Tuple[torch.Tensor, nn.Conv2d, nn.Module]] = None):
+                  shortcut: Optional[Tuple[torch.Tensor, nn.Conv2d, nn.Module]] = None,
+                  act_module: Optional[nn.Module] = None):
     """act(bn(conv(x)) + residual) or act(bn(conv(x)) + bn_d(conv_d(x_s)))
-    as one op. Returns (y, dispatch decision or None when compiling)."""
+    as one op. `act_module` is the module that computes `activation` (its
+    parameters, a LeakyReLU's slope, are read from it now). Returns (y,
+    dispatch decision or None when compiling)."""
+    slope = negative_slope_of(act_module)
     dtype = _compute_dtype(x)
     x = _cast(x, dtype)
     weight, bias = _cast(conv.weight, dtype), _cast(conv.bias, dtype)
@@ -81,7 +86,7 @@ def fused_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, activation: s
     if shortcut is None:
         y = torch.ops.resfuse.conv_bn_act(
             x, weight, bias, mean, var, gamma, beta, eps, _cast(residual, dtype),
-            stride, padding, dilation, conv.groups, activation, backend)
+            stride, padding, dilation, conv.groups, activation, backend, slope)
     else:
         xs, conv_d, bn_d = shortcut
         mean_d, var_d, gamma_d, beta_d, eps_d = bn_tensors(bn_d)
@@ -89,7 +94,7 @@ def fused_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, activation: s
             x, weight, bias, mean, var, gamma, beta, eps,
             _cast(xs, dtype), _cast(conv_d.weight, dtype), _cast(conv_d.bias, dtype),
             mean_d, var_d, gamma_d, beta_d, eps_d, list(conv_d.stride),
-            stride, padding, dilation, conv.groups, activation, backend)
+            stride, padding, dilation, conv.groups, activation, backend, slope)
     if torch.compiler.is_compiling():
         return y, None
     return y, dispatch.last_decision()

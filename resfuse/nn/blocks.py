@@ -78,19 +78,21 @@ class FusedResidualBlock(FusedModuleMixin, nn.Module):
         mods, spec, record = self._modules, self.spec, self.last_decisions
         h = x
         for st in spec.stages[:-1]:
-            h, d = fused_conv_bn(h, mods[st.conv], mods[st.bn], st.activation, self._backend)
+            h, d = fused_conv_bn(h, mods[st.conv], mods[st.bn], st.activation, self._backend,
+                                 act_module=mods[st.act])
             if d is not None:
                 record[st.conv] = d
         last = spec.stages[-1]
-        conv, bn = mods[last.conv], mods[last.bn]
+        conv, bn, act = mods[last.conv], mods[last.bn], mods[spec.out_act]
         if spec.shortcut == "identity":
-            y, d = fused_conv_bn(h, conv, bn, spec.out_activation, self._backend, residual=x)
+            y, d = fused_conv_bn(h, conv, bn, spec.out_activation, self._backend, residual=x, act_module=act)
         elif spec.shortcut == "projection":
             ds = mods[spec.downsample]
-            y, d = fused_conv_bn(h, conv, bn, spec.out_activation, self._backend, shortcut=(x, ds[0], ds[1]))
+            y, d = fused_conv_bn(h, conv, bn, spec.out_activation, self._backend, shortcut=(x, ds[0], ds[1]),
+                                 act_module=act)
         else:
             y, d = fused_conv_bn(h, conv, bn, spec.out_activation, self._backend,
-                                 residual=mods[spec.downsample](x))
+                                 residual=mods[spec.downsample](x), act_module=act)
         if d is not None:
             record[last.conv] = d
         return y

@@ -20,12 +20,16 @@ from ._call import FusedModuleMixin, fused_conv_bn
 from ..patterns import (FusedGroup, Plan, bn_reason, bn_uses_running_stats, conv_reason,
                         plan_sequential)
 
-_ACT_MODULES = {
+_ACT_MODULES = {   # the module ConvBNAct(activation=name) builds, from its negative_slope
     "identity": None,
-    "relu": nn.ReLU,
-    "relu6": nn.ReLU6,
-    "silu": nn.SiLU,
-    "gelu": nn.GELU,
+    "relu": lambda slope: nn.ReLU(),
+    "relu6": lambda slope: nn.ReLU6(),
+    "silu": lambda slope: nn.SiLU(),
+    "gelu": lambda slope: nn.GELU(),
+    "leaky_relu": lambda slope: nn.LeakyReLU(slope),
+    "hardswish": lambda slope: nn.Hardswish(),
+    "hardsigmoid": lambda slope: nn.Hardsigmoid(),
+    "gelu_tanh": lambda slope: nn.GELU(approximate="tanh"),
 }
 assert set(_ACT_MODULES) == set(ACTIVATIONS), "every fused activation needs a module"
 
@@ -98,7 +102,7 @@ class FusedSequential(FusedModuleMixin, nn.Sequential):
 
     def _run_fused(self, group: FusedGroup, x):
         y, decision = fused_conv_bn(x, self._modules[group.conv], self._modules[group.bn], group.activation,
-                                    self._backend)
+                                    self._backend, act_module=self._modules.get(group.act) if group.act else None)
         if decision is not None:
             self.last_decisions[group.conv] = decision
         return y
@@ -135,22 +139,23 @@ class ConvBNAct(FusedSequential):
     """Conv2d -> BatchNorm2d (-> activation), fused in eval mode.
 
     Children are ``0`` (Conv2d), ``1`` (BatchNorm2d) and, with an
-    activation, ``2``: the state_dict keys of
+    activation, ``2`` (``activation="leaky_relu"`` builds ``nn.LeakyReLU(negative_slope)``;
+    the fused call reads the slope from that module each time): the state_dict keys of
     ``nn.Sequential(nn.Conv2d(...), nn.BatchNorm2d(...), nn.ReLU())``.
     In train mode it computes exactly what that Sequential computes.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = False, activation: str = "relu",
-                 eps: float = 1e-5, momentum: Optional[float] = 0.1, device=None, dtype=None,
+                 negative_slope: float = 0.01, eps: float = 1e-5, momentum: Optional[float] = 0.1, device=None, dtype=None,
                  backend: str = "auto"):
         if activation not in _ACT_MODULES:
             raise ValueError(f"activation must be one of {sorted(_ACT_MODULES)}, got {activation!r}")
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias=bias, device=device, dtype=dtype)
         bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
-        act_cls = _ACT_MODULES[activation]
-        mods = [conv, bn] + ([act_cls()] if act_cls is not None else [])
+        make_act = _ACT_MODULES[activation]
+        mods = [conv, bn] + ([make_act(negative_slope)] if make_act is not None else [])
         super().__init__(*mods, backend=backend)
 
     @classmethod

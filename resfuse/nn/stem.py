@@ -23,11 +23,9 @@ from typing import Optional
 import torch.nn as nn
 
 from .. import dispatch
+from ..activations import get_activation
 from ..patterns import bn_uses_running_stats, hooks_reason
 from ._call import fused_conv_bn
-
-IDEMPOTENT = ("relu", "relu6", "identity")
-
 
 def head_fuses(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
     """Whether the head applies the BN now. ConvBNHead and FoldedBatchNorm2d
@@ -45,7 +43,8 @@ class ConvBNHead(nn.Conv2d):
     def forward(self, x):
         bn = self.__dict__["_fused_bn"]
         if head_fuses(self, bn):
-            y, d = fused_conv_bn(x, self, bn, self.__dict__["_fused_activation"], self.__dict__["_backend"])
+            y, d = fused_conv_bn(x, self, bn, self.__dict__["_fused_activation"], self.__dict__["_backend"],
+                                 act_module=getattr(bn, "act", None) if bn.__dict__["_act_fused"] else None)
             if d is not None:
                 self.__dict__["last_decision"] = d
             return y
@@ -114,7 +113,7 @@ def fuse_head(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: Optional[str], ba
     if type(conv) is not nn.Conv2d or (type(bn) is not nn.BatchNorm2d and not bn_act):
         raise ValueError("fuse_head needs an exact nn.Conv2d and nn.BatchNorm2d (or timm's BatchNormAct2d)")
     if not bn_act:
-        activation = activation if activation in IDEMPOTENT else "identity"
+        activation = activation if activation and get_activation(activation).idempotent else "identity"
     conv.__class__ = ConvBNHead
     conv.__dict__["_fused_bn"] = bn  # not registered: bn stays where it is in the tree
     conv.__dict__["_fused_activation"] = activation or "identity"

@@ -24,11 +24,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..activations import activation_of_module
+from ..activations import activation_of_module, get_activation
 from ..patterns import bn_reason, conv_reason, hooks_reason
 from .dataflow import trace
 
-IDEMPOTENT = ("relu", "relu6")
 _FUNCTIONAL_IDEMPOTENT = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 
 
@@ -64,7 +63,7 @@ def _idempotent_act(owner: nn.Module, node: fx.Node, source: fx.Node) -> Optiona
     """The idempotent activation `node` applies to `source` alone, if any."""
     if node.op == "call_module" and node.args == (source,) and not node.kwargs:
         act = activation_of_module(owner._modules.get(node.target)) if "." not in node.target else None
-        return act if act in IDEMPOTENT else None
+        return act if act and act != "identity" and get_activation(act).idempotent else None
     if node.op == "call_function" and node.target in _FUNCTIONAL_IDEMPOTENT and node.args[:1] == (source,):
         extra = list(node.args[1:]) + list(node.kwargs.values())
         if all(isinstance(a, bool) for a in extra):  # inplace=

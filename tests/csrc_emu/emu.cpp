@@ -78,6 +78,8 @@ struct Case {
 
 struct Result { int fails; double worst; long long cp, ldg; };
 
+static const float kSlope = 0.2f;  // leaky_relu's slope, passed through the launch arguments
+
 static Result run_case(const Case& cs, DType dt, bool tf32, unsigned seed) {
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> U(-1.f, 1.f);
@@ -116,7 +118,7 @@ static Result run_case(const Case& cs, DType dt, bool tf32, unsigned seed) {
   }
   p.N = cs.N; p.H = cs.H; p.W = cs.W; p.C = cs.C; p.K = cs.K; p.R = cs.R; p.S = cs.S; p.P = P; p.Q = Q;
   p.stride_h = cs.sh; p.stride_w = cs.sw; p.pad_h = cs.ph; p.pad_w = cs.pw; p.dil_h = cs.dh; p.dil_w = cs.dw;
-  p.activation = cs.act; p.dtype = dt; p.allow_tf32 = tf32;
+  p.activation = cs.act; p.negative_slope = kSlope; p.dtype = dt; p.allow_tf32 = tf32;
   emu::readable = {x.range(mis, mis + nx), w.range(0, nw)};  // only what this launch may read
   if (cs.res) emu::readable.push_back(res.range(mis, mis + no));
   if (cs.proj) { emu::readable.push_back(xs.range(mis, mis + nxs)); emu::readable.push_back(wd.range(0, nwd)); }
@@ -168,6 +170,10 @@ static Result run_case(const Case& cs, DType dt, bool tf32, unsigned seed) {
         case 2: y = y < 0 ? 0 : (y > 6 ? 6 : y); break;
         case 3: y = y / (1 + std::exp(-y)); break;
         case 4: y = 0.5 * y * (1 + std::erf(y / std::sqrt(2.0))); break;
+        case 5: y = y > 0 ? y : y * double(kSlope); break;
+        case 6: y = y * std::min(std::max(y + 3, 0.0), 6.0) / 6; break;
+        case 7: y = std::min(std::max(y + 3, 0.0), 6.0) / 6; break;
+        case 8: y = 0.5 * y * (1 + std::tanh(std::sqrt(2 / M_PI) * (y + 0.044715 * y * y * y))); break;
       }
       const double got = out.get(mis + m * cs.K + k);
       bool ok;
@@ -201,12 +207,12 @@ int main(int argc, char** argv) {
     {"3x3 s2 C=19 K=70 bn res relu", 2, 7, 9, 19, 70, 3, 3, 2, 2, 1, 1, 1, 1, true, true, true, true, true, 1, false, 0, 0, 0, 1, 1, false, false, 0, false},
     {"3x2 dil(2,1) pad(2,1) C=40 K=33 silu", 1, 12, 12, 40, 33, 3, 2, 1, 1, 2, 1, 2, 1, false, true, false, true, false, 3, false, 0, 0, 0, 1, 1, false, false, 0, false},
     {"proj Cs=12 + res gelu", 2, 8, 8, 16, 64, 3, 3, 2, 2, 1, 1, 1, 1, true, true, true, true, true, 4, true, 8, 8, 12, 2, 2, true, true, 0, false},
-    {"proj Cs=24 no bn_d relu6 K=10", 1, 5, 7, 8, 10, 1, 1, 1, 1, 0, 0, 1, 1, false, false, false, false, false, 2, true, 9, 13, 24, 2, 2, true, false, 0, false},
-    {"1x1 C=72 K=128 bias res misaligned", 1, 6, 6, 72, 128, 1, 1, 1, 1, 0, 0, 1, 1, true, false, false, false, true, 0, false, 0, 0, 0, 1, 1, false, false, 1, false},
-    {"3x3 C=64 K=96 M=160 vec", 1, 10, 16, 64, 96, 3, 3, 1, 1, 1, 1, 1, 1, false, true, true, true, true, 1, false, 0, 0, 0, 1, 1, false, false, 0, false},
+    {"proj Cs=24 no bn_d K=10 relu6", 1, 5, 7, 8, 10, 1, 1, 1, 1, 0, 0, 1, 1, false, false, false, false, false, 2, true, 9, 13, 24, 2, 2, true, false, 0, false},
+    {"1x1 C=72 K=128 bias res misaligned gelu_tanh", 1, 6, 6, 72, 128, 1, 1, 1, 1, 0, 0, 1, 1, true, false, false, false, true, 8, false, 0, 0, 0, 1, 1, false, false, 1, false},
+    {"3x3 C=64 K=96 M=160 vec leaky_relu", 1, 10, 16, 64, 96, 3, 3, 1, 1, 1, 1, 1, 1, false, true, true, true, true, 5, false, 0, 0, 0, 1, 1, false, false, 0, false},
     {"nonfinite x identity", 1, 5, 5, 8, 16, 3, 3, 1, 1, 1, 1, 1, 1, true, true, true, true, false, 0, false, 0, 0, 0, 1, 1, false, false, 0, true},
-    {"proj M=338 K=45 odd + res relu6", 2, 13, 13, 8, 45, 3, 3, 1, 1, 1, 1, 1, 1, true, true, true, false, true, 2, true, 13, 13, 16, 1, 1, false, true, 0, false},
-    {"C=3 stem 7x7 s2 relu", 1, 11, 11, 3, 8, 7, 7, 2, 2, 3, 3, 1, 1, false, true, true, true, false, 1, false, 0, 0, 0, 1, 1, false, false, 0, false},
+    {"proj M=338 K=45 odd + res hardsigmoid", 2, 13, 13, 8, 45, 3, 3, 1, 1, 1, 1, 1, 1, true, true, true, false, true, 7, true, 13, 13, 16, 1, 1, false, true, 0, false},
+    {"C=3 stem 7x7 s2 hardswish", 1, 11, 11, 3, 8, 7, 7, 2, 2, 3, 3, 1, 1, false, true, true, true, false, 6, false, 0, 0, 0, 1, 1, false, false, 0, false},
   };
   const int ncases = int(sizeof(cases) / sizeof(cases[0]));
   std::vector<bool> selected;  // no arguments: every case
