@@ -7,6 +7,13 @@ Formula (per output element, n, k = output channel, p/q = output row/col)::
     shift[k]    = beta[k] + (bias[k] - mean[k]) * scale[k]         (bias without BN)
     y[n,k,p,q]  = act(z * scale[k] + shift[k] + residual[n,k,p,q])
 
+With a prologue (``HAS_PRE``: a BatchNorm and activation *before* the
+conv, as in DenseNet, DPN and pre-activation ResNets) the conv reads
+``act_in(x * scale_in[c] + shift_in[c])`` instead of x, computed on each
+input tile as it is loaded (scale_in/shift_in from the live input-BN
+vectors, as above); padded positions contribute 0, i.e. the zero padding
+is applied *after* the activation, as eager's Conv2d pads its input.
+
 act: identity, relu, relu6, silu, gelu (erf), leaky_relu (slope
 ``negative_slope``), hardswish, hardsigmoid, gelu_tanh; ids in
 resfuse.activations.
@@ -157,7 +164,8 @@ def _interpreter_blocks(C, K):
 
 _AUTOTUNE = dict(
     configs=_configs(),
-    key=["M", "K", "C", "R", "S", "STRIDE_H", "STRIDE_W", "HAS_RES", "ACT", "HAS_PROJ", "CS"],
+    key=["M", "K", "C", "R", "S", "STRIDE_H", "STRIDE_W", "HAS_RES", "ACT", "HAS_PROJ", "CS", "HAS_PRE",
+         "PRE_ACT"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 
@@ -166,6 +174,7 @@ _AUTOTUNE = dict(
 def _conv_bn_act_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, res_ptr, y_ptr,
     xs_ptr, wd_ptr, bias_d_ptr, mean_d_ptr, var_d_ptr, gamma_d_ptr, beta_d_ptr,
+    mean_i_ptr, var_i_ptr, gamma_i_ptr, beta_i_ptr, eps_i, slope_i,
     M, C, H, W, K, P, Q, CS,
     sxs_n, sxs_c, sxs_h, sxs_w, swd_k, swd_c, SC_STRIDE_H, SC_STRIDE_W, eps_d,
     sx_n, sx_c, sx_h, sx_w,
@@ -179,6 +188,7 @@ def _conv_bn_act_fwd_kernel(
     HAS_RES: tl.constexpr, ACT: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_PROJ_BIAS: tl.constexpr, HAS_PROJ_GAMMA: tl.constexpr,
     HAS_PROJ_BETA: tl.constexpr,
+    HAS_PRE: tl.constexpr, PRE_ACT: tl.constexpr, HAS_PRE_GAMMA: tl.constexpr, HAS_PRE_BETA: tl.constexpr,
     INT64: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -218,8 +228,16 @@ def _conv_bn_act_fwd_kernel(
         for c0 in range(0, C, BLOCK_K):
             cc = c0 + offs_c
             c_ok = cc < C
-            a = tl.load(x_row[:, None] + cc[None, :] * sx_c,
-                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            a_ok = row_ok[:, None] & c_ok[None, :]
+            a = tl.load(x_row[:, None] + cc[None, :] * sx_c, mask=a_ok, other=0.0)
+            if HAS_PRE:
+                # Prologue: the input BN + activation on the loaded tile; a
+                # padded (or out-of-range) position is 0 after the activation.
+                scale_i, shift_i = _bn_scale_shift(x_ptr, mean_i_ptr, var_i_ptr, gamma_i_ptr, beta_i_ptr, cc,
+                                                   c_ok, eps_i, False, True, HAS_PRE_GAMMA, HAS_PRE_BETA,
+                                                   BLOCK_K)
+                h = _apply_activation(a.to(tl.float32) * scale_i[None, :] + shift_i[None, :], slope_i, PRE_ACT)
+                a = tl.where(a_ok, h, 0.0).to(a.dtype)
             b = tl.load(w_rs[None, :] + cc[:, None] * sw_c,
                         mask=c_ok[:, None] & n_valid[None, :], other=0.0)
             if DOT_IN_FP32:
@@ -283,14 +301,18 @@ def _span(t):
 
 def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
                     stride, padding, dilation, activation_id, negative_slope, out, *, allow_tf32,
-                    projection=None, force_int64=False):
+                    projection=None, prologue=None, force_int64=False):
     """Launch the fused kernel. Inputs are validated by resfuse.ops; this
     computes strides, flags and the grid. `out` is a preallocated
     (N, K, P, Q) tensor in the caller's chosen memory format.
 
     projection: None, or (xs, wd, bias_d, mean_d, var_d, gamma_d, beta_d,
     eps_d, (sh, sw)) for a 1x1 conv + BN shortcut over xs (N, CS, HS, WS)
-    with stride (sh, sw), added before the activation."""
+    with stride (sh, sw), added before the activation.
+
+    prologue: None, or (mean_i, var_i, gamma_i, beta_i, eps_i, act_id_i,
+    slope_i): the BN (per input channel, C) and activation applied to x as
+    it is loaded."""
     global LAUNCHES
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
@@ -325,6 +347,17 @@ def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, r
         proj_ptrs = (dummy,) * 7
         proj_args = (0, 0, 0, 0, 0, 0, 0, 1, 1, 0.0)
         proj_flags = dict(HAS_PROJ=False, HAS_PROJ_BIAS=False, HAS_PROJ_GAMMA=False, HAS_PROJ_BETA=False)
+    if prologue is not None:
+        mean_i, var_i, gamma_i, beta_i, eps_i, act_i, slope_i = prologue
+        mean_i, var_i, gamma_i, beta_i = (None if v is None else v.contiguous()
+                                          for v in (mean_i, var_i, gamma_i, beta_i))
+        pre_args = (mean_i, var_i, gamma_i if gamma_i is not None else dummy,
+                    beta_i if beta_i is not None else dummy, float(eps_i), float(slope_i))
+        pre_flags = dict(HAS_PRE=True, PRE_ACT=act_i, HAS_PRE_GAMMA=gamma_i is not None,
+                         HAS_PRE_BETA=beta_i is not None)
+    else:
+        pre_args = (dummy,) * 4 + (0.0, 0.0)
+        pre_flags = dict(HAS_PRE=False, PRE_ACT=0, HAS_PRE_GAMMA=False, HAS_PRE_BETA=False)
     int64 = force_int64 or max(_span(x), _span(weight), _span(residual), _span(out), _span(xs), _span(wd),
                                M) >= 2**31
 
@@ -345,6 +378,7 @@ def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, r
         residual if residual is not None else dummy,
         out,
         *proj_ptrs,
+        *pre_args,
         M, C, H, W, K, P, Q, proj_args[0],
         *proj_args[1:],
         *x.stride(), *weight.stride(), *rs, *out.stride(),
@@ -353,7 +387,7 @@ def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, r
         R=R, S=S,
         HAS_BIAS=bias is not None, HAS_BN=has_bn,
         HAS_GAMMA=has_bn and bn_weight is not None, HAS_BETA=has_bn and bn_bias is not None,
-        HAS_RES=residual is not None, ACT=activation_id, **proj_flags,
+        HAS_RES=residual is not None, ACT=activation_id, **proj_flags, **pre_flags,
         INT64=bool(int64), DOT_IN_FP32=interpret and x.dtype == torch.bfloat16,
         INPUT_PRECISION=precision, **tiles,
     )

@@ -355,25 +355,33 @@ def branch_grads(gu, z, x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, ep
         out["x"], out["weight"], _ = torch.ops.aten.convolution_backward(
             gz.to(x.dtype), x, weight, None, stride, padding, dilation, False, [0, 0], groups,
             [bool(need.get("x")), bool(need.get("weight")), False])
-    sum_gu = gu.sum(dim=(0, 2, 3))
     if bn_mean is None:
         if need.get("bias"):
-            out["bias"] = sum_gu.to(bias.dtype)
+            out["bias"] = gu.sum(dim=(0, 2, 3)).to(bias.dtype)
         return out
+    centered = z if bias is None else z + bias.to(acc).view(1, -1, 1, 1)
+    out.update(bn_param_grads(gu, centered, bn_mean, bn_var, bn_weight, bn_bias, eps, need))
+    if need.get("bias"):
+        out["bias"] = (gu.sum(dim=(0, 2, 3)) * scale).to(bias.dtype)
+    return out
+
+
+def bn_param_grads(gv, t, bn_mean, bn_var, bn_weight, bn_bias, eps, need) -> dict:
+    """Gradients of v = (t - mean) * gamma * rsqrt(var + eps) + beta with
+    respect to the BN's vectors, given gv = dL/dv (channels on dim 1).
+    Keys: bn_mean, bn_var, bn_weight, bn_bias (None unless `need` asks)."""
+    acc = gv.dtype
     rstd = torch.rsqrt(bn_var.to(acc) + eps)
     gamma = bn_weight.to(acc) if bn_weight is not None else torch.ones_like(rstd)
     s = gamma * rstd
-    if need.get("bias"):
-        out["bias"] = (sum_gu * s).to(bias.dtype)
+    sum_gv = gv.sum(dim=(0, 2, 3))
+    out = dict.fromkeys(("bn_mean", "bn_var", "bn_weight", "bn_bias"))
     if need.get("bn_bias"):
-        out["bn_bias"] = sum_gu.to(bn_bias.dtype)
+        out["bn_bias"] = sum_gv.to(bn_bias.dtype)
     if need.get("bn_mean"):
-        out["bn_mean"] = (-sum_gu * s).to(bn_mean.dtype)
+        out["bn_mean"] = (-sum_gv * s).to(bn_mean.dtype)
     if need.get("bn_weight") or need.get("bn_var"):
-        centered = z - bn_mean.to(acc).view(1, -1, 1, 1)
-        if bias is not None:
-            centered = centered + bias.to(acc).view(1, -1, 1, 1)
-        gs = (gu * centered).sum(dim=(0, 2, 3))
+        gs = (gv * (t - bn_mean.to(acc).view(1, -1, 1, 1))).sum(dim=(0, 2, 3))
         if need.get("bn_weight"):
             out["bn_weight"] = (gs * rstd).to(bn_weight.dtype)
         if need.get("bn_var"):

@@ -43,6 +43,17 @@ def conv_bn_act_reference(
     return get_activation(activation).eager(y, negative_slope)
 
 
+def bn_act_conv_reference(x, in_mean, in_var, in_weight=None, in_bias=None, in_eps: float = 1e-5,
+                          in_activation: str = "relu", weight=None, bias=None, in_negative_slope: float = 0.01,
+                          **conv_bn_act_args) -> torch.Tensor:
+    """``conv_bn_act_reference(act_in(batch_norm_eval(x)), weight, bias, ...)``:
+    BatchNorm2d (eval) -> activation -> Conv2d (zero padding of the
+    activated tensor) -> the rest as ``conv_bn_act_reference``."""
+    h = F.batch_norm(x, in_mean, in_var, in_weight, in_bias, training=False, eps=in_eps)
+    h = get_activation(in_activation).eager(h, in_negative_slope)
+    return conv_bn_act_reference(h, weight, bias, **conv_bn_act_args)
+
+
 def to_float64(*tensors):
     """Upcast every tensor (None passes through) for the float64 oracle."""
     return tuple(None if t is None else t.detach().to(torch.float64) for t in tensors)
