@@ -104,8 +104,9 @@ def activation_of_module(m: Optional[nn.Module]) -> Optional[str]:
 
 
 def negative_slope_of(m: Optional[nn.Module]) -> float:
-    """The slope to pass with `m`'s activation: a LeakyReLU's own, read now."""
-    return float(m.negative_slope) if type(m) is nn.LeakyReLU else DEFAULT_NEGATIVE_SLOPE
+    """The slope to pass with `m`'s activation: a LeakyReLU's own, read now
+    (isinstance: `m` may be the folded subclass convert made of it)."""
+    return float(m.negative_slope) if isinstance(m, nn.LeakyReLU) else DEFAULT_NEGATIVE_SLOPE
 
 
 # d act / du, times g. Formulas as ATen's backward kernels write them.

@@ -17,27 +17,39 @@ from .block_patterns import match_block
 from .nn.blocks import FusedResidualBlock, convert_blocks, fuse_block
 from .nn.conv_bn_act import FusedSequential
 from .nn.gnconv import FusedHorBlock, GnConv, convert_gnconv
-from .nn.stem import ConvBNHead, convert_stems, fuse_head
+from .nn.stem import ConvBNHead, convert_stems, fuse_head, fuse_prologue
 from .patterns import FusedGroup, is_plain_sequential, plan_sequential
-from .recognize.heads import find_heads, is_batchnorm_act
+from .recognize.heads import find_heads, is_batchnorm_act, shared_modules
+from .recognize.prologues import find_prologues, resolve_chains
+
+_OWNED_ELSEWHERE = (FusedSequential, FusedResidualBlock, GnConv, FusedHorBlock, ConvBNHead)
 
 
-def convert_heads(model: nn.Module, backend: str, absorbed: set) -> None:
-    """Fuse in place every conv -> BN (-> act) chain that a module's traced
-    forward computes (``recognize.heads``), in modules no other pass owns:
-    not plain Sequentials (FusedSequential), fused blocks, gnconvs or
-    absorbed projections."""
+def convert_chains(model: nn.Module, backend: str, absorbed: set) -> None:
+    """Fuse in place every conv -> BN (-> act) chain (a head:
+    ``recognize.heads``) and every BN (-> act) -> conv chain (a prologue:
+    ``recognize.prologues``) that a module's traced forward computes, in
+    modules no other pass owns (fused blocks, gnconvs, absorbed
+    projections), each BN given to one conv (``resolve_chains``). In a
+    plain Sequential, FusedSequential runs the heads of convs without a
+    prologue; a conv with a prologue gets its head here (the Sequential
+    then runs that conv as itself)."""
+    shared = shared_modules(model)
     for owner in list(model.modules()):
-        if id(owner) in absorbed or is_plain_sequential(owner) or isinstance(
-                owner, (FusedSequential, FusedResidualBlock, GnConv, FusedHorBlock, ConvBNHead)):
+        if id(owner) in absorbed or isinstance(owner, _OWNED_ELSEWHERE):
             continue
-        plan = find_heads(owner)
-        if isinstance(plan, str):
-            continue
-        for h in plan.heads:
+        heads, pros = find_heads(owner, shared), find_prologues(owner, shared)
+        heads, pros = resolve_chains([] if isinstance(heads, str) else heads.heads,
+                                     [] if isinstance(pros, str) else pros.prologues)
+        in_sequential = is_plain_sequential(owner)
+        with_prologue = {p.conv for p in pros}
+        for h in heads:
             conv, bn = owner._modules[h.conv], owner._modules[h.bn]
-            if type(conv) is nn.Conv2d:  # not already a head (the stem pass)
+            if type(conv) is nn.Conv2d and (not in_sequential or h.conv in with_prologue):
                 fuse_head(conv, bn, h.activation, backend, label="head", bn_act=is_batchnorm_act(bn))
+        for p in pros:
+            fuse_prologue(owner._modules[p.conv], owner._modules[p.bn], owner._modules[p.act] if p.act else None,
+                          p.activation, backend)
 
 
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
@@ -80,7 +92,7 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
     if isinstance(model, FusedResidualBlock) and model.spec.shortcut == "projection":
         absorbed.add(id(model._modules[model.spec.downsample]))
     convert_stems(model, backend)
-    convert_heads(model, backend, absorbed)
+    convert_chains(model, backend, absorbed)
     for m in list(model.modules()):
         if id(m) in absorbed:
             continue  # a projection shortcut computed inside its block's last kernel

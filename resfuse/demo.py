@@ -19,7 +19,9 @@ from .nn.blocks import FusedResidualBlock
 from .nn.conv_bn_act import FusedSequential
 from .nn.stem import ConvBNHead
 from .patterns import FusedGroup
-from .reference import conv_bn_act_reference, to_float64
+from .activations import negative_slope_of
+from .explain import head_kind
+from .reference import bn_act_conv_reference, conv_bn_act_reference, to_float64
 
 MODELS = {"resnet18": resnet18, "resnet50": resnet50, "vgg16_bn": lambda: vgg16_bn_features()}
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -39,17 +41,10 @@ def _units(plain, fused):
     plain_mods = dict(plain.named_modules())
     for name, m in fused.named_modules():
         if isinstance(m, ConvBNHead):
-            bn, act = m.fused_bn, m.fused_activation
-
-            def ref(x, m=m, bn=bn, act=act):
-                return conv_bn_act_reference(*to_float64(x, m.weight, m.bias, bn.running_mean, bn.running_var,
-                                                         bn.weight, bn.bias), bn.eps, None, m.stride, m.padding,
-                                             m.dilation, m.groups, act)
-
-            def eager(x, m=m, bn=bn, act=act):
-                return conv_bn_act_reference(x, m.weight, m.bias, bn.running_mean, bn.running_var, bn.weight,
-                                             bn.bias, bn.eps, None, m.stride, m.padding, m.dilation, m.groups, act)
-            yield name, f"conv+bn+{act} ({m.label})", name, m, ref, eager, lambda m=m: [m.__dict__.get("last_decision")]
+            # a prologue head reads what its input BN reads in the plain model
+            src = next(n for n, b in fused.named_modules() if b is m.pre_bn) if m.pre_bn is not None else name
+            yield (name, f"{head_kind(m)} ({m.label})", src, m, lambda x, m=m: _head_reference(m, x, True),
+                   lambda x, m=m: _head_reference(m, x, False), lambda m=m: [m.__dict__.get("last_decision")])
         elif isinstance(m, FusedResidualBlock):
             original = plain_mods[name]
             kind = f"{m.spec.kind} block, {m.spec.shortcut} shortcut"
@@ -76,6 +71,24 @@ def _units(plain, fused):
                                                  bn.weight, bn.bias, bn.eps, None, conv.stride, conv.padding,
                                                  conv.dilation, conv.groups, step.activation)
                 yield full, step.kind, full, run, ref, eager, lambda m=m, c=step.conv: [m.last_decisions.get(c)]
+
+
+def _head_reference(m: ConvBNHead, x, f64: bool):
+    """What a ConvBNHead computes, as separate eager ops (in float64 with f64)."""
+    cast = to_float64 if f64 else (lambda *ts: ts)
+    pre, bn = m.pre_bn, m.fused_bn
+    conv = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
+                activation=m.fused_activation if bn is not None else "identity",
+                negative_slope=negative_slope_of(getattr(bn, "act", None)))
+    if bn is not None:
+        conv.update(zip(("bn_mean", "bn_var", "bn_weight", "bn_bias"),
+                        cast(bn.running_mean, bn.running_var, bn.weight, bn.bias)), eps=bn.eps)
+    w, b = cast(m.weight, m.bias)
+    if pre is None:
+        return conv_bn_act_reference(*cast(x), w, b, **conv)
+    return bn_act_conv_reference(*cast(x, pre.running_mean, pre.running_var, pre.weight, pre.bias), pre.eps,
+                                 m.pre_activation, w, b, in_negative_slope=negative_slope_of(m.__dict__["_pre_act"]),
+                                 **conv)
 
 
 def layer_table(plain, fused, x, dtype):

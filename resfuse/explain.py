@@ -16,12 +16,13 @@ from .build_info import describe
 from .nn.blocks import FusedResidualBlock
 from .nn.conv_bn_act import FusedSequential
 from .nn.gnconv import FusedHorBlock, GnConv, gnconv_convert_reason, match_gnconv, mlp_reason
-from .nn.stem import ConvBNHead, head_fuses, stem_parts
+from .nn.stem import ConvBNHead, head_fuses, prologue_fuses, stem_parts
 from .ops import OP, ProblemSignature
 from .ops_gnconv import OP_CHAIN, OP_PROJ, GnConvSignature, signature_reasons
 from .ops_mlp import OP_GELU_CONV1X1
 from .patterns import FusedGroup, bn_uses_running_stats, is_plain_sequential, plan_sequential
-from .recognize.heads import find_heads
+from .recognize.heads import find_heads, shared_modules
+from .recognize.prologues import find_prologues
 
 
 @dataclass(frozen=True)
@@ -116,14 +117,14 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _decision_row(name, kind, owner_backend, conv, decision) -> Record:
+def _decision_row(name, kind, owner_backend, conv, decision, op=OP) -> Record:
     """A row for a fused conv: the observed decision, or a prediction from
-    the parameters' device and dtype."""
+    the parameters' device and dtype (for op `op`)."""
     observed = decision is not None
     if decision is None:
         sig = ProblemSignature(conv.weight.device, conv.weight.dtype, conv.groups)
         try:
-            decision = dispatch.plan(OP, owner_backend, sig)[0]
+            decision = dispatch.plan(op, owner_backend, sig)[0]
         except dispatch.BackendUnavailable as e:
             return Record(name, kind, e.backend, "cannot run: " + "; ".join(e.reasons))
     return Record(name, kind, decision.backend, decision.reason() if decision.fell_back else "", observed)
@@ -131,6 +132,14 @@ def _decision_row(name, kind, owner_backend, conv, decision) -> Record:
 
 def _act_suffix(activation: str) -> str:
     return "" if activation == "identity" else f"+{activation}"
+
+
+def head_kind(head: ConvBNHead) -> str:
+    """What a ConvBNHead fuses now: 'bn+relu+conv' (prologue), 'conv+bn+relu'
+    (epilogue) or both."""
+    post = head.fused_bn is not None and head_fuses(head, head.fused_bn)
+    return ("bn" + _act_suffix(head.pre_activation) + "+" if prologue_fuses(head) else "") + "conv" + \
+        ("+bn" + _act_suffix(head.fused_activation) if post else "")
 
 
 def _sequential_rows(prefix, seq: FusedSequential):
@@ -175,7 +184,19 @@ def _block_rows(prefix, block: FusedResidualBlock):
             yield Record(_join(ds, "0"), "conv", "eager", "train mode or hooks: runs in the original forward", True)
 
 
-def _other_rows(prefix, parent):
+def _prologue_reason(parent, child: str, shared: frozenset) -> str:
+    """Why conv `child` of `parent`, whose input is a BN's output, does not
+    take that BN (-> act) as its prologue ('' if it does not read one)."""
+    plan = find_prologues(parent, shared)
+    if isinstance(plan, str):
+        return ""
+    if any(p.conv == child for p in plan.prologues):
+        return "fusable BN -> act -> conv chain, but not converted (resfuse.convert)"
+    why = plan.unfused.get(child)
+    return f"BN before it not fused: {why}" if why else ""
+
+
+def _other_rows(prefix, parent, shared):
     """Conv children of a module that is not a FusedSequential or a fused block."""
     convs = {n: c for n, c in parent._modules.items() if isinstance(c, nn.Conv2d)}
     if not convs:
@@ -189,7 +210,7 @@ def _other_rows(prefix, parent):
     else:
         block = match_block(parent)
         stem = stem_parts(parent)
-        plan = find_heads(parent)
+        plan = find_heads(parent, shared)
         if isinstance(plan, str):
             unfused = {n: plan for n in convs}
         else:
@@ -204,7 +225,8 @@ def _other_rows(prefix, parent):
             unfused["conv1"] = "fusable stem, but not converted (resfuse.convert)"
     for child, why in unfused.items():
         if not isinstance(convs.get(child), ConvBNHead):
-            yield Record(_join(prefix, child), "conv", "eager", why, True)
+            pre = _prologue_reason(parent, child, shared)
+            yield Record(_join(prefix, child), "conv", "eager", f"{why}; {pre}" if pre else why, True)
 
 
 def _gnconv_row(name, kind, decision) -> Record:
@@ -315,6 +337,7 @@ def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
                 for b, old in saved:
                     b.copy_(old)
     records = []
+    shared = shared_modules(model)
     absorbed = {id(m._modules[m.spec.downsample]) for m in model.modules()
                 if isinstance(m, FusedResidualBlock) and m.spec.shortcut == "projection"}
     # gnconvs (converted or not): their rows come from _gnconv_rows, which
@@ -337,10 +360,15 @@ def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
             records.extend(_gnconv_rows(prefix, parent, gnconvs[id(parent)]))
             continue
         if isinstance(parent, ConvBNHead):
-            kind = "conv+bn" + _act_suffix(parent.fused_activation)
-            if head_fuses(parent, parent.fused_bn):
-                records.append(_decision_row(prefix, f"{kind} ({parent.label})", parent.backend, parent,
-                                             parent.__dict__.get("last_decision")))
+            if parent.fuses_now:
+                row = _decision_row(prefix, f"{head_kind(parent)} ({parent.label})", parent.backend, parent,
+                                    parent.__dict__.get("last_decision"),
+                                    "bn_act_conv" if prologue_fuses(parent) else OP)
+                if parent.pre_bn is None:
+                    owner_name, _, child = prefix.rpartition(".")
+                    pre = _prologue_reason(model.get_submodule(owner_name), child, shared) if prefix else ""
+                    row = dataclasses.replace(row, reason="; ".join(r for r in (row.reason, pre) if r))
+                records.append(row)
             else:
                 records.append(Record(prefix, "conv", "eager", "train mode or hooks: BN runs on its own", True))
         elif isinstance(parent, FusedSequential):
@@ -350,7 +378,7 @@ def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
         elif isinstance(parent, FusedHorBlock):
             records.extend(_mlp_rows(prefix, parent))
         else:
-            records.extend(_other_rows(prefix, parent))
+            records.extend(_other_rows(prefix, parent, shared))
     if isinstance(model, nn.Conv2d) and not isinstance(model, ConvBNHead):
         records.append(Record("", "conv", "eager", "a lone Conv2d has no BatchNorm to fuse", True))
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}

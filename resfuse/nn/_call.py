@@ -69,21 +69,31 @@ def conv_geometry(conv: nn.Conv2d):
             list(conv.dilation))
 
 
-def fused_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, activation: str, backend: str,
+def fused_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[nn.Module], activation: str, backend: str,
                   residual: Optional[torch.Tensor] = None,
                   shortcut: Optional[Tuple[torch.Tensor, nn.Conv2d, nn.Module]] = None,
-                  act_module: Optional[nn.Module] = None):
+                  act_module: Optional[nn.Module] = None,
+                  prologue: Optional[Tuple[nn.Module, str, Optional[nn.Module]]] = None):
     """act(bn(conv(x)) + residual) or act(bn(conv(x)) + bn_d(conv_d(x_s)))
-    as one op. `act_module` is the module that computes `activation` (its
-    parameters, a LeakyReLU's slope, are read from it now). Returns (y,
-    dispatch decision or None when compiling)."""
+    as one op; with `prologue` = (bn_in, activation_in, act_in module) the
+    conv reads act_in(bn_in(x)) (``bn_act_conv``), and `bn` may be None.
+    `act_module` is the module that computes `activation` (its parameters,
+    a LeakyReLU's slope, are read from it now). Returns (y, dispatch
+    decision or None when compiling)."""
     slope = negative_slope_of(act_module)
     dtype = _compute_dtype(x)
     x = _cast(x, dtype)
     weight, bias = _cast(conv.weight, dtype), _cast(conv.bias, dtype)
-    mean, var, gamma, beta, eps = bn_tensors(bn)
+    mean, var, gamma, beta, eps = bn_tensors(bn) if bn is not None else (None, None, None, None, 1e-5)
     stride, padding, dilation = conv_geometry(conv)
-    if shortcut is None:
+    if prologue is not None:
+        bn_in, act_in, act_in_module = prologue
+        mean_i, var_i, gamma_i, beta_i, eps_i = bn_tensors(bn_in)
+        y = torch.ops.resfuse.bn_act_conv(
+            x, mean_i, var_i, gamma_i, beta_i, eps_i, act_in, weight, bias, mean, var, gamma, beta, eps,
+            _cast(residual, dtype), stride, padding, dilation, conv.groups, activation, backend,
+            negative_slope_of(act_in_module), slope)
+    elif shortcut is None:
         y = torch.ops.resfuse.conv_bn_act(
             x, weight, bias, mean, var, gamma, beta, eps, _cast(residual, dtype),
             stride, padding, dilation, conv.groups, activation, backend, slope)

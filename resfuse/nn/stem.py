@@ -36,19 +36,42 @@ def head_fuses(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
         not any(hooks_reason(m, "bn") for m in bn._modules.values())  # a BatchNormAct2d's act/drop
 
 
+def prologue_fuses(conv: nn.Conv2d) -> bool:
+    """Whether the conv applies its input BN and activation (its prologue)
+    now: as head_fuses, and the activation module has no hooks either."""
+    bn = conv.__dict__.get("_pre_bn")
+    if bn is None or not head_fuses(conv, bn):
+        return False
+    act = conv.__dict__.get("_pre_act")
+    return act is None or not hooks_reason(act, "activation")
+
+
+def bn_folded(bn: nn.Module) -> bool:
+    """Whether the conv this folded BN belongs to applies it now (as its
+    epilogue or its prologue)."""
+    conv = bn.__dict__["_head_conv"]
+    return prologue_fuses(conv) if conv.__dict__.get("_pre_bn") is bn else head_fuses(conv, bn)
+
+
 class ConvBNHead(nn.Conv2d):
     """A Conv2d that also applies the following BN (and an idempotent
-    activation) while that BN uses running statistics."""
+    activation) while that BN uses running statistics, and/or (the
+    prologue) the BN and activation before it, while that BN does."""
 
     def forward(self, x):
-        bn = self.__dict__["_fused_bn"]
-        if head_fuses(self, bn):
-            y, d = fused_conv_bn(x, self, bn, self.__dict__["_fused_activation"], self.__dict__["_backend"],
-                                 act_module=getattr(bn, "act", None) if bn.__dict__["_act_fused"] else None)
-            if d is not None:
-                self.__dict__["last_decision"] = d
-            return y
-        return nn.Conv2d.forward(self, x)
+        d = self.__dict__
+        bn = d["_fused_bn"]
+        post = bn is not None and head_fuses(self, bn)
+        pre = prologue_fuses(self)
+        if not (pre or post):
+            return nn.Conv2d.forward(self, x)
+        act_module = getattr(bn, "act", None) if post and bn.__dict__["_act_fused"] else None
+        y, decision = fused_conv_bn(x, self, bn if post else None, d["_fused_activation"] if post else "identity",
+                                    d["_backend"], act_module=act_module,
+                                    prologue=(d["_pre_bn"], d["_pre_activation"], d["_pre_act"]) if pre else None)
+        if decision is not None:
+            d["last_decision"] = decision
+        return y
 
     @property
     def backend(self) -> str:
@@ -59,7 +82,8 @@ class ConvBNHead(nn.Conv2d):
         self.__dict__["_backend"] = dispatch.validate_backend(value)
 
     @property
-    def fused_bn(self) -> nn.Module:
+    def fused_bn(self) -> Optional[nn.Module]:
+        """The BN after the conv it applies (None: only a prologue)."""
         return self.__dict__["_fused_bn"]
 
     @property
@@ -67,8 +91,24 @@ class ConvBNHead(nn.Conv2d):
         return self.__dict__["_fused_activation"]
 
     @property
+    def pre_bn(self) -> Optional[nn.Module]:
+        """The BN before the conv it applies (None: no prologue)."""
+        return self.__dict__.get("_pre_bn")
+
+    @property
+    def pre_activation(self) -> str:
+        return self.__dict__.get("_pre_activation", "identity")
+
+    @property
+    def fuses_now(self) -> bool:
+        """Whether a fused kernel runs on the next call (in eval, no hooks)."""
+        bn = self.fused_bn
+        return prologue_fuses(self) or (bn is not None and head_fuses(self, bn))
+
+    @property
     def label(self) -> str:
-        """'stem' (a ResNet stem) or 'head' (a conv -> BN chain of another forward)."""
+        """'stem' (a ResNet stem), 'head' (a conv -> BN chain of another
+        forward) or 'preact' (only a BN -> act -> conv prologue)."""
         return self.__dict__.get("_label", "stem")
 
 
@@ -77,9 +117,25 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
     uses running statistics (then forward is the identity)."""
 
     def forward(self, x):
-        if head_fuses(self.__dict__["_head_conv"], self):
+        if bn_folded(self):
             return x
         return nn.BatchNorm2d.forward(self, x)
+
+
+def _new_folded(kind: str, base: type) -> nn.Module:
+    """Unpickling: an empty instance of the folded class of `base` (the
+    classes are made on demand, so a fresh process has them only after
+    this makes them)."""
+    cls = (_folded_bn_act_class if kind == "bn_act" else _folded_act_class)(base)
+    return cls.__new__(cls)
+
+
+def _folded_type(name: str, base: type, kind: str, forward, doc: str) -> type:
+    def __reduce_ex__(self, protocol):
+        return _new_folded, (kind, base), self.__getstate__()
+    folded = type(name, (base,), {"forward": forward, "__reduce_ex__": __reduce_ex__, "__module__": __name__,
+                                  "__qualname__": name, "__doc__": doc})
+    return folded
 
 
 _FOLDED_BN_ACT = {}
@@ -92,14 +148,11 @@ def _folded_bn_act_class(cls: type) -> type:
     act(drop(x))."""
     if cls not in _FOLDED_BN_ACT:
         def forward(self, x):
-            if head_fuses(self.__dict__["_head_conv"], self):
+            if bn_folded(self):
                 return x if self.__dict__["_act_fused"] else self.act(self.drop(x))
             return cls.forward(self, x)
-        name = "Folded" + cls.__name__
-        folded = type(name, (cls,), {"forward": forward, "__module__": __name__, "__qualname__": name,
-                                     "__doc__": _folded_bn_act_class.__doc__})
-        globals()[name] = folded  # so torch.save / pickle find it by name
-        _FOLDED_BN_ACT[cls] = folded
+        _FOLDED_BN_ACT[cls] = _folded_type("Folded" + cls.__name__, cls, "bn_act", forward,
+                                           _folded_bn_act_class.__doc__)
     return _FOLDED_BN_ACT[cls]
 
 
@@ -122,6 +175,43 @@ def fuse_head(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: Optional[str], ba
     bn.__class__ = _folded_bn_act_class(type(bn)) if bn_act else FoldedBatchNorm2d
     bn.__dict__["_head_conv"] = conv  # not registered either
     bn.__dict__["_act_fused"] = (activation or "identity") != "identity"
+
+
+_FOLDED_ACT = {}
+
+
+def _folded_act_class(cls: type) -> type:
+    """A subclass of activation class `cls` that is the identity while the
+    conv after it applies it as its prologue (else `cls`'s forward)."""
+    if cls not in _FOLDED_ACT:
+        def forward(self, x):
+            if prologue_fuses(self.__dict__["_prologue_of"]):
+                return x
+            return cls.forward(self, x)
+        _FOLDED_ACT[cls] = _folded_type("Folded" + cls.__name__, cls, "act", forward, _folded_act_class.__doc__)
+    return _FOLDED_ACT[cls]
+
+
+def fuse_prologue(conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Optional[nn.Module], activation: str,
+                  backend: str = "auto") -> None:
+    """Make `conv` (in place; a Conv2d or already a ConvBNHead) apply
+    act(bn(.)) to its input (the ``bn_act_conv`` prologue) and `bn` (a
+    BatchNorm2d, or timm's BatchNormAct2d whose own act is `activation`)
+    and the activation module `act` (or None) the identity while it does."""
+    if type(conv) is nn.Conv2d:
+        conv.__class__ = ConvBNHead
+        conv.__dict__.update(_fused_bn=None, _fused_activation="identity", _label="preact")
+        conv.backend = backend
+    elif type(conv) is not ConvBNHead or conv.pre_bn is not None:
+        raise ValueError("fuse_prologue needs an nn.Conv2d or a ConvBNHead without a prologue")
+    bn_act = type(bn) is not nn.BatchNorm2d
+    conv.__dict__.update(_pre_bn=bn, _pre_act=bn.act if bn_act else act, _pre_activation=activation)
+    bn.__class__ = _folded_bn_act_class(type(bn)) if bn_act else FoldedBatchNorm2d
+    bn.__dict__["_head_conv"] = conv
+    bn.__dict__["_act_fused"] = True
+    if act is not None and type(act) is not nn.Identity:
+        act.__class__ = _folded_act_class(type(act))
+        act.__dict__["_prologue_of"] = conv
 
 
 def stem_parts(owner: nn.Module):

@@ -77,10 +77,20 @@ class HeadPlan:
     unfused: Dict[str, str]   # conv child -> why it is not the start of a fusable chain
 
 
-def find_heads(owner: nn.Module) -> Union[HeadPlan, str]:
+def shared_modules(model: nn.Module) -> frozenset:
+    """Ids of the modules registered at more than one place in `model`: a
+    module folded in place would change every place that uses it."""
+    seen, shared = set(), set()
+    for _, m in model.named_modules(remove_duplicate=False):
+        (shared if id(m) in seen else seen).add(id(m))
+    return frozenset(shared)
+
+
+def find_heads(owner: nn.Module, shared: frozenset = frozenset()) -> Union[HeadPlan, str]:
     """The conv -> BN (-> act) chains of `owner`'s forward that fuse in
     place and, for its other Conv2d children, why not; or why its forward
-    cannot be read."""
+    cannot be read. `shared`: ids of modules registered at more than one
+    place of the model (``shared_modules``), never folded in place."""
     ch = owner._modules
     if not any(isinstance(m, nn.Conv2d) for m in ch.values()):
         return HeadPlan([], {})
@@ -116,6 +126,9 @@ def find_heads(owner: nn.Module) -> Union[HeadPlan, str]:
             why = bn_reason(bn, conv) if type(bn) is nn.BatchNorm2d else \
                 f"followed by {type(bn).__name__}, whose forward is not BatchNorm2d's"
             act = _idempotent_act(owner, next(iter(bnode.users)), bnode) if len(bnode.users) == 1 else None
+        if not why and (id(conv) in shared or id(bn) in shared):
+            why = (f"self.{name if id(conv) in shared else bnode.target} is registered in more than one module "
+                   f"(folding it would change the other)")
         if why:
             unfused[name] = why
         else:
