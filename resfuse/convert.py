@@ -32,8 +32,9 @@ def convert_chains(model: nn.Module, backend: str, absorbed: set) -> None:
     modules no other pass owns (fused blocks, gnconvs, absorbed
     projections), each BN given to one conv (``resolve_chains``). In a
     plain Sequential, FusedSequential runs the heads of convs without a
-    prologue; a conv with a prologue gets its head here (the Sequential
-    then runs that conv as itself)."""
+    prologue; a conv with a prologue, or followed by timm's BatchNormAct2d
+    (which FusedSequential does not group), gets its head here (the
+    Sequential then runs that conv as itself)."""
     shared = shared_modules(model)
     for owner in list(model.modules()):
         if id(owner) in absorbed or isinstance(owner, _OWNED_ELSEWHERE):
@@ -45,7 +46,7 @@ def convert_chains(model: nn.Module, backend: str, absorbed: set) -> None:
         with_prologue = {p.conv for p in pros}
         for h in heads:
             conv, bn = owner._modules[h.conv], owner._modules[h.bn]
-            if type(conv) is nn.Conv2d and (not in_sequential or h.conv in with_prologue):
+            if type(conv) is nn.Conv2d and (not in_sequential or h.conv in with_prologue or is_batchnorm_act(bn)):
                 fuse_head(conv, bn, h.activation, backend, label="head", bn_act=is_batchnorm_act(bn))
         for p in pros:
             fuse_prologue(owner._modules[p.conv], owner._modules[p.bn], owner._modules[p.act] if p.act else None,
@@ -64,6 +65,10 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
       conv -> BN (-> act) chain a module's traced forward computes
       (googlenet's BasicConv2d, timm's ConvNormAct / BatchNormAct2d, the
       insides of blocks that are not replaced; ``recognize.heads``);
+    - every BN (-> act) -> conv chain a module's traced forward computes
+      (DenseNet layers and transitions, DPN's BnActConv2d, pre-activation
+      blocks; ``recognize.prologues``) runs as ``bn_act_conv``, the BN and
+      activation applied as the conv kernel loads its input;
     - every Conv2d -> BatchNorm (-> activation) run inside an
       ``nn.Sequential`` runs as one kernel (``resfuse.nn.FusedSequential``);
     - every HorNet gnconv (recognised by structure: proj_in, dwconv, pws,

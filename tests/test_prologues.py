@@ -243,3 +243,17 @@ def test_densenet_layer_through_the_triton_kernel(device):
         assert_matches(out, ref, plain(x), torch.float32, "_DenseLayer")
     assert isinstance(fused.conv1, ConvBNHead) and fused.conv1.last_decision.backend == "triton"
     assert fused.conv1.last_decision.op == "bn_act_conv"
+
+
+def test_conv_then_batchnorm_act_in_a_plain_sequential():
+    """timm's DenseNet stem: Sequential(conv, BatchNormAct2d, pool). The
+    Sequential planner groups only plain BNs; the head pass fuses this one."""
+    pytest.importorskip("timm")
+    from timm.layers import BatchNormAct2d
+    plain = _prep(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), BatchNormAct2d(6, act_layer=nn.SiLU),
+                                nn.MaxPool2d(2)))
+    fused = resfuse.convert(plain, backend="eager")
+    assert _kinds(fused) == {"0": "conv+bn+silu (head)"} and _same_state(plain, fused)
+    x = torch.randn(2, 3, 8, 7)
+    with torch.no_grad():
+        assert _rel(fused(x), plain(x)) < 1e-6

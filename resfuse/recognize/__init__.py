@@ -2,5 +2,7 @@
 
 ``dataflow`` reads a module's forward with torch.fx (submodule calls kept
 opaque) so that a module is replaced only when its forward is shown to be
-the fused pattern; the pattern matchers use it.
+the fused pattern; the pattern matchers use it. ``heads`` finds conv -> BN
+(-> act) chains, ``prologues`` BN (-> act) -> conv chains and gives each BN
+to one conv (``resolve_chains``).
 """
