@@ -257,3 +257,26 @@ def test_conv_then_batchnorm_act_in_a_plain_sequential():
     x = torch.randn(2, 3, 8, 7)
     with torch.no_grad():
         assert _rel(fused(x), plain(x)) < 1e-6
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "identity"])
+def test_bn_act_conv_module_is_a_drop_in_for_the_sequential(activation):
+    kw = dict(stride=2, padding=1, bias=True)
+    fused = resfuse.nn.BNActConv(5, 7, 3, activation=activation, negative_slope=0.2, backend="eager", **kw)
+    act = {"relu": [nn.ReLU()], "leaky_relu": [nn.LeakyReLU(0.2)], "identity": []}[activation]
+    plain = nn.Sequential(nn.BatchNorm2d(5), *act, nn.Conv2d(5, 7, 3, **kw))
+    _prep(plain)
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    fused.load_state_dict(plain.state_dict())
+    fused.eval()
+    x = torch.randn(2, 5, 9, 8)
+    with torch.no_grad():
+        assert _rel(fused(x), plain(x)) < 1e-6
+    assert fused.conv.last_decision.op == "bn_act_conv"
+    assert _kinds(fused)[str(len(fused) - 1)] == f"bn{'' if activation == 'identity' else '+' + activation}+conv (preact)"
+    plain.train(), fused.train()
+    assert torch.equal(fused(x), plain(x)) and _same_state(plain, fused)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        resfuse.nn.BNActConv(5, 7, 3, activation="elu")
+    with pytest.raises(ValueError, match="BNActConv: cannot fuse: .*padding='same' is asymmetric"):
+        resfuse.nn.BNActConv(5, 7, 2, padding="same")

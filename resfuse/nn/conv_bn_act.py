@@ -8,6 +8,8 @@ BN uses running statistics (eval), and its children one by one otherwise
 
 ``ConvBNAct`` is a FusedSequential of exactly (conv, bn[, act]): a drop-in
 for ``nn.Sequential(Conv2d, BatchNorm2d, ReLU)`` and for a conv/bn pair.
+``BNActConv`` is the pre-activation layer ``nn.Sequential(BatchNorm2d,
+ReLU, Conv2d)`` with the BN and activation as the conv's prologue.
 """
 
 from typing import Dict, Optional
@@ -17,6 +19,7 @@ import torch.nn as nn
 
 from ..activations import ACTIVATIONS, activation_of_module
 from ._call import FusedModuleMixin, fused_conv_bn
+from .stem import fuse_prologue
 from ..patterns import (FusedGroup, Plan, bn_reason, bn_uses_running_stats, conv_reason,
                         plan_sequential)
 
@@ -186,4 +189,51 @@ class ConvBNAct(FusedSequential):
         return self._modules.get("2")
 
 
-__all__ = ["FusedSequential", "ConvBNAct"]
+class BNActConv(nn.Sequential):
+    """BatchNorm2d -> activation -> Conv2d (a pre-activation layer), the BN
+    and activation fused into the conv as its prologue (``bn_act_conv``)
+    while the BN uses running statistics.
+
+    Children ``0`` (BatchNorm2d over ``in_channels``), ``1`` (the
+    activation; absent for ``activation="identity"``) and the conv last:
+    the state_dict keys of ``nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(),
+    nn.Conv2d(c, k, ...))``. The BN and activation modules are the
+    identity while the conv applies them; in train mode (or with hooks)
+    every child runs as itself, exactly that Sequential.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = False, activation: str = "relu",
+                 negative_slope: float = 0.01, eps: float = 1e-5, momentum: Optional[float] = 0.1, device=None,
+                 dtype=None, backend: str = "auto"):
+        if activation not in _ACT_MODULES:
+            raise ValueError(f"activation must be one of {sorted(_ACT_MODULES)}, got {activation!r}")
+        bn = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
+        make_act = _ACT_MODULES[activation]
+        act = make_act(negative_slope) if make_act is not None else None
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias=bias, device=device, dtype=dtype)
+        super().__init__(*([bn] + ([act] if act is not None else []) + [conv]))
+        why = conv_reason(conv)
+        if why is not None:
+            raise ValueError(f"BNActConv: cannot fuse: {why}")
+        fuse_prologue(conv, bn, act, activation, backend)
+
+    @property
+    def backend(self) -> str:
+        return self.conv.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.conv.backend = value
+
+    @property
+    def bn(self) -> nn.Module:
+        return self._modules["0"]
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        return self[-1]
+
+
+__all__ = ["FusedSequential", "ConvBNAct", "BNActConv"]
