@@ -17,6 +17,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -97,6 +98,11 @@ void check_main_devices(const Tensor& x, const Tensor& weight, const optional<Te
   check_device(out, "out", x);
 }
 
+// LeakyReLU's slope, passed with every activation (the others ignore it).
+void check_negative_slope(double negative_slope) {
+  TORCH_CHECK(std::isfinite(negative_slope), "negative_slope must be finite, got ", negative_slope);
+}
+
 resfuse::ConvBNActParams main_params(const Geometry& g, const Tensor& xc, const Tensor& wc, const Tensor& bias,
                                      const Tensor& mean, const Tensor& var, const Tensor& gamma,
                                      const Tensor& beta, double eps, int64_t activation, double negative_slope,
@@ -142,6 +148,7 @@ void conv_bn_act(const Tensor& x, const Tensor& weight, const optional<Tensor>& 
                  Tensor out) {
   Geometry g = check_main(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, stride, padding, dilation,
                           groups, activation, out);
+  check_negative_slope(negative_slope);
   if (residual.has_value()) {
     check_4d(*residual, "residual", x);
     TORCH_CHECK(residual->sizes() == out.sizes(), "residual must have the output's shape ", out.sizes(),
@@ -175,6 +182,7 @@ void conv_bn_proj_act(const Tensor& x, const Tensor& weight, const optional<Tens
                       int64_t activation, double negative_slope, bool allow_tf32, Tensor out) {
   Geometry g = check_main(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, stride, padding, dilation,
                           groups, activation, out);
+  check_negative_slope(negative_slope);
   check_4d(xs, "xs", x);
   check_4d(weight_d, "weight_d", x);
   const int64_t Cs = xs.size(1);

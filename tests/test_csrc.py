@@ -93,7 +93,8 @@ def _args(**change):
              bias=torch.randn(6, generator=g), bn_mean=torch.randn(6, generator=g),
              bn_var=torch.rand(6, generator=g) + 0.5, bn_weight=torch.randn(6, generator=g),
              bn_bias=torch.randn(6, generator=g), eps=1e-5, residual=None, stride=[1, 1], padding=[1, 1],
-             dilation=[1, 1], groups=1, activation=1, allow_tf32=True, out=torch.empty(2, 6, 7, 9))
+             dilation=[1, 1], groups=1, activation=1, negative_slope=0.01, allow_tf32=True,
+             out=torch.empty(2, 6, 7, 9))
     a.update(change)
     return a
 
@@ -101,8 +102,8 @@ def _args(**change):
 def _call(a):
     return torch.ops.resfuse_cuda.conv_bn_act(
         a["x"], a["weight"], a["bias"], a["bn_mean"], a["bn_var"], a["bn_weight"], a["bn_bias"], a["eps"],
-        a["residual"], a["stride"], a["padding"], a["dilation"], a["groups"], a["activation"], a["allow_tf32"],
-        a["out"])
+        a["residual"], a["stride"], a["padding"], a["dilation"], a["groups"], a["activation"], a["negative_slope"],
+        a["allow_tf32"], a["out"])
 
 
 BAD = [
@@ -121,7 +122,8 @@ BAD = [
     (dict(bn_weight=torch.randn(6, 1)), r"bn_weight must have shape \(6\)"),
     (dict(bn_mean=torch.arange(6)), r"bn_mean must be a floating-point tensor"),
     (dict(eps=-1.0), r"eps must be >= 0"),
-    (dict(activation=7), r"activation must be 0..4"),
+    (dict(activation=9), r"activation must be 0..8"),
+    (dict(negative_slope=float("nan")), r"negative_slope must be finite"),
     (dict(out=torch.empty(2, 6, 7, 8)), r"out must have shape \(2, 6, 7, 9\)"),
     (dict(out=torch.empty(2, 6, 7, 9).half()), r"out has dtype Half"),
     (dict(residual=torch.randn(2, 6, 7, 8)), r"residual must have the output's shape"),
@@ -144,8 +146,8 @@ def test_cpp_validation_of_the_projection_form(ext):
     def call(xs=xs, wd=wd, stride_d=(2, 2), bn_var_d=vec):
         torch.ops.resfuse_cuda.conv_bn_proj_act(
             a["x"], a["weight"], a["bias"], a["bn_mean"], a["bn_var"], None, None, 1e-5,
-            xs, wd, None, vec, bn_var_d, None, None, 1e-5, list(stride_d), [1, 1], [1, 1], [1, 1], 1, 1, True,
-            a["out"])
+            xs, wd, None, vec, bn_var_d, None, None, 1e-5, list(stride_d), [1, 1], [1, 1], [1, 1], 1, 1, 0.01,
+            True, a["out"])
     with pytest.raises(RuntimeError, match=r"weight_d must have shape \(6, 4, 1, 1\)"):
         call(wd=torch.randn(6, 3, 1, 1))
     with pytest.raises(RuntimeError, match=r"does not give the main branch's 7x9 output"):
