@@ -36,9 +36,9 @@ import torch
 from resfuse.gnconv_traffic import (HORNET_T_STAGES, GnConvTraffic, StepTraffic, gnconv_bytes, gnconv_train_bytes,
                                     horblock_bytes)
 
-from . import cases as _cases
+from . import case_base as _cases
 from . import model as cost_model
-from .cases import Case, Op, Workload, _call_block, _check_fused_ran, _kernels_note, dtype_name
+from .case_base import Case, Op, Workload, _call_block, _check_fused_ran, _kernels_note, dtype_name
 from .model import Cost
 from .providers import compiled, reset_compile_state, resfuse_backend
 
@@ -208,8 +208,8 @@ def _launch_counters() -> Optional[Dict[str, int]]:
 
 def _cuda_counters() -> Dict[str, int]:
     """A copy of the cuda backend's resfuse._C call counters."""
-    from resfuse import ops_gnconv_cuda
-    return dict(ops_gnconv_cuda.LAUNCHES)
+    from resfuse.ops import gnconv_cuda
+    return dict(gnconv_cuda.LAUNCHES)
 
 
 def _grown(before: Dict[str, int], after: Dict[str, int]) -> Dict[str, int]:

@@ -4,8 +4,8 @@
 // of compile time per translation unit).
 //
 // Ops live in their own namespace, torch.ops.resfuse_cuda.*, and write into
-// a caller-allocated `out`; resfuse's Python ops (resfuse/ops.py,
-// resfuse/ops_proj.py) call them from their "cuda" backend, so dispatch,
+// a caller-allocated `out`; resfuse's Python ops (resfuse/ops/conv_bn_act.py,
+// resfuse/ops/conv_bn_proj_act.py) call them from their "cuda" backend, so dispatch,
 // autograd and torch.compile stay with the one op name resfuse::conv_bn_act.
 //
 // Validation order is deliberate: shapes, dtypes and values first, devices

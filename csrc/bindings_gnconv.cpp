@@ -1,5 +1,5 @@
 // The torch side of the gnconv / HorBlock kernels (csrc/gnconv.h): schemas, validation and calls
-// into the plain-CUDA launchers. resfuse/ops_gnconv_cuda.py composes these ops into the `cuda`
+// into the plain-CUDA launchers. resfuse/ops/gnconv_cuda.py composes these ops into the `cuda`
 // backend of resfuse::layernorm_conv1x1, gnconv_chain, gelu_conv1x1 and their backward ops.
 //
 // Activations are (N, C, H, W) tensors whose pixels are rows of a channels_last buffer:

@@ -1,5 +1,5 @@
 // Plain CUDA C++ API of the gnconv / HorBlock kernels (no torch headers; csrc/bindings.cpp binds
-// them, resfuse/ops_gnconv*.py and resfuse/ops_mlp.py compose them into the ops' `cuda` backend).
+// them, resfuse/ops/gnconv_cuda.py composes them into the ops' `cuda` backend).
 //
 // Layout of every activation here: channels_last rows. A tensor of M = N*H*W pixels and C
 // channels is addressed as t[m * ld + c] (ld >= C, in elements; ld > C for a channel slice of a

@@ -290,7 +290,7 @@ def ln_conv1x1_fwd(x, weight, bias, norm_weight, norm_bias, norm_eps, out, *, al
     x (N, C, H, W); weight (K, C) or (K, C, 1, 1); out and residual
     (N, K, H, W); layer_scale (K,); sample_scale N elements (e.g. a drop-path
     mask of shape (N, 1, 1, 1)). `out` is preallocated; inputs of the
-    LayerNorm path are validated by resfuse.ops_gnconv. Returns out."""
+    LayerNorm path are validated by resfuse.ops.gnconv. Returns out."""
     if prologue_gelu and norm_eps is not None:
         raise ValueError("ln_conv1x1_fwd: prologue_gelu and the LayerNorm prologue (norm_eps) are exclusive")
     weight = _weight_2d(weight)

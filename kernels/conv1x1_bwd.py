@@ -3,7 +3,7 @@ docstring for the tiling, the per-image pixel tiles and FLAT addressing):
 the data gradient with a GELU' or LayerNorm-backward epilogue, and the
 weight gradient (a GEMM over pixels, split-K) with a GELU or LayerNorm
 prologue on its second operand. Used by the gnconv and HorBlock backward
-(resfuse/ops_gnconv_bwd.py).
+(resfuse/ops/gnconv_backward.py).
 """
 
 import torch

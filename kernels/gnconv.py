@@ -344,7 +344,7 @@ def _interpreter_blocks_chain(D):
 
 def gnconv_chain_fwd(f, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale, out, *,
                      allow_tf32, force_int64=False, sample_scale=None):
-    """Launch kernel 2. Validated by resfuse.ops_gnconv. f: (N, 2D, H, W);
+    """Launch kernel 2. Validated by resfuse.ops.gnconv. f: (N, 2D, H, W);
     exactly one of w_dw (S, 1, k, k) and gates (N, S, H, W); w_pws/b_pws:
     order-1 weights (dims[i+1], dims[i], 1, 1) and biases (or None);
     `out`: preallocated (N, D, H, W); sample_scale: None or (N,) (drop

@@ -11,20 +11,15 @@ kernels are imported on first use.
 __version__ = "0.1.0"
 
 from . import ops  # noqa: F401  (registers torch.ops.resfuse.*)
-from . import ops_proj  # noqa: F401
-from . import ops_preact  # noqa: F401
-from . import ops_gnconv  # noqa: F401
-from . import ops_mlp  # noqa: F401
-from . import ops_gnconv_bwd  # noqa: F401  (autograd of the gnconv / HorBlock ops)
 from . import nn  # noqa: F401
 from .convert import convert
 from .dispatch import BACKENDS, BackendUnavailable, last_decision
 from .explain import explain
-from .ops import conv_bn_act
-from .ops_gnconv import gnconv, gnconv_chain, layernorm_conv1x1
-from .ops_mlp import gelu_conv1x1
-from .ops_preact import bn_act_conv
-from .ops_proj import conv_bn_proj_act
+from .ops.bn_act_conv import bn_act_conv
+from .ops.conv_bn_act import conv_bn_act
+from .ops.conv_bn_proj_act import conv_bn_proj_act
+from .ops.gnconv import gnconv, gnconv_chain, layernorm_conv1x1
+from .ops.horblock_mlp import gelu_conv1x1
 from .reference import bn_act_conv_reference, conv_bn_act_reference, gnconv_reference
 
 __all__ = ["convert", "explain", "conv_bn_act", "conv_bn_proj_act", "bn_act_conv", "conv_bn_act_reference",

@@ -427,7 +427,7 @@ def _fused_gnconv_backward(g: _Shape, norm: bool, residual: bool) -> List[Step]:
 
 
 def _cuda_gnconv_forward(g: _Shape, norm: bool, residual: bool) -> List[Step]:
-    """resfuse._C's forward (resfuse/ops_gnconv_cuda.py): the gate buffer
+    """resfuse._C's forward (resfuse/ops/gnconv_cuda.py): the gate buffer
     [pwa*g_0 | g_1 .. g_{o-1}] reaches memory and each gated 1x1 rewrites
     its stage in place (o + 2 kernels: the stepwise design)."""
     D, res = g.D, (g.D if residual else 0)

@@ -1,5 +1,5 @@
 """The CUDA C++ gnconv / HorBlock kernels (csrc/gnconv*.cu, csrc/bindings_gnconv.cpp) and the
-``cuda`` backend that composes them (resfuse/ops_gnconv_cuda.py).
+``cuda`` backend that composes them (resfuse/ops/gnconv_cuda.py).
 
 Without a GPU (CI): the ops are registered with their schemas for the CUDA
 and CPU dispatch keys, the extension says it serves the gnconv ops, the C++
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import resfuse
-from resfuse import ops_gnconv_cuda
+from resfuse.ops import gnconv_cuda as ops_gnconv_cuda
 from resfuse._backends import cuda_extension
 
 from numerics import assert_matches

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import resfuse
-from resfuse import ops_gnconv
+from resfuse.ops import gnconv as ops_gnconv
 from resfuse._backends import kernels_module
 from resfuse.gnconv_traffic import HORNET_T_STAGES, gnconv_bytes, hornet_t_table
 from resfuse.nn import FusedHorBlock, GnConv

@@ -1,4 +1,4 @@
-"""The cuda backend's composition (resfuse/ops_gnconv_cuda.py) checked on the CPU.
+"""The cuda backend's composition (resfuse/ops/gnconv_cuda.py) checked on the CPU.
 
 The CUDA kernels themselves are checked against their contract
 (csrc/gnconv.h) by the CPU emulator (tests/test_csrc_gnconv_*_emulation.py).
@@ -19,11 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resfuse import ops_gnconv_cuda as oc
-from resfuse.ops_gnconv import make_chain_problem, make_ln_conv1x1_problem
-from resfuse.ops_gnconv_bwd import (_chain_bwd_eager, _chain_problem, _gelu_bwd_eager, _gelu_problem,
+from resfuse.ops import gnconv_cuda as oc
+from resfuse.ops.gnconv import make_chain_problem, make_ln_conv1x1_problem
+from resfuse.ops.gnconv_backward import (_chain_bwd_eager, _chain_problem, _gelu_bwd_eager, _gelu_problem,
                                     _proj_bwd_eager, _proj_problem)
-from resfuse.ops_mlp import make_gelu_conv1x1_problem
+from resfuse.ops.horblock_mlp import make_gelu_conv1x1_problem
 from resfuse.reference import gelu_conv1x1_reference, gnconv_chain_reference, gnconv_dims, \
     layernorm_conv1x1_reference
 

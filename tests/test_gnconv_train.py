@@ -1,5 +1,5 @@
 """Training HorNet through resfuse: the backward ops of gnconv and of the
-HorBlock (``resfuse.ops_gnconv_bwd``), their Triton kernels
+HorBlock (``resfuse.ops.gnconv_backward``), their Triton kernels
 (kernels/gnconv_bwd.py, kernels/conv1x1.py), ``FusedHorBlock``'s fused MLP
 half and drop path, and a short training loop.
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import resfuse
-from resfuse._backends import conv_allows_tf32, kernels_module
+from resfuse._backends import conv_allows_tf32, cuda_reasons, kernels_module
 from resfuse.activations import ACTIVATIONS
 from resfuse.reference import conv_bn_act_reference, to_float64
 
@@ -419,7 +419,7 @@ def test_auto_picks_triton_and_env_var(device, monkeypatch):
 
 
 def _problem(inp: Inputs, case: Case):
-    from resfuse.ops import make_problem
+    from resfuse.ops.conv_bn_act import make_problem
     return make_problem(inp.x, inp.weight, inp.bias, inp.bn_mean, inp.bn_var, inp.bn_weight, inp.bn_bias,
                         case.eps, inp.residual, list(case.stride), list(case.padding), list(case.dilation),
                         1, case.act, SLOPE)
@@ -652,7 +652,7 @@ def test_explicit_triton_unavailable_raises(device):
         resfuse.conv_bn_act(inp.x.double(), inp.weight.double(), backend="triton")
     assert any("float64" in r for r in ei.value.reasons)
     # backend='cuda' where the extension has no kernel for these tensors
-    reasons = resfuse.ops.cuda_reasons("conv_bn_act", inp.x.device)
+    reasons = cuda_reasons("conv_bn_act", inp.x.device)
     if reasons:
         with pytest.raises(resfuse.BackendUnavailable, match="cuda") as ei:
             resfuse.conv_bn_act(inp.x, inp.weight, backend="cuda")
@@ -702,7 +702,7 @@ def test_tf32_flag_reaches_launcher(allow, device, monkeypatch):
     """The launcher's allow_tf32 follows conv_allows_tf32() (cuDNN's conv
     TF32 setting) on CUDA tensors; CPU tensors never use TF32 (neither does
     eager's CPU conv), so they get allow_tf32=False."""
-    import resfuse.ops as ops
+    import resfuse.ops.conv_bn_act as ops
     monkeypatch.setattr(ops, "conv_allows_tf32", lambda: allow)
     kern = _kern()
     seen = []

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from .. import dispatch
 from ..activations import negative_slope_of
-from ..ops import resolve_padding
+from ..ops.conv_bn_act import resolve_padding
 from ..patterns import bn_tensors
 
 

@@ -5,12 +5,12 @@ the ``convert`` pass for both.
 constructor and parameter names (``proj_in``, ``dwconv``, ``pws.i``,
 ``proj_out``; ``order``, ``dims``, ``scale`` attributes), so HorNet
 checkpoints load as they are. Its forward is two kernels
-(``resfuse.ops_gnconv``): the projection, then everything else. With a
+(``resfuse.ops.gnconv``): the projection, then everything else. With a
 gflayer (HorNet's GlobalLocalFilter, FFT-based) in place of the depthwise
 conv, the filter runs eagerly between the two kernels. When a member has
 hooks (which a fused kernel would not fire) it runs the original forward.
 Gradients: every op has a backward op of its own with Triton kernels
-(``resfuse.ops_gnconv_bwd``), so training runs fused too.
+(``resfuse.ops.gnconv_backward``), so training runs fused too.
 
 ``FusedHorBlock`` wraps a HorNet ``Block``/yoloair ``HorBlock`` (children
 norm1, gnconv, norm2, pwconv1, act, pwconv2, drop_path; parameters gamma1,

@@ -24,11 +24,11 @@ from typing import List, Optional
 
 import torch
 
-from . import dispatch
-from .activations import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, activation_grad, check_negative_slope, get_activation
-from .ops import (ConvBNActProblem, _check_tensor, _eager_run, _pair, acc_dtype, bn_param_grads, branch_grads,
-                  fold_bn, launch_triton_conv, make_problem, output_memory_format, pre_activation,
-                  resolve_padding, triton_check)
+from .. import dispatch
+from ..activations import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, activation_grad, check_negative_slope, get_activation
+from .common import acc_dtype, check_tensor, output_memory_format, pair
+from .conv_bn_act import (ConvBNActProblem, _eager_run, bn_param_grads, branch_grads, fold_bn, launch_triton_conv,
+                          make_problem, pre_activation, resolve_padding, triton_check)
 
 OP = "bn_act_conv"
 
@@ -65,7 +65,7 @@ def make_bn_act_conv_problem(x, in_mean, in_var, in_weight, in_bias, in_eps, in_
         raise ValueError("in_mean and in_var (the input BatchNorm's running statistics) are required")
     for t, name in ((in_mean, "in_mean"), (in_var, "in_var"), (in_weight, "in_weight"), (in_bias, "in_bias")):
         if t is not None:
-            _check_tensor(t, name, dims=1, device=x.device, shape=(C,))
+            check_tensor(t, name, dims=1, device=x.device, shape=(C,))
     if not isinstance(in_eps, (int, float)) or in_eps < 0:
         raise ValueError(f"in_eps must be a non-negative float, got {in_eps!r}")
     try:
@@ -189,9 +189,9 @@ def bn_act_conv(x, weight, bias=None, *, in_mean, in_var, in_weight=None, in_bia
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"weight must be a 4-D tensor (K, C/groups, R, S), got "
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
-    dilation = _pair(dilation, "dilation")
+    dilation = pair(dilation, "dilation")
     return torch.ops.resfuse.bn_act_conv(
         x, in_mean, in_var, in_weight, in_bias, float(in_eps), in_activation, weight, bias,
-        bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual, _pair(stride, "stride"),
+        bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual, pair(stride, "stride"),
         resolve_padding(padding, weight.shape[2:], dilation), dilation, int(groups), activation, backend,
         check_negative_slope(in_negative_slope), check_negative_slope(negative_slope))

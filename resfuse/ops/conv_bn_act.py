@@ -17,46 +17,24 @@ conv_bn_act.py), ``cuda`` (resfuse._C, when built with a kernel for it) and
 ``eager`` (plain PyTorch, any dtype/groups/device).
 """
 
-import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from . import dispatch
-from ._backends import conv_allows_tf32, cuda_reasons, kernels_module, triton_reasons
-from .activations import (ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, activation_grad, check_negative_slope,
+from .. import dispatch
+from .._backends import conv_allows_tf32, cuda_reasons, kernels_module, triton_reasons
+from ..activations import (ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, activation_grad, check_negative_slope,
                           get_activation)
+from .common import FLOAT_DTYPES, acc_dtype, alloc_output, check_tensor, output_memory_format, pair
 
 OP = "conv_bn_act"
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------
 # Validation (shared by the real and the fake kernel)
 # ----------------------------------------------------------------------------
-
-def _pair(value, name: str) -> List[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value, value]
-    try:
-        vals = [int(v) for v in value]
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-    if len(vals) == 1:
-        return vals * 2
-    if len(vals) != 2:
-        raise ValueError(f"{name} must have 2 elements (height, width), got {list(value)}")
-    return vals
-
-
-def output_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The output follows the input: channels_last in, channels_last out."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
 
 @dataclass
 class ConvBNActProblem:
@@ -99,21 +77,6 @@ class ProblemSignature:
     groups: int
 
 
-def _check_tensor(t, name, *, dims, device, dtype=None, shape=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != dims:
-        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but x is on {device}; all tensors must be on one device")
-    if not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but x has {dtype}; they must match")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-
-
 def make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
                  stride, padding, dilation, groups, activation,
                  negative_slope=DEFAULT_NEGATIVE_SLOPE) -> ConvBNActProblem:
@@ -122,11 +85,11 @@ def make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, resi
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     dev = x.device
-    _check_tensor(weight, "weight", dims=4, device=dev, dtype=x.dtype)
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    check_tensor(weight, "weight", dims=4, device=dev, dtype=x.dtype)
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     if min(stride) < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
     if min(dilation) < 1:
@@ -150,14 +113,14 @@ def make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, resi
     if K % groups != 0:
         raise ValueError(f"weight has {K} output channels, not divisible by groups={groups}")
     if bias is not None:
-        _check_tensor(bias, "bias", dims=1, device=dev, dtype=x.dtype, shape=(K,))
+        check_tensor(bias, "bias", dims=1, device=dev, dtype=x.dtype, shape=(K,))
     if (bn_mean is None) != (bn_var is None):
         raise ValueError("bn_mean and bn_var must be given together (both or neither)")
     if bn_mean is None and (bn_weight is not None or bn_bias is not None):
         raise ValueError("bn_weight/bn_bias given without bn_mean/bn_var")
     for t, name in ((bn_mean, "bn_mean"), (bn_var, "bn_var"), (bn_weight, "bn_weight"), (bn_bias, "bn_bias")):
         if t is not None:
-            _check_tensor(t, name, dims=1, device=dev, shape=(K,))
+            check_tensor(t, name, dims=1, device=dev, shape=(K,))
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     get_activation(activation)
@@ -170,7 +133,7 @@ def make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, resi
     P, Q = (hp - rd) // stride[0] + 1, (wp - sd) // stride[1] + 1
     out_shape = (N, K, P, Q)
     if residual is not None:
-        _check_tensor(residual, "residual", dims=4, device=dev, dtype=x.dtype, shape=out_shape)
+        check_tensor(residual, "residual", dims=4, device=dev, dtype=x.dtype, shape=out_shape)
     return ConvBNActProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual,
                             stride, padding, dilation, groups, activation, out_shape, negative_slope)
 
@@ -178,10 +141,6 @@ def make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, resi
 # ----------------------------------------------------------------------------
 # BN fold as per-channel vectors (eager path and backward)
 # ----------------------------------------------------------------------------
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
 
 def fold_bn(bias, bn_mean, bn_var, bn_weight, bn_bias, eps, out_channels, dtype, device):
     """Per-channel (scale, shift) with ``BN(conv(x) + bias) = conv(x) * scale + shift``.
@@ -239,17 +198,6 @@ def _eager_run(p: ConvBNActProblem) -> torch.Tensor:
                               p.residual)
         y = p.act(u).to(p.x.dtype)
     return y.contiguous(memory_format=output_memory_format(p.x))
-
-
-def alloc_output(p: ConvBNActProblem) -> torch.Tensor:
-    """Output buffer in the input's memory format. With RESFUSE_POISON_OUTPUTS=1
-    (the test suite sets it) it starts as NaN, so an element a kernel fails
-    to write cannot pass a comparison."""
-    out = torch.empty(p.out_shape, dtype=p.x.dtype, device=p.x.device,
-                      memory_format=output_memory_format(p.x))
-    if os.environ.get("RESFUSE_POISON_OUTPUTS") == "1":
-        out.fill_(float("nan"))
-    return out
 
 
 def triton_check(p) -> List[str]:
@@ -429,7 +377,7 @@ def resolve_padding(padding: PaddingArg, kernel_size: Sequence[int], dilation: S
                                  f"{tuple(dilation)} pads asymmetrically, which conv_bn_act does not")
             return [t // 2 for t in total]
         raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
-    return _pair(padding, "padding")
+    return pair(padding, "padding")
 
 
 def conv_bn_act(
@@ -463,9 +411,9 @@ def conv_bn_act(
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"weight must be a 4-D tensor (K, C/groups, R, S), got "
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
-    dilation = _pair(dilation, "dilation")
+    dilation = pair(dilation, "dilation")
     padding = resolve_padding(padding, weight.shape[2:], dilation)
     return torch.ops.resfuse.conv_bn_act(
         x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual,
-        _pair(stride, "stride"), padding, dilation, int(groups), activation, backend,
+        pair(stride, "stride"), padding, dilation, int(groups), activation, backend,
         check_negative_slope(negative_slope))

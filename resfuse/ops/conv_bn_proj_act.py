@@ -14,12 +14,12 @@ from typing import List, Optional
 
 import torch
 
-from . import dispatch
-from ._backends import conv_allows_tf32
-from .activations import DEFAULT_NEGATIVE_SLOPE, activation_grad, check_negative_slope
-from .ops import (ACTIVATIONS, ConvBNActProblem, _check_tensor, _pair, alloc_output, branch_grads,
-                  cuda_check, launch_triton_conv,
-                  make_problem, output_memory_format, pre_activation, triton_check)
+from .. import dispatch
+from .._backends import conv_allows_tf32
+from ..activations import DEFAULT_NEGATIVE_SLOPE, activation_grad, check_negative_slope
+from .common import alloc_output, check_tensor, output_memory_format, pair
+from .conv_bn_act import (ACTIVATIONS, ConvBNActProblem, branch_grads, cuda_check, launch_triton_conv, make_problem,
+                          pre_activation, triton_check)
 
 OP = "conv_bn_proj_act"
 
@@ -53,21 +53,21 @@ def make_proj_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps,
     if not isinstance(xs, torch.Tensor) or xs.dim() != 4:
         raise ValueError(f"xs (the shortcut input) must be a 4-D tensor, got "
                          f"{tuple(xs.shape) if isinstance(xs, torch.Tensor) else type(xs).__name__}")
-    _check_tensor(xs, "xs", dims=4, device=x.device, dtype=x.dtype)
+    check_tensor(xs, "xs", dims=4, device=x.device, dtype=x.dtype)
     K = weight.shape[0]
-    _check_tensor(weight_d, "weight_d", dims=4, device=x.device, dtype=x.dtype)
+    check_tensor(weight_d, "weight_d", dims=4, device=x.device, dtype=x.dtype)
     if tuple(weight_d.shape) != (K, xs.shape[1], 1, 1):
         raise ValueError(f"weight_d must have shape {(K, xs.shape[1], 1, 1)} (a 1x1 conv from xs's "
                          f"{xs.shape[1]} channels to {K}), got {tuple(weight_d.shape)}")
     if bias_d is not None:
-        _check_tensor(bias_d, "bias_d", dims=1, device=x.device, dtype=x.dtype, shape=(K,))
+        check_tensor(bias_d, "bias_d", dims=1, device=x.device, dtype=x.dtype, shape=(K,))
     if bn_mean_d is None or bn_var_d is None:
         raise ValueError("bn_mean_d and bn_var_d (the shortcut's BN) are required")
     for t, name in ((bn_mean_d, "bn_mean_d"), (bn_var_d, "bn_var_d"), (bn_weight_d, "bn_weight_d"),
                     (bn_bias_d, "bn_bias_d")):
         if t is not None:
-            _check_tensor(t, name, dims=1, device=x.device, shape=(K,))
-    stride_d = _pair(stride_d, "stride_d")
+            check_tensor(t, name, dims=1, device=x.device, shape=(K,))
+    stride_d = pair(stride_d, "stride_d")
     if min(stride_d) < 1:
         raise ValueError(f"stride_d must be >= 1, got {stride_d}")
     N, _, P, Q = main.out_shape
@@ -180,6 +180,6 @@ def conv_bn_proj_act(x, weight, bias=None, *, bn_mean, bn_var, bn_weight=None, b
     dispatch.validate_backend(backend)
     return torch.ops.resfuse.conv_bn_proj_act(
         x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps),
-        xs, weight_d, bias_d, bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, float(eps_d), _pair(stride_d, "stride_d"),
-        _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), int(groups),
+        xs, weight_d, bias_d, bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, float(eps_d), pair(stride_d, "stride_d"),
+        pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"), int(groups),
         activation, backend, check_negative_slope(negative_slope))

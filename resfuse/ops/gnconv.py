@@ -28,10 +28,11 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import dispatch, ops_gnconv_cuda
-from ._backends import conv_allows_tf32, kernels_module, triton_reasons
-from .ops import _check_tensor, alloc_output, output_memory_format
-from .reference import gnconv_chain_reference, gnconv_dims, layernorm_conv1x1_reference
+from .. import dispatch
+from .._backends import conv_allows_tf32, kernels_module, triton_reasons
+from ..reference import gnconv_chain_reference, gnconv_dims, layernorm_conv1x1_reference
+from . import gnconv_cuda
+from .common import alloc_output, check_tensor, output_memory_format
 
 OP_PROJ = "layernorm_conv1x1"
 OP_CHAIN = "gnconv_chain"
@@ -54,7 +55,7 @@ def _check_x(x, name):
 
 def _check_vec(t, name, n, like):
     if t is not None:
-        _check_tensor(t, name, dims=1, device=like.device, dtype=like.dtype, shape=(n,))
+        check_tensor(t, name, dims=1, device=like.device, dtype=like.dtype, shape=(n,))
 
 
 @dataclass
@@ -81,7 +82,7 @@ def make_ln_conv1x1_problem(x, weight, bias, norm_weight, norm_bias, norm_eps) -
     N, C, H, W = x.shape
     if C == 0:
         raise ValueError(f"x has 0 channels (shape {tuple(x.shape)})")
-    _check_tensor(weight, "weight", dims=4, device=x.device, dtype=x.dtype)
+    check_tensor(weight, "weight", dims=4, device=x.device, dtype=x.dtype)
     K = weight.shape[0]
     if K == 0 or tuple(weight.shape[1:]) != (C, 1, 1):
         raise ValueError(f"weight must be a 1x1 conv weight (K>0, {C}, 1, 1) for x with {C} channels, "
@@ -137,7 +138,7 @@ def make_chain_problem(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, sca
                        layer_scale, sample_scale=None) -> GnConvChainProblem:
     _check_x(fused, "fused")
     dev, dt = fused.device, fused.dtype
-    _check_tensor(w_out, "w_out", dims=4, device=dev, dtype=dt)
+    check_tensor(w_out, "w_out", dims=4, device=dev, dtype=dt)
     D = w_out.shape[0]
     if D == 0 or tuple(w_out.shape[1:]) != (D, 1, 1):
         raise ValueError(f"w_out must be a 1x1 conv weight (dim, dim, 1, 1), got {tuple(w_out.shape)}")
@@ -158,7 +159,7 @@ def make_chain_problem(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, sca
     if (w_dw is None) == (gates is None):
         raise ValueError("give exactly one of w_dw (the depthwise conv) and gates (a gflayer's output)")
     if w_dw is not None:
-        _check_tensor(w_dw, "w_dw", dims=4, device=dev, dtype=dt)
+        check_tensor(w_dw, "w_dw", dims=4, device=dev, dtype=dt)
         k = w_dw.shape[-1]
         if tuple(w_dw.shape) != (S, 1, k, k) or k % 2 == 0:
             raise ValueError(f"w_dw must be a depthwise weight ({S}, 1, k, k) with k odd, got {tuple(w_dw.shape)}")
@@ -166,15 +167,15 @@ def make_chain_problem(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, sca
     else:
         if b_dw is not None:
             raise ValueError("b_dw given with gates: the bias belongs to the depthwise conv")
-        _check_tensor(gates, "gates", dims=4, device=dev, dtype=dt, shape=(N, S, H, W))
+        check_tensor(gates, "gates", dims=4, device=dev, dtype=dt, shape=(N, S, H, W))
     for i, (w, b) in enumerate(zip(w_pws, b_pws)):
-        _check_tensor(w, f"w_pws[{i}]", dims=4, device=dev, dtype=dt, shape=(dims[i + 1], dims[i], 1, 1))
+        check_tensor(w, f"w_pws[{i}]", dims=4, device=dev, dtype=dt, shape=(dims[i + 1], dims[i], 1, 1))
         _check_vec(b, f"b_pws[{i}]", dims[i + 1], fused)
     _check_vec(b_out, "b_out", D, fused)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"scale must be a float, got {scale!r}")
     if residual is not None:
-        _check_tensor(residual, "residual", dims=4, device=dev, dtype=dt, shape=(N, D, H, W))
+        check_tensor(residual, "residual", dims=4, device=dev, dtype=dt, shape=(N, D, H, W))
     _check_vec(layer_scale, "layer_scale", D, fused)
     _check_vec(sample_scale, "sample_scale", N, fused)
     return GnConvChainProblem(fused, w_dw, b_dw, gates, list(w_pws), list(b_pws), w_out, b_out, float(scale),
@@ -234,10 +235,10 @@ def _chain_triton(p: GnConvChainProblem):
 
 dispatch.register(OP_PROJ, "eager", lambda p: [], _proj_eager)
 dispatch.register(OP_PROJ, "triton", lambda p: triton_reasons(p.device, p.dtype), _proj_triton)
-dispatch.register(OP_PROJ, "cuda", ops_gnconv_cuda.check(OP_PROJ), ops_gnconv_cuda.proj_forward)
+dispatch.register(OP_PROJ, "cuda", gnconv_cuda.check(OP_PROJ), gnconv_cuda.proj_forward)
 dispatch.register(OP_CHAIN, "eager", lambda p: [], _chain_eager)
 dispatch.register(OP_CHAIN, "triton", _chain_triton_check, _chain_triton)
-dispatch.register(OP_CHAIN, "cuda", ops_gnconv_cuda.check(OP_CHAIN), ops_gnconv_cuda.chain_forward)
+dispatch.register(OP_CHAIN, "cuda", gnconv_cuda.check(OP_CHAIN), gnconv_cuda.chain_forward)
 
 
 # ----------------------------------------------------------------------------

@@ -32,9 +32,10 @@ from typing import List
 
 import torch
 
-from ._backends import conv_allows_tf32, cuda_reasons
-from .ops import output_memory_format
-from .reference import gnconv_dims
+from .._backends import conv_allows_tf32, cuda_reasons
+from ..reference import gnconv_dims
+from .common import output_memory_format
+from .gnconv_grads import _chain_likes, _chain_needs, _finish, _gelu_likes, _proj_likes, _scale_grads
 
 _NONE, _LAYERNORM, _GELU = 0, 1, 2
 
@@ -209,7 +210,6 @@ def _scaled(dout, sample_scale):
 
 
 def _proj_backward(p):
-    from .ops_gnconv_bwd import _finish, _proj_likes
     a, needs = p.args, p.needs
     x, dh = _rows(a["x"]), _rows(p.grad)
     weight, bias, nw, nb, eps = a["weight"], a["bias"], a["norm_weight"], a["norm_bias"], a["norm_eps"]
@@ -243,7 +243,6 @@ def proj_backward(p):
 
 
 def _chain_backward(p):
-    from .ops_gnconv_bwd import _chain_likes, _chain_needs, _finish, _scale_grads
     a = p.args
     needs = _chain_needs(p)
     fused, gates, dout = _rows(a["fused"]), _rows(a["gates"]), _rows(p.grad)
@@ -309,7 +308,6 @@ def chain_backward(p):
 
 
 def _gelu_backward(p):
-    from .ops_gnconv_bwd import _finish, _gelu_likes, _scale_grads
     a, needs = p.args, p.needs
     x, dout = _rows(a["a"]), _rows(p.grad)
     w, b, ls, ss = a["weight"], a["bias"], a["layer_scale"], a["sample_scale"]

@@ -23,11 +23,12 @@ from typing import Optional
 
 import torch
 
-from . import dispatch, ops_gnconv_cuda
-from ._backends import kernels_module, triton_reasons
-from .ops import _check_tensor, alloc_output, output_memory_format
-from .ops_gnconv import _check_vec, _check_x, _launch
-from .reference import gelu_conv1x1_reference
+from .. import dispatch
+from .._backends import kernels_module, triton_reasons
+from ..reference import gelu_conv1x1_reference
+from . import gnconv_cuda
+from .common import alloc_output, check_tensor, output_memory_format
+from .gnconv import _check_vec, _check_x, _launch
 
 OP_GELU_CONV1X1 = "gelu_conv1x1"
 
@@ -56,7 +57,7 @@ def make_gelu_conv1x1_problem(a, weight, bias, layer_scale, sample_scale, residu
     N, C, H, W = a.shape
     if C == 0:
         raise ValueError(f"a has 0 channels (shape {tuple(a.shape)})")
-    _check_tensor(weight, "weight", dims=4, device=a.device, dtype=a.dtype)
+    check_tensor(weight, "weight", dims=4, device=a.device, dtype=a.dtype)
     K = weight.shape[0]
     if K == 0 or tuple(weight.shape[1:]) != (C, 1, 1):
         raise ValueError(f"weight must be a 1x1 conv weight (K>0, {C}, 1, 1) for a with {C} channels, "
@@ -65,7 +66,7 @@ def make_gelu_conv1x1_problem(a, weight, bias, layer_scale, sample_scale, residu
     _check_vec(layer_scale, "layer_scale", K, a)
     _check_vec(sample_scale, "sample_scale", N, a)
     if residual is not None:
-        _check_tensor(residual, "residual", dims=4, device=a.device, dtype=a.dtype, shape=(N, K, H, W))
+        check_tensor(residual, "residual", dims=4, device=a.device, dtype=a.dtype, shape=(N, K, H, W))
     return GeluConv1x1Problem(a, weight, bias, layer_scale, sample_scale, residual, (N, K, H, W))
 
 
@@ -83,7 +84,7 @@ def _triton(p: GeluConv1x1Problem):
 
 dispatch.register(OP_GELU_CONV1X1, "eager", lambda p: [], _eager)
 dispatch.register(OP_GELU_CONV1X1, "triton", lambda p: triton_reasons(p.device, p.dtype), _triton)
-dispatch.register(OP_GELU_CONV1X1, "cuda", ops_gnconv_cuda.check(OP_GELU_CONV1X1), ops_gnconv_cuda.gelu_forward)
+dispatch.register(OP_GELU_CONV1X1, "cuda", gnconv_cuda.check(OP_GELU_CONV1X1), gnconv_cuda.gelu_forward)
 
 
 @torch.library.custom_op("resfuse::gelu_conv1x1", mutates_args=())
