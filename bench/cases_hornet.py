@@ -22,7 +22,7 @@ counters); a row that ran something else is an error or says so.
 The check (tests/numerics.py's rule, per tensor) compares the output and,
 for the training ops, x's gradient and the main parameters' gradients
 with float64 autograd of a float64 copy of the module; a provider that
-fails any of them is WRONG and not timed. Costs: ``resfuse.gnconv_traffic``
+fails any of them is WRONG and not timed. Costs: ``bench.gnconv_traffic``
 (``gnconv_bytes``; ``gnconv_train_bytes``; ``horblock_bytes``).
 """
 
@@ -33,8 +33,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from resfuse.gnconv_traffic import (HORNET_T_STAGES, GnConvTraffic, StepTraffic, gnconv_bytes, gnconv_train_bytes,
-                                    horblock_bytes)
+from .gnconv_traffic import (HORNET_T_STAGES, GnConvTraffic, StepTraffic, gnconv_bytes, gnconv_train_bytes,
+                             horblock_bytes)
 
 from . import case_base as _cases
 from . import model as cost_model
@@ -77,7 +77,7 @@ class GnConvCaseSpec:
 
 
 def gnconv_traffic(spec: GnConvCaseSpec, batch: int, dtype: torch.dtype) -> GnConvTraffic:
-    """``resfuse.gnconv_traffic.gnconv_bytes`` for the case (the one byte model)."""
+    """``bench.gnconv_traffic.gnconv_bytes`` for the case (the one byte model)."""
     return gnconv_bytes(spec.dim, spec.order, spec.H, spec.W, batch, dtype_name(dtype), ksize=spec.ksize)
 
 
@@ -118,7 +118,7 @@ class GnConvOp(Op):
     torch.compile of it; resfuse-*: ``resfuse.nn.GnConv.from_module(plain,
     backend=...)`` (2 kernels: proj_in, then dwconv + gates + pws chain +
     proj_out). Each argument set holds its own input and its own module copy,
-    so weights rotate too. Byte/FLOP model: ``resfuse.gnconv_traffic``."""
+    so weights rotate too. Byte/FLOP model: ``bench.gnconv_traffic``."""
     name = "gnconv"
 
     def describe(self, case):

@@ -1,5 +1,5 @@
 """Byte and FLOP model of HorNet's gnconv: eager vs fused (pure Python, no
-torch, so ``bench/`` can import it anywhere).
+torch). bench/ only: no installed module needs it.
 
 Same counting rules as ``bench/model.py``: one forward of a batch of N
 images, ``e`` bytes per element; each kernel reads its operands from HBM
@@ -46,7 +46,7 @@ HorBlock's norm1 and residual) and ``horblock_bytes`` (a HorBlock: eval
 forward, or forward + backward) write both designs as lists of ``Step``s,
 one line of code per eager op and per fused kernel, in the order they run,
 and sum them (``StepTraffic.eager_steps`` / ``fused_steps`` keep the lines:
-``python -m resfuse.gnconv_traffic --steps 3`` prints stage 3's). Rules
+``python -m bench.gnconv_traffic --steps 3`` prints stage 3's). Rules
 added to the ones above:
 
 - the backward starts from a given dout (its producer is not counted); x
@@ -621,7 +621,7 @@ def _print_steps(t: StepTraffic) -> None:
 
 def main(argv=None) -> None:
     import argparse
-    p = argparse.ArgumentParser(prog="python -m resfuse.gnconv_traffic",
+    p = argparse.ArgumentParser(prog="python -m bench.gnconv_traffic",
                                 description="HorNet-T byte model tables (batch 32, fp16)")
     p.add_argument("--steps", type=int, choices=(1, 2, 3, 4),
                    help="also print every step of this stage's HorBlock forward + backward")
@@ -650,5 +650,5 @@ def main(argv=None) -> None:
         _print_steps(horblock_bytes(d, o, h, h, 32, "float16", train=True))
 
 
-if __name__ == "__main__":  # python -m resfuse.gnconv_traffic [--steps N]
+if __name__ == "__main__":  # python -m bench.gnconv_traffic [--steps N]
     main()

@@ -3,6 +3,7 @@ marker, the `device` fixture every kernel test is parametrized over, and
 the `toolchain` fixture of the csrc emulation tests (tests/emulation.py)."""
 
 import os
+import sys
 import zlib
 
 import torch
@@ -10,6 +11,12 @@ import torch
 if not torch.cuda.is_available():
     # Must happen before Triton is imported anywhere.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# bench/ is not installed: tests that check the benchmarks' byte models import
+# it from this checkout.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 # Kernel outputs start as NaN: an element a kernel does not write fails.
 os.environ["RESFUSE_POISON_OUTPUTS"] = "1"

@@ -485,7 +485,7 @@ def test_gnconv_cases_registered_with_hornet_t_shapes():
 
 
 def test_gnconv_model_columns_are_the_traffic_model():
-    from resfuse.gnconv_traffic import gnconv_bytes
+    from bench.gnconv_traffic import gnconv_bytes
     for c in cases.select(kinds=["gnconv"]):
         for batch, dtype, name in ((1, torch.float32, "float32"), (32, torch.bfloat16, "bfloat16"),
                                    (256, torch.float16, "float16")):
@@ -560,7 +560,7 @@ def test_gnconv_provider_that_would_not_fuse_is_an_error(monkeypatch):
 # ----------------------------------------------------------------------------
 
 def test_gnconv_train_bytes_by_hand():
-    from resfuse.gnconv_traffic import gnconv_train_bytes
+    from bench.gnconv_traffic import gnconv_train_bytes
     # dim 8, order 2, 3x3 depthwise, 2x2 image, batch 1, float32: D = 8, dims 4/8, d0 = 4, S = 12,
     # P = 4 pixels, e = 4 bytes. Per pixel, in elements:
     # eager forward:  proj_in 8 + 16, dwconv 12 + 12, * s 12 + 12, pwa * g0 3*4,
@@ -590,7 +590,7 @@ def test_gnconv_train_bytes_by_hand():
 
 
 def test_horblock_bytes_by_hand():
-    from resfuse.gnconv_traffic import horblock_bytes
+    from bench.gnconv_traffic import horblock_bytes
     # the same gnconv (dim 8 = C, order 2, 3x3, 2x2, batch 1, float32) in a HorBlock. Per pixel:
     # eager forward:  norm1 14*8 + 9 = 121, gnconv 136, gamma1 * y 16, x + . 24             = 297
     #                 norm2 8 + 8 (+ 2 stats), pwconv1 8 + 32, GELU 64, pwconv2 32 + 8,
@@ -624,7 +624,7 @@ def test_horblock_bytes_by_hand():
 
 
 def test_horblock_forward_is_the_gnconv_forward_model_plus_the_mlp():
-    from resfuse.gnconv_traffic import gnconv_bytes, horblock_bytes
+    from bench.gnconv_traffic import gnconv_bytes, horblock_bytes
     for dim, order, hw in ((64, 2, 56), (256, 4, 14)):
         g = gnconv_bytes(dim, order, hw, hw, 32, "bfloat16", norm=True, residual=True)
         h = horblock_bytes(dim, order, hw, hw, 32, "bfloat16", train=False)
@@ -637,8 +637,8 @@ def test_horblock_forward_is_the_gnconv_forward_model_plus_the_mlp():
 
 
 def test_train_tables_hornet_t_pinned():
-    from resfuse.gnconv_traffic import hornet_t_horblock_table, hornet_t_table, hornet_t_train_table
-    # batch 32, fp16 (python -m resfuse.gnconv_traffic prints them)
+    from bench.gnconv_traffic import hornet_t_horblock_table, hornet_t_table, hornet_t_train_table
+    # batch 32, fp16 (python -m bench.gnconv_traffic prints them)
     gn = hornet_t_train_table()
     assert [(t.eager_bytes, t.fused_bytes, t.eager_launches, t.fused_launches) for *_, t in gn] == [
         (777_242_240, 353_355_392, 26, 8), (441_975_808, 191_497_216, 33, 9),
@@ -720,7 +720,7 @@ def test_eager_steps_are_what_pytorch_dispatches(what, order):
     # channels_last, x requiring grad): the kernel count, and the bytes per pixel (the difference
     # between batch 2 and batch 1, so that parameters and their gradients cancel).
     from bench.models import make_gnconv, make_horblock
-    from resfuse.gnconv_traffic import gnconv_train_bytes, horblock_bytes
+    from bench.gnconv_traffic import gnconv_train_bytes, horblock_bytes
     dim, hw = 32, 5
     torch.manual_seed(0)
     mod = (make_gnconv(dim, order, 1 / 3) if what == "gnconv" else make_horblock(dim, order, 1 / 3)).train()
@@ -764,7 +764,7 @@ def test_hornet_training_and_horblock_cases_registered():
 
 
 def test_hornet_training_model_columns_are_the_traffic_model():
-    from resfuse.gnconv_traffic import gnconv_train_bytes, horblock_bytes
+    from bench.gnconv_traffic import gnconv_train_bytes, horblock_bytes
     ceil = m.Ceilings(bandwidth=3e12, matmul={"bfloat16": 800e12})
     for c in cases.select(kinds=["train", "horblock"]):
         s = c.spec
@@ -951,7 +951,7 @@ def test_run_model_only_prints_every_case():
 
 
 def test_run_quick_cpu_times_and_writes_results(tmp_path):
-    from resfuse.gnconv_traffic import horblock_bytes
+    from bench.gnconv_traffic import horblock_bytes
     r = _run([sys.executable, "bench/run.py", "--quick", "--case",
               "resnet50.conv2_x.0.conv2,block.resnet50.conv2_x.0,model.resnet18,gnconv.hornet_t.stage3,"
               "gnconv_train.hornet_t.stage3,horblock_train.hornet_t.stage3",

@@ -1,7 +1,7 @@
 """HorNet's gnconv: the ops (``layernorm_conv1x1``, ``gnconv_chain``), their
 Triton kernels (kernels/gnconv.py), ``resfuse.nn.GnConv`` /
 ``FusedHorBlock``, ``convert`` and ``explain`` on HorNet-style models, and
-the byte model (``resfuse.gnconv_traffic``).
+the byte model (``bench.gnconv_traffic``).
 
 Kernel tests run on the ``device`` fixture (CPU tensors through Triton's
 interpreter here, CUDA tensors on a GPU box). Every kernel result is
@@ -29,10 +29,10 @@ import torch.nn.functional as F
 import resfuse
 from resfuse.ops import gnconv as ops_gnconv
 from resfuse._backends import kernels_module
-from resfuse.gnconv_traffic import HORNET_T_STAGES, gnconv_bytes, hornet_t_table
 from resfuse.nn import FusedHorBlock, GnConv
 from resfuse.reference import gnconv_chain_reference, gnconv_dims, gnconv_reference, to_float64
 
+from bench.gnconv_traffic import HORNET_T_STAGES, gnconv_bytes, hornet_t_table  # bench/: on sys.path (conftest)
 from numerics import FLOOR, assert_matches, rel_err
 from seed_hornet import GlobalLocalFilter, HorBlock, HorLayerNorm, HorNet, gnconv, randomize
 
