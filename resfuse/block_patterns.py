@@ -30,7 +30,8 @@ from typing import Optional, Tuple, Union
 import torch.nn as nn
 
 from .activations import activation_of_module
-from .patterns import bn_reason, conv_reason, hooks_reason, is_plain_sequential
+from .nn.conv_bn_act import is_plain_sequential
+from .nn.guards import bn_reason, conv_reason, hooks_reason
 from .recognize.dataflow import Expr, dataflow, describe, single_user_reason, trace
 
 # Children that may appear in a block and are the identity in eval mode.

@@ -18,7 +18,7 @@ from .models import randomize_bn, resnet18, resnet50, vgg16_bn_features
 from .nn.blocks import FusedResidualBlock
 from .nn.conv_bn_act import FusedSequential
 from .nn.stem import ConvBNHead
-from .patterns import FusedGroup
+from .nn.conv_bn_act import FusedGroup
 from .activations import negative_slope_of
 from .explain import head_kind
 from .reference import bn_act_conv_reference, conv_bn_act_reference, to_float64

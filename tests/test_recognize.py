@@ -16,7 +16,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 import resfuse
 from resfuse.block_patterns import match_block
 from resfuse.nn.blocks import FusedResidualBlock
-from resfuse.nn.stem import ConvBNHead, stem_parts
+from resfuse.nn.stem import ConvBNHead
+from resfuse.recognize.stem import stem_parts
 from resfuse.recognize.dataflow import chain_reason, trace
 from resfuse import models
 from seed_models import ResidualLayer, downsample, randomize_bn

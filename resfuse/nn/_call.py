@@ -10,7 +10,7 @@ import torch.nn as nn
 from .. import dispatch
 from ..activations import negative_slope_of
 from ..ops.conv_bn_act import resolve_padding
-from ..patterns import bn_tensors
+from .guards import bn_tensors
 
 
 _MODULE_STATE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set",

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .. import models as _reference_blocks
 from ..block_patterns import BlockSpec, match_block
-from ..patterns import bn_uses_running_stats, hooks_reason
+from .guards import bn_uses_running_stats, hooks_reason
 from ._call import FusedModuleMixin, adopt, fused_conv_bn
 
 class FusedResidualBlock(FusedModuleMixin, nn.Module):

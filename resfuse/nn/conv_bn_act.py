@@ -12,16 +12,16 @@ for ``nn.Sequential(Conv2d, BatchNorm2d, ReLU)`` and for a conv/bn pair.
 ReLU, Conv2d)`` with the BN and activation as the conv's prologue.
 """
 
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
 from ..activations import ACTIVATIONS, activation_of_module
 from ._call import FusedModuleMixin, fused_conv_bn
+from .guards import bn_reason, bn_uses_running_stats, conv_reason, hooks_reason
 from .stem import fuse_prologue
-from ..patterns import (FusedGroup, Plan, bn_reason, bn_uses_running_stats, conv_reason,
-                        plan_sequential)
 
 _ACT_MODULES = {   # the module ConvBNAct(activation=name) builds, from its negative_slope
     "identity": None,
@@ -35,6 +35,64 @@ _ACT_MODULES = {   # the module ConvBNAct(activation=name) builds, from its nega
     "gelu_tanh": lambda slope: nn.GELU(approximate="tanh"),
 }
 assert set(_ACT_MODULES) == set(ACTIVATIONS), "every fused activation needs a module"
+
+
+# ----------------------------------------------------------------------------
+# The plan: how a Sequential's children run (recomputed by FusedSequential at
+# every call, so a changed child is never run with a stale plan; convert uses
+# it to decide which Sequentials to make FusedSequentials)
+# ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FusedGroup:
+    """A Conv2d -> BN (-> activation) run inside a Sequential, by child name."""
+    conv: str
+    bn: str
+    act: Optional[str]
+    activation: str
+
+    @property
+    def kind(self) -> str:
+        return "conv+bn" + ("" if self.activation == "identity" and self.act is None
+                            else f"+{self.activation}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a Sequential runs: fused groups and single modules, in order."""
+    steps: tuple  # of FusedGroup | str (a child name run as is)
+    unfused: Dict[str, str]  # conv child name -> why it is not fused
+
+
+def plan_sequential(seq: nn.Sequential) -> Plan:
+    names: List[str] = list(seq._modules.keys())
+    mods = [seq._modules[n] for n in names]
+    steps, unfused = [], {}
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        if isinstance(m, nn.Conv2d):
+            why = conv_reason(m) or bn_reason(mods[i + 1] if i + 1 < len(mods) else None, m)
+            if why is None:
+                act_mod = mods[i + 2] if i + 2 < len(mods) else None
+                act = (activation_of_module(act_mod)
+                       if act_mod is not None and hooks_reason(act_mod, "activation") is None else None)
+                if act_mod is not None and act is not None:
+                    steps.append(FusedGroup(names[i], names[i + 1], names[i + 2], act))
+                    i += 3
+                else:
+                    steps.append(FusedGroup(names[i], names[i + 1], None, "identity"))
+                    i += 2
+                continue
+            unfused[names[i]] = why
+        steps.append(names[i])
+        i += 1
+    return Plan(tuple(steps), unfused)
+
+
+def is_plain_sequential(m: nn.Module) -> bool:
+    """An nn.Sequential whose forward is Sequential's own."""
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
 
 def _compiling() -> bool:

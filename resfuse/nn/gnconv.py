@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from .. import dispatch
-from ..patterns import conv_reason, hooks_reason
+from .guards import conv_reason, hooks_reason
 from ..recognize.dataflow import same_forward_reason
 from ..recognize.references import HorNetBlock, HorNetGnConv
 from ..reference import gnconv_dims

@@ -1,16 +1,14 @@
-"""Which modules can fuse, recognised by structure, with the reason when not.
-
-Shared by ``convert`` (what to rewrite), ``resfuse.nn`` (what to run fused)
-and ``explain`` (why something is not fused).
+"""What a fused module checks of its children at every call: may this
+Conv2d / BatchNorm run inside a fused kernel now (exact types, no hooks,
+zero padding, running statistics), and the BN's live tensors. The
+reasons are also what ``explain`` prints. Recognition
+(``resfuse.recognize``) uses the same checks before it rewrites anything.
 """
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
-
-from .activations import activation_of_module
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
@@ -83,55 +81,3 @@ def bn_uses_running_stats(bn: nn.Module) -> bool:
 def bn_tensors(bn: nn.Module):
     """(running_mean, running_var, weight, bias, eps) of a foldable BN."""
     return bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps)
-
-
-@dataclass(frozen=True)
-class FusedGroup:
-    """A Conv2d -> BN (-> activation) run inside a Sequential, by child name."""
-    conv: str
-    bn: str
-    act: Optional[str]
-    activation: str
-
-    @property
-    def kind(self) -> str:
-        return "conv+bn" + ("" if self.activation == "identity" and self.act is None
-                            else f"+{self.activation}")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How a Sequential runs: fused groups and single modules, in order."""
-    steps: tuple  # of FusedGroup | str (a child name run as is)
-    unfused: Dict[str, str]  # conv child name -> why it is not fused
-
-
-def plan_sequential(seq: nn.Sequential) -> Plan:
-    names: List[str] = list(seq._modules.keys())
-    mods = [seq._modules[n] for n in names]
-    steps, unfused = [], {}
-    i = 0
-    while i < len(mods):
-        m = mods[i]
-        if isinstance(m, nn.Conv2d):
-            why = conv_reason(m) or bn_reason(mods[i + 1] if i + 1 < len(mods) else None, m)
-            if why is None:
-                act_mod = mods[i + 2] if i + 2 < len(mods) else None
-                act = (activation_of_module(act_mod)
-                       if act_mod is not None and hooks_reason(act_mod, "activation") is None else None)
-                if act_mod is not None and act is not None:
-                    steps.append(FusedGroup(names[i], names[i + 1], names[i + 2], act))
-                    i += 3
-                else:
-                    steps.append(FusedGroup(names[i], names[i + 1], None, "identity"))
-                    i += 2
-                continue
-            unfused[names[i]] = why
-        steps.append(names[i])
-        i += 1
-    return Plan(tuple(steps), unfused)
-
-
-def is_plain_sequential(m: nn.Module) -> bool:
-    """An nn.Sequential whose forward is Sequential's own."""
-    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..activations import activation_of_module, get_activation
-from ..patterns import bn_reason, conv_reason, hooks_reason
+from ..nn.guards import bn_reason, conv_reason, hooks_reason
 from .dataflow import trace
 
 _FUNCTIONAL_IDEMPOTENT = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}

@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..activations import activation_of_module
-from ..patterns import conv_reason, hooks_reason
+from ..nn.guards import conv_reason, hooks_reason
 from .dataflow import trace
 from .heads import Head, is_batchnorm_act
 
