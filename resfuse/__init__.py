@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: F401  (registers torch.ops.resfuse.*)
 from . import nn  # noqa: F401
+from . import recognize  # noqa: F401  (registers the proofs nn's from_module constructors ask for)
 from .convert import convert
 from .dispatch import BACKENDS, BackendUnavailable, last_decision
 from .explain import explain

@@ -13,12 +13,13 @@ import copy
 import torch.nn as nn
 
 from . import dispatch
-from .block_patterns import match_block
-from .nn.blocks import FusedResidualBlock, convert_blocks, fuse_block
+from .nn.blocks import FusedResidualBlock, fuse_block
 from .nn.conv_bn_act import FusedSequential
-from .nn.gnconv import FusedHorBlock, GnConv, convert_gnconv
+from .nn.gnconv import FusedHorBlock, GnConv
 from .nn.stem import ConvBNHead, fuse_head, fuse_prologue
 from .nn.conv_bn_act import FusedGroup, is_plain_sequential, plan_sequential
+from .recognize.blocks import convert_blocks, match_block
+from .recognize.gnconv import convert_gnconv
 from .recognize.heads import find_heads, is_batchnorm_act, shared_modules
 from .recognize.prologues import find_prologues, resolve_chains
 from .recognize.stem import convert_stems

@@ -11,17 +11,18 @@ import torch
 import torch.nn as nn
 
 from . import dispatch
-from .block_patterns import match_block
 from .build_info import describe
 from .nn.blocks import FusedResidualBlock
 from .nn.conv_bn_act import FusedSequential
-from .nn.gnconv import FusedHorBlock, GnConv, gnconv_convert_reason, match_gnconv, mlp_reason
+from .nn.gnconv import FusedHorBlock, GnConv, match_gnconv, mlp_reason
 from .nn.stem import ConvBNHead, head_fuses, prologue_fuses
 from .ops.conv_bn_act import OP, ProblemSignature
 from .ops.gnconv import OP_CHAIN, OP_PROJ, GnConvSignature, signature_reasons
 from .ops.horblock_mlp import OP_GELU_CONV1X1
 from .nn.conv_bn_act import FusedGroup, is_plain_sequential, plan_sequential
 from .nn.guards import bn_uses_running_stats
+from .recognize.blocks import match_block
+from .recognize.gnconv import gnconv_convert_reason
 from .recognize.heads import find_heads, shared_modules
 from .recognize.prologues import find_prologues
 from .recognize.stem import stem_parts

@@ -14,7 +14,7 @@ import torch.nn as nn
 import resfuse
 from resfuse import models as rf_models
 from resfuse.models import randomize_bn
-from resfuse.block_patterns import match_block
+from resfuse.recognize.blocks import match_block
 from resfuse.nn.blocks import BasicBlock, Bottleneck, FusedResidualBlock, fuse_block
 from resfuse.nn.stem import ConvBNHead
 from testutil import launches as _launches

@@ -152,3 +152,14 @@ def test_the_detector_sees_function_local_and_relative_imports(tmp_path):
     assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.a"}
     assert graph["pkg.c"] == set() and graph["pkg.d"] == {"pkg.c"}
     assert cycles(graph) == [["pkg.a", "pkg.sub.b"]]
+
+
+def test_nn_holds_modules_and_imports_no_recognition():
+    """The dependency runs one way: resfuse.recognize -> resfuse.nn. The
+    modules' from_module constructors get their proofs through
+    nn/_provers.py, where recognition registers them."""
+    graph = import_graph()
+    bad = {m: sorted(t for t in deps if t.startswith("resfuse.recognize") or t == "resfuse.convert")
+           for m, deps in graph.items() if m == "resfuse.nn" or m.startswith("resfuse.nn.")}
+    assert not any(bad.values()), {m: v for m, v in bad.items() if v}
+    assert any(t.startswith("resfuse.nn") for t in graph["resfuse.recognize.blocks"])

@@ -14,7 +14,7 @@ import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import resfuse
-from resfuse.block_patterns import match_block
+from resfuse.recognize.blocks import match_block
 from resfuse.nn.blocks import FusedResidualBlock
 from resfuse.nn.stem import ConvBNHead
 from resfuse.recognize.stem import stem_parts

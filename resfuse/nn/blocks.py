@@ -1,6 +1,6 @@
 """Fused ResNet blocks: ``BasicBlock`` (2 kernels in eval) and
 ``Bottleneck`` (3 kernels in eval), drop-in for torchvision's, timm's and
-look-alike blocks (recognised by structure, see ``block_patterns``).
+look-alike blocks (proven by ``resfuse.recognize.blocks``).
 
 A fused block keeps the original block's children under their original
 names, so its state_dict is the original's. In eval (every BN on running
@@ -17,9 +17,9 @@ from typing import Optional
 import torch.nn as nn
 
 from .. import models as _reference_blocks
-from ..block_patterns import BlockSpec, match_block
-from .guards import bn_uses_running_stats, hooks_reason
 from ._call import FusedModuleMixin, adopt, fused_conv_bn
+from ._provers import prove
+from .guards import bn_uses_running_stats, hooks_reason
 
 class FusedResidualBlock(FusedModuleMixin, nn.Module):
     """Base of the fused blocks. Attributes: ``backend``, ``spec`` (the
@@ -27,7 +27,7 @@ class FusedResidualBlock(FusedModuleMixin, nn.Module):
 
     _n_stages = None  # set by subclasses
 
-    def _init_fused(self, spec: BlockSpec, source_cls: type, backend: str) -> None:
+    def _init_fused(self, spec, source_cls: type, backend: str) -> None:
         if len(spec.stages) != self._n_stages:
             raise ValueError(f"{type(self).__name__} needs {self._n_stages} conv stages, the block has "
                              f"{len(spec.stages)}; use resfuse.nn.fuse_block() to pick the class")
@@ -40,7 +40,7 @@ class FusedResidualBlock(FusedModuleMixin, nn.Module):
     def from_module(cls, block: nn.Module, backend: str = "auto") -> "FusedResidualBlock":
         """A fused block sharing `block`'s children, parameters, buffers and
         hooks. Raises ValueError with the reason if `block` does not match."""
-        spec = match_block(block, forward_of=getattr(block, "_source_cls", None))
+        spec = prove("residual_block", block, forward_of=getattr(block, "_source_cls", None))
         if isinstance(spec, str):
             raise ValueError(f"{cls.__name__}.from_module: {type(block).__name__} is not a fusable residual "
                              f"block: {spec}")
@@ -116,7 +116,7 @@ class BasicBlock(FusedResidualBlock):
         super().__init__()
         ref = _reference_blocks.BasicBlock(inplanes, planes, stride, downsample)
         self.__dict__.update({k: v for k, v in ref.__dict__.items()})
-        self._init_fused(match_block(ref), _reference_blocks.BasicBlock, backend)
+        self._init_fused(prove("residual_block", ref), _reference_blocks.BasicBlock, backend)
 
 
 class Bottleneck(FusedResidualBlock):
@@ -134,33 +134,13 @@ class Bottleneck(FusedResidualBlock):
         super().__init__()
         ref = _reference_blocks.Bottleneck(inplanes, planes, stride, downsample)
         self.__dict__.update({k: v for k, v in ref.__dict__.items()})
-        self._init_fused(match_block(ref), _reference_blocks.Bottleneck, backend)
+        self._init_fused(prove("residual_block", ref), _reference_blocks.Bottleneck, backend)
 
 
 def fuse_block(block: nn.Module, backend: str = "auto") -> FusedResidualBlock:
     """BasicBlock or Bottleneck (by the number of convs) wrapping `block`."""
-    spec = match_block(block, forward_of=getattr(block, "_source_cls", None))
+    spec = prove("residual_block", block, forward_of=getattr(block, "_source_cls", None))
     if isinstance(spec, str):
         raise ValueError(f"fuse_block: {type(block).__name__} is not a fusable residual block: {spec}")
     cls = BasicBlock if len(spec.stages) == 2 else Bottleneck
     return cls.from_module(block, backend)
-
-
-def convert_blocks(model: nn.Module, backend: str) -> set:
-    """Replace every matching residual block in `model` (in place) by its
-    fused version. Returns the ids of the downsample modules now computed
-    inside a block's last kernel (projection shortcuts), which no other
-    pass should touch."""
-    absorbed = set()
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, FusedResidualBlock):
-                child.backend = backend
-            elif not isinstance(match_block(child), str):
-                child = fuse_block(child, backend)
-                setattr(parent, name, child)
-            else:
-                continue
-            if child.spec.shortcut == "projection":
-                absorbed.add(id(child._modules[child.spec.downsample]))
-    return absorbed

@@ -40,10 +40,9 @@ import torch.nn as nn
 
 from .. import dispatch
 from .guards import conv_reason, hooks_reason
-from ..recognize.dataflow import same_forward_reason
-from ..recognize.references import HorNetBlock, HorNetGnConv
 from ..reference import gnconv_dims
 from ._call import FusedModuleMixin, _cast, _compute_dtype, adopt
+from ._provers import prove
 
 # ----------------------------------------------------------------------------
 # Recognition by structure
@@ -163,32 +162,6 @@ def match_horblock(m: nn.Module) -> Union[GnConvSpec, str]:
     return spec
 
 
-def _forward_reason(m: nn.Module, reference: type) -> Optional[str]:
-    """Why `m`'s own forward (for a fused module: the forward of the class it
-    was made from) does not compute `reference`'s (HorNet's)."""
-    src = m.__dict__.get("_source_cls", type(m)) if isinstance(m, (GnConv, FusedHorBlock)) else type(m)
-    if src is None:  # built by resfuse, never had another forward
-        return None
-    why = same_forward_reason(m, reference, forward_of=src)
-    return f"{src.__name__}.forward: {why}" if why else None
-
-
-def gnconv_convert_reason(m: nn.Module) -> Optional[str]:
-    """Why `m` may not be replaced by a GnConv: its structure, or a forward
-    that does not compute HorNet's gnconv (None: it may)."""
-    spec = match_gnconv(m)
-    return spec if isinstance(spec, str) else _forward_reason(m, HorNetGnConv)
-
-
-def horblock_convert_reason(m: nn.Module) -> Optional[str]:
-    """Why `m` may not be replaced by a FusedHorBlock (None: it may)."""
-    spec = match_horblock(m)
-    if isinstance(spec, str):
-        return spec
-    why = gnconv_convert_reason(m._modules["gnconv"])
-    return f"gnconv: {why}" if why else _forward_reason(m, HorNetBlock)
-
-
 # ----------------------------------------------------------------------------
 # GnConv
 # ----------------------------------------------------------------------------
@@ -222,7 +195,7 @@ class GnConv(FusedModuleMixin, nn.Module):
     def from_module(cls, module: nn.Module, backend: str = "auto") -> "GnConv":
         """A GnConv sharing `module`'s children, parameters and hooks (any
         module with HorNet's gnconv structure). Raises ValueError if not."""
-        why = gnconv_convert_reason(module)
+        why = prove("gnconv", module)
         if why:
             raise ValueError(f"GnConv.from_module: {type(module).__name__} is not a gnconv: {why}")
         spec = match_gnconv(module)
@@ -373,7 +346,7 @@ class FusedHorBlock(nn.Module):
 
     @classmethod
     def from_module(cls, block: nn.Module, backend: str = "auto") -> "FusedHorBlock":
-        why = horblock_convert_reason(block)
+        why = prove("horblock", block)
         if why:
             raise ValueError(f"FusedHorBlock.from_module: {type(block).__name__} is not a HorBlock: {why}")
         self = adopt(cls, block)
@@ -470,32 +443,3 @@ class FusedHorBlock(nn.Module):
         return (f"fused: norm1+proj_in, chain+gamma1+residual, "
                 f"{'norm2+pwconv1, gelu+pwconv2+gamma2+residual' if not mlp else 'MLP eager: ' + mlp}; "
                 f"backend={self.backend!r}")
-
-
-# ----------------------------------------------------------------------------
-# convert
-# ----------------------------------------------------------------------------
-
-def convert_gnconv(model: nn.Module, backend: str) -> nn.Module:
-    """Replace (in place) every gnconv-structured module of `model` by a
-    GnConv and every HorBlock by a FusedHorBlock. Returns the model (a new
-    object when `model` itself is one of them)."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, GnConv):
-                child.backend = backend
-            elif gnconv_convert_reason(child) is None:
-                setattr(parent, name, GnConv.from_module(child, backend))
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, FusedHorBlock):
-                child.backend = backend
-            elif horblock_convert_reason(child) is None:
-                setattr(parent, name, FusedHorBlock.from_module(child, backend))
-    if isinstance(model, (GnConv, FusedHorBlock)):
-        model.backend = backend
-    elif horblock_convert_reason(model) is None:
-        model = FusedHorBlock.from_module(model, backend)
-    elif gnconv_convert_reason(model) is None:
-        model = GnConv.from_module(model, backend)
-    return model

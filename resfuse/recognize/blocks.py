@@ -29,10 +29,12 @@ from typing import Optional, Tuple, Union
 
 import torch.nn as nn
 
-from .activations import activation_of_module
-from .nn.conv_bn_act import is_plain_sequential
-from .nn.guards import bn_reason, conv_reason, hooks_reason
-from .recognize.dataflow import Expr, dataflow, describe, single_user_reason, trace
+from ..activations import activation_of_module
+from ..nn._provers import register_prover
+from ..nn.blocks import FusedResidualBlock, fuse_block
+from ..nn.conv_bn_act import is_plain_sequential
+from ..nn.guards import bn_reason, conv_reason, hooks_reason
+from .dataflow import Expr, dataflow, describe, single_user_reason, trace
 
 # Children that may appear in a block and are the identity in eval mode.
 _EVAL_IDENTITY_NAMES = ("drop_block", "aa", "se", "drop_path")
@@ -205,3 +207,26 @@ def match_block(block: nn.Module, forward_of: Optional[type] = None) -> Union[Bl
     spec = BlockSpec(spec_stages, out_act, out_activation, shortcut, "downsample" if downsample is not None else None)
     why = forward_reason(block, spec, forward_of or type(block))
     return spec if why is None else f"{(forward_of or type(block)).__name__}.forward: {why}"
+
+
+register_prover("residual_block", match_block)
+
+
+def convert_blocks(model: nn.Module, backend: str) -> set:
+    """Replace every matching residual block in `model` (in place) by its
+    fused version. Returns the ids of the downsample modules now computed
+    inside a block's last kernel (projection shortcuts), which no other
+    pass should touch."""
+    absorbed = set()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FusedResidualBlock):
+                child.backend = backend
+            elif not isinstance(match_block(child), str):
+                child = fuse_block(child, backend)
+                setattr(parent, name, child)
+            else:
+                continue
+            if child.spec.shortcut == "projection":
+                absorbed.add(id(child._modules[child.spec.downsample]))
+    return absorbed
