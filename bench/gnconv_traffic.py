@@ -142,7 +142,7 @@ the MLP's backward first, whose dx is the gnconv half's dout.
 from dataclasses import dataclass
 from typing import List, Tuple
 
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+from .model import elem_bytes  # bytes per element: bench/model.py's rule, the one copy
 
 #: HorNet-T (hornet_tiny_7x7) stages at a 224x224 input: (dim, order, H=W).
 #: Every stage uses s = 1/3.
@@ -180,10 +180,7 @@ def gnconv_bytes(dim: int, order: int, H: int, W: int, batch: int, dtype: str = 
     proj_in (eager: HorNet's 10-kernel LayerNorm; fused: kernel 1's
     prologue). ``residual``: ``x + gamma1 * y`` follows (eager: 2 kernels;
     fused: kernel 2's epilogue)."""
-    try:
-        e = DTYPE_BYTES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(DTYPE_BYTES)}") from None
+    e = elem_bytes(dtype)
     dims = gnconv_dims(dim, order)
     D, d0, S, k2 = dim, dims[0], sum(dims), ksize * ksize
     P = batch * H * W
@@ -544,10 +541,7 @@ def _fused_mlp_backward(C: int) -> List[Step]:
 
 def _totals(eager: List[Step], fused: List[Step], *, flops_px: int, recompute_px: int, params: int,
             P: int, dtype: str) -> StepTraffic:
-    try:
-        e = DTYPE_BYTES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(DTYPE_BYTES)}") from None
+    e = elem_bytes(dtype)
     st = max(4, e)  # LayerNorm statistics: float32 (float64 for float64)
 
     def bytes_(steps):
