@@ -1,5 +1,6 @@
-"""Byte and FLOP model of HorNet's gnconv: eager vs fused (pure Python, no
-torch). bench/ only: no installed module needs it.
+"""Byte and FLOP model of HorNet's gnconv: eager vs fused (arithmetic only;
+HorNet's channel split comes from resfuse.reference). bench/ only: no
+installed module needs it.
 
 Same counting rules as ``bench/model.py``: one forward of a batch of N
 images, ``e`` bytes per element; each kernel reads its operands from HBM
@@ -142,17 +143,13 @@ the MLP's backward first, whose dx is the gnconv half's dout.
 from dataclasses import dataclass
 from typing import List, Tuple
 
+from resfuse.reference import gnconv_dims  # HorNet's channel split: the one definition
+
 from .model import elem_bytes  # bytes per element: bench/model.py's rule, the one copy
 
 #: HorNet-T (hornet_tiny_7x7) stages at a 224x224 input: (dim, order, H=W).
 #: Every stage uses s = 1/3.
 HORNET_T_STAGES: Tuple[Tuple[int, int, int], ...] = ((64, 2, 56), (128, 3, 28), (256, 4, 14), (512, 5, 7))
-
-
-def gnconv_dims(dim: int, order: int) -> List[int]:
-    if order < 1 or dim < 1 or dim % (1 << (order - 1)):
-        raise ValueError(f"dim={dim} must be a positive multiple of 2^(order-1), order={order} >= 1")
-    return [dim >> (order - 1 - i) for i in range(order)]
 
 
 @dataclass(frozen=True)
