@@ -187,10 +187,13 @@ def _block_rows(prefix, block: FusedResidualBlock):
             yield Record(_join(ds, "0"), "conv", "eager", "train mode or hooks: runs in the original forward", True)
 
 
-def _prologue_reason(parent, child: str, shared: frozenset) -> str:
+def _prologue_reason(parent, child: str, shared: frozenset, plans: dict) -> str:
     """Why conv `child` of `parent`, whose input is a BN's output, does not
-    take that BN (-> act) as its prologue ('' if it does not read one)."""
-    plan = find_prologues(parent, shared)
+    take that BN (-> act) as its prologue ('' if it does not read one).
+    `plans` caches each parent's plan for this report (one trace per parent)."""
+    if id(parent) not in plans:
+        plans[id(parent)] = find_prologues(parent, shared)
+    plan = plans[id(parent)]
     if isinstance(plan, str):
         return ""
     if any(p.conv == child for p in plan.prologues):
@@ -199,7 +202,7 @@ def _prologue_reason(parent, child: str, shared: frozenset) -> str:
     return f"BN before it not fused: {why}" if why else ""
 
 
-def _other_rows(prefix, parent, shared):
+def _other_rows(prefix, parent, shared, plans):
     """Conv children of a module that is not a FusedSequential or a fused block."""
     convs = {n: c for n, c in parent._modules.items() if isinstance(c, nn.Conv2d)}
     if not convs:
@@ -228,7 +231,7 @@ def _other_rows(prefix, parent, shared):
             unfused["conv1"] = "fusable stem, but not converted (resfuse.convert)"
     for child, why in unfused.items():
         if not isinstance(convs.get(child), ConvBNHead):
-            pre = _prologue_reason(parent, child, shared)
+            pre = _prologue_reason(parent, child, shared, plans)
             yield Record(_join(prefix, child), "conv", "eager", f"{why}; {pre}" if pre else why, True)
 
 
@@ -340,7 +343,7 @@ def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
                 for b, old in saved:
                     b.copy_(old)
     records = []
-    shared = shared_modules(model)
+    shared, plans = shared_modules(model), {}
     absorbed = {id(m._modules[m.spec.downsample]) for m in model.modules()
                 if isinstance(m, FusedResidualBlock) and m.spec.shortcut == "projection"}
     # gnconvs (converted or not): their rows come from _gnconv_rows, which
@@ -369,7 +372,7 @@ def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
                                     "bn_act_conv" if prologue_fuses(parent) else OP)
                 if parent.pre_bn is None:
                     owner_name, _, child = prefix.rpartition(".")
-                    pre = _prologue_reason(model.get_submodule(owner_name), child, shared) if prefix else ""
+                    pre = _prologue_reason(model.get_submodule(owner_name), child, shared, plans) if prefix else ""
                     row = dataclasses.replace(row, reason="; ".join(r for r in (row.reason, pre) if r))
                 records.append(row)
             else:
@@ -381,7 +384,7 @@ def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
         elif isinstance(parent, FusedHorBlock):
             records.extend(_mlp_rows(prefix, parent))
         else:
-            records.extend(_other_rows(prefix, parent, shared))
+            records.extend(_other_rows(prefix, parent, shared, plans))
     if isinstance(model, nn.Conv2d) and not isinstance(model, ConvBNHead):
         records.append(Record("", "conv", "eager", "a lone Conv2d has no BatchNorm to fuse", True))
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
