@@ -8,6 +8,19 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class OnInput:
+    """Mixin of an op's problem dataclass: its ``device`` and ``dtype`` are
+    its input ``x``'s (what the backends' checks and ``alloc_output`` read)."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+
 def pair(value, name: str) -> List[int]:
     """An int or a 1/2-sequence as [height, width]; errors name `name`."""
     if isinstance(value, int) and not isinstance(value, bool):

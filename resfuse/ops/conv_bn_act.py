@@ -27,7 +27,7 @@ from .. import dispatch
 from .._backends import conv_allows_tf32, cuda_reasons, kernels_module, triton_reasons
 from ..activations import (ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, activation_grad, check_negative_slope,
                           get_activation)
-from .common import FLOAT_DTYPES, acc_dtype, alloc_output, check_tensor, output_memory_format, pair
+from .common import FLOAT_DTYPES, OnInput, acc_dtype, alloc_output, check_tensor, output_memory_format, pair
 
 OP = "conv_bn_act"
 
@@ -37,7 +37,7 @@ OP = "conv_bn_act"
 # ----------------------------------------------------------------------------
 
 @dataclass
-class ConvBNActProblem:
+class ConvBNActProblem(OnInput):  # device, dtype: x's, as a ProblemSignature's
     x: torch.Tensor
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
@@ -58,14 +58,6 @@ class ConvBNActProblem:
     def act(self, t: torch.Tensor) -> torch.Tensor:
         return get_activation(self.activation).eager(t, self.negative_slope)
 
-    # What the backends' checks read; a ProblemSignature has the same three.
-    @property
-    def device(self) -> torch.device:
-        return self.x.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.x.dtype
 
 
 @dataclass

@@ -32,7 +32,7 @@ from .. import dispatch
 from .._backends import conv_allows_tf32, kernels_module, triton_reasons
 from ..reference import gnconv_chain_reference, gnconv_dims, layernorm_conv1x1_reference
 from . import gnconv_cuda
-from .common import alloc_output, check_tensor, output_memory_format
+from .common import OnInput, alloc_output, check_tensor, output_memory_format
 
 OP_PROJ = "layernorm_conv1x1"
 OP_CHAIN = "gnconv_chain"
@@ -59,7 +59,7 @@ def _check_vec(t, name, n, like):
 
 
 @dataclass
-class LNConv1x1Problem:
+class LNConv1x1Problem(OnInput):
     x: torch.Tensor
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
@@ -67,14 +67,6 @@ class LNConv1x1Problem:
     norm_bias: Optional[torch.Tensor]
     norm_eps: Optional[float]
     out_shape: tuple
-
-    @property
-    def device(self):
-        return self.x.device
-
-    @property
-    def dtype(self):
-        return self.x.dtype
 
 
 def make_ln_conv1x1_problem(x, weight, bias, norm_weight, norm_bias, norm_eps) -> LNConv1x1Problem:
@@ -101,7 +93,7 @@ def make_ln_conv1x1_problem(x, weight, bias, norm_weight, norm_bias, norm_eps) -
 
 
 @dataclass
-class GnConvChainProblem:
+class GnConvChainProblem(OnInput):
     fused: torch.Tensor
     w_dw: Optional[torch.Tensor]
     b_dw: Optional[torch.Tensor]
@@ -118,16 +110,8 @@ class GnConvChainProblem:
     out_shape: tuple
 
     @property
-    def x(self):  # what alloc_output reads: dtype, device, memory format
+    def x(self):  # what alloc_output and OnInput read: dtype, device, memory format
         return self.fused
-
-    @property
-    def device(self):
-        return self.fused.device
-
-    @property
-    def dtype(self):
-        return self.fused.dtype
 
     @property
     def order(self) -> int:

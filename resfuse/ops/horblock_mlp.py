@@ -27,14 +27,14 @@ from .. import dispatch
 from .._backends import kernels_module, triton_reasons
 from ..reference import gelu_conv1x1_reference
 from . import gnconv_cuda
-from .common import alloc_output, check_tensor, output_memory_format
+from .common import OnInput, alloc_output, check_tensor, output_memory_format
 from .gnconv import _check_vec, _check_x, _launch
 
 OP_GELU_CONV1X1 = "gelu_conv1x1"
 
 
 @dataclass
-class GeluConv1x1Problem:
+class GeluConv1x1Problem(OnInput):
     x: torch.Tensor          # a, the pre-activation (named x for alloc_output)
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
@@ -42,14 +42,6 @@ class GeluConv1x1Problem:
     sample_scale: Optional[torch.Tensor]
     residual: Optional[torch.Tensor]
     out_shape: tuple
-
-    @property
-    def device(self):
-        return self.x.device
-
-    @property
-    def dtype(self):
-        return self.x.dtype
 
 
 def make_gelu_conv1x1_problem(a, weight, bias, layer_scale, sample_scale, residual) -> GeluConv1x1Problem:
