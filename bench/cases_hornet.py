@@ -22,7 +22,7 @@ counters); a row that ran something else is an error or says so.
 The check (tests/numerics.py's rule, per tensor) compares the output and,
 for the training ops, x's gradient and the main parameters' gradients
 with float64 autograd of a float64 copy of the module; a provider that
-fails any of them is WRONG and not timed. Costs: ``bench.gnconv_traffic``
+fails any of them is WRONG and not timed. Costs: ``bench.model.gnconv``
 (``gnconv_bytes``; ``gnconv_train_bytes``; ``horblock_bytes``).
 """
 
@@ -33,8 +33,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .gnconv_traffic import (HORNET_T_STAGES, GnConvTraffic, StepTraffic, gnconv_bytes, gnconv_train_bytes,
-                             horblock_bytes)
+from resfuse.reference import gnconv_dims
+
+from .model.gnconv import (HORNET_T_STAGES, GnConvTraffic, StepTraffic, gnconv_bytes, gnconv_train_bytes,
+                           horblock_bytes)
 
 from . import case_base as _cases
 from . import model as cost_model
@@ -66,7 +68,7 @@ class GnConvCaseSpec:
 
     @property
     def dims(self) -> List[int]:
-        return [self.dim >> (self.order - 1 - i) for i in range(self.order)]
+        return gnconv_dims(self.dim, self.order)
 
     def mixer(self) -> str:
         s = "1/3" if abs(self.s - 1 / 3) < 1e-12 else f"{self.s:g}"
@@ -77,7 +79,7 @@ class GnConvCaseSpec:
 
 
 def gnconv_traffic(spec: GnConvCaseSpec, batch: int, dtype: torch.dtype) -> GnConvTraffic:
-    """``bench.gnconv_traffic.gnconv_bytes`` for the case (the one byte model)."""
+    """``bench.model.gnconv.gnconv_bytes`` for the case (the one byte model)."""
     return gnconv_bytes(spec.dim, spec.order, spec.H, spec.W, batch, dtype_name(dtype), ksize=spec.ksize)
 
 
@@ -90,17 +92,17 @@ def gnconv_cost(spec: GnConvCaseSpec, batch: int, dtype: torch.dtype) -> Cost:
     return Cost(t.flops, t.fused_bytes, t.eager_bytes)
 
 
+def kernel_costs(t: StepTraffic) -> List[Cost]:
+    """One Cost per fused kernel of a step model, then one for its
+    parameters (read at the bandwidth): a case's floor is their
+    ``layers_floor``. They sum to the model's fused totals."""
+    return [Cost(f, b, b) for _, f, b in t.fused_kernel_costs()]
+
+
 def gnconv_kernel_costs(spec: GnConvCaseSpec, batch: int, dtype: torch.dtype) -> List[Cost]:
-    """One Cost per fused kernel: kernel 1 = proj_in (x read, f = 2 dim
-    channels written, its weights and bias; 2 P 2 dim^2 FLOPs), kernel 2 =
-    the rest of the traffic model's totals (the chain: f read, y written,
-    every other weight). They sum to ``gnconv_cost``."""
-    total = gnconv_cost(spec, batch, dtype)
-    e = cost_model.elem_bytes(dtype_name(dtype))
-    P, D = batch * spec.H * spec.W, spec.dim
-    k1 = Cost(2 * P * 2 * D * D, (P * 3 * D + 2 * D * D + 2 * D) * e, (P * 3 * D + 2 * D * D + 2 * D) * e)
-    k2 = Cost(total.flops - k1.flops, total.fused_bytes - k1.fused_bytes, total.fused_bytes - k1.fused_bytes)
-    return [k1, k2]
+    """The gnconv case's kernels: proj_in, the chain (``bench.model.gnconv``'s
+    fused steps), then the parameters; they sum to ``gnconv_cost``."""
+    return kernel_costs(gnconv_traffic(spec, batch, dtype).steps)
 
 
 @lru_cache(maxsize=4)
@@ -118,7 +120,7 @@ class GnConvOp(Op):
     torch.compile of it; resfuse-*: ``resfuse.nn.GnConv.from_module(plain,
     backend=...)`` (2 kernels: proj_in, then dwconv + gates + pws chain +
     proj_out). Each argument set holds its own input and its own module copy,
-    so weights rotate too. Byte/FLOP model: ``bench.gnconv_traffic``."""
+    so weights rotate too. Byte/FLOP model: ``bench.model.gnconv``."""
     name = "gnconv"
 
     def describe(self, case):
@@ -271,9 +273,7 @@ class _HornetModuleOp(Op):
         peak = ceilings.peak(dtype_name(dtype))
         if peak is None:
             return None
-        t = self.traffic(case, batch, dtype)
-        return cost_model.layers_floor([Cost(f, b, b) for _, f, b in t.fused_kernel_costs()], peak,
-                                       ceilings.bandwidth)
+        return cost_model.layers_floor(kernel_costs(self.traffic(case, batch, dtype)), peak, ceilings.bandwidth)
 
     def max_sets(self):
         return 64

@@ -22,8 +22,8 @@ fails is reported WRONG and not timed. A training case's call is a whole
 step (forward + backward): its output, x's gradient and the main
 parameters' gradients are each checked, and the row's err/tol is the worst
 of them (``cases.check``). Timing method: ``bench/timing.py``. Cost
-model: ``bench/model.py``, and ``bench/gnconv_traffic.py`` for HorNet's
-ops (``bench/cases_hornet.py``).
+model: ``bench/model/`` (``rules``, ``conv``, and ``gnconv`` for HorNet's
+ops, ``bench/cases_hornet.py``).
 """
 
 import argparse

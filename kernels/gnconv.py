@@ -41,7 +41,7 @@ thread.
 f must reach memory: the kxk depthwise needs a (k-1)/2-pixel halo of f around
 every tile, which the projection of the neighbouring tiles produces.
 
-Byte model (``bench.gnconv_traffic``, bench/model.py's rules; per pixel,
+Byte model (``bench.model.gnconv``, bench/model/rules.py's rules; per pixel,
 in elements, weights apart; S = 2D - d0)::
 
     eager HorNet  3D + 4S + 3 d0 + sum_i (dims[i] + 4 dims[i+1]) + 2D   (2o + 3 kernels)
@@ -50,7 +50,7 @@ in elements, weights apart; S = 2D - d0)::
     minimal       2D (x read, y written: one kernel, ruled out by the halo)
 
 HorNet-T at batch 32, fp16, weights included (``python -m
-bench.gnconv_traffic``), eager -> fused MB: stage 1 (D=64, o=2, 56x56)
+bench.model.gnconv``), eager -> fused MB: stage 1 (D=64, o=2, 56x56)
 218.4 -> 77.1 (2.83x less), stage 2 (128, o=3, 28x28) 125.4 -> 38.7 (3.24x),
 stage 3 (256, o=4, 14x14) 67.2 -> 19.8 (3.39x), stage 4 (512, o=5, 7x7)
 36.3 -> 11.7 (3.12x); the stepwise fusion would move 141.3 / 80.4 / 43.1 /

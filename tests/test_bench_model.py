@@ -485,7 +485,7 @@ def test_gnconv_cases_registered_with_hornet_t_shapes():
 
 
 def test_gnconv_model_columns_are_the_traffic_model():
-    from bench.gnconv_traffic import gnconv_bytes
+    from bench.model.gnconv import gnconv_bytes
     for c in cases.select(kinds=["gnconv"]):
         for batch, dtype, name in ((1, torch.float32, "float32"), (32, torch.bfloat16, "bfloat16"),
                                    (256, torch.float16, "float16")):
@@ -494,12 +494,13 @@ def test_gnconv_model_columns_are_the_traffic_model():
             # MB fused = resfuse's fused design (2 kernels), MB eager seq = HorNet's eager op sequence
             assert (cost.flops, cost.fused_bytes, cost.unfused_bytes) == (t.flops, t.fused_bytes, t.eager_bytes)
             assert cost.unfused_bytes > cost.fused_bytes > t.minimal_bytes
-            ks = cases.gnconv_kernel_costs(c.spec, batch, dtype)
-            assert len(ks) == 2 and sum(k.flops for k in ks) == t.flops
+            ks = cases.gnconv_kernel_costs(c.spec, batch, dtype)  # proj_in, the chain, the parameters
+            assert len(ks) == 3 and sum(k.flops for k in ks) == t.flops
             assert sum(k.fused_bytes for k in ks) == t.fused_bytes
             D, P, e = c.spec.dim, batch * c.spec.H * c.spec.W, m.elem_bytes(name)
             assert ks[0].flops == 2 * P * 2 * D * D  # proj_in
-            assert ks[0].fused_bytes == (P * D + P * 2 * D + 2 * D * D + 2 * D) * e  # x, f, weight, bias
+            assert ks[0].fused_bytes == (P * D + P * 2 * D) * e  # x read, f written
+            assert ks[2] == m.Cost(0, t.weight_bytes, t.weight_bytes)
     # by hand: stage 1 at batch 1 in fp32 (dims 32/64, S = 96)
     c = cases.REGISTRY["gnconv.hornet_t.stage1"].cost(1, torch.float32)
     P = 56 * 56
@@ -560,7 +561,7 @@ def test_gnconv_provider_that_would_not_fuse_is_an_error(monkeypatch):
 # ----------------------------------------------------------------------------
 
 def test_gnconv_train_bytes_by_hand():
-    from bench.gnconv_traffic import gnconv_train_bytes
+    from bench.model.gnconv import gnconv_train_bytes
     # dim 8, order 2, 3x3 depthwise, 2x2 image, batch 1, float32: D = 8, dims 4/8, d0 = 4, S = 12,
     # P = 4 pixels, e = 4 bytes. Per pixel, in elements:
     # eager forward:  proj_in 8 + 16, dwconv 12 + 12, * s 12 + 12, pwa * g0 3*4,
@@ -590,7 +591,7 @@ def test_gnconv_train_bytes_by_hand():
 
 
 def test_horblock_bytes_by_hand():
-    from bench.gnconv_traffic import horblock_bytes
+    from bench.model.gnconv import horblock_bytes
     # the same gnconv (dim 8 = C, order 2, 3x3, 2x2, batch 1, float32) in a HorBlock. Per pixel:
     # eager forward:  norm1 14*8 + 9 = 121, gnconv 136, gamma1 * y 16, x + . 24             = 297
     #                 norm2 8 + 8 (+ 2 stats), pwconv1 8 + 32, GELU 64, pwconv2 32 + 8,
@@ -624,7 +625,7 @@ def test_horblock_bytes_by_hand():
 
 
 def test_horblock_forward_is_the_gnconv_forward_model_plus_the_mlp():
-    from bench.gnconv_traffic import gnconv_bytes, horblock_bytes
+    from bench.model.gnconv import gnconv_bytes, horblock_bytes
     for dim, order, hw in ((64, 2, 56), (256, 4, 14)):
         g = gnconv_bytes(dim, order, hw, hw, 32, "bfloat16", norm=True, residual=True)
         h = horblock_bytes(dim, order, hw, hw, 32, "bfloat16", train=False)
@@ -637,8 +638,8 @@ def test_horblock_forward_is_the_gnconv_forward_model_plus_the_mlp():
 
 
 def test_train_tables_hornet_t_pinned():
-    from bench.gnconv_traffic import hornet_t_horblock_table, hornet_t_table, hornet_t_train_table
-    # batch 32, fp16 (python -m bench.gnconv_traffic prints them)
+    from bench.model.gnconv import hornet_t_horblock_table, hornet_t_table, hornet_t_train_table
+    # batch 32, fp16 (python -m bench.model.gnconv prints them)
     gn = hornet_t_train_table()
     assert [(t.eager_bytes, t.fused_bytes, t.eager_launches, t.fused_launches) for *_, t in gn] == [
         (777_242_240, 353_355_392, 26, 8), (441_975_808, 191_497_216, 33, 9),
@@ -720,7 +721,7 @@ def test_eager_steps_are_what_pytorch_dispatches(what, order):
     # channels_last, x requiring grad): the kernel count, and the bytes per pixel (the difference
     # between batch 2 and batch 1, so that parameters and their gradients cancel).
     from bench.models import make_gnconv, make_horblock
-    from bench.gnconv_traffic import gnconv_train_bytes, horblock_bytes
+    from bench.model.gnconv import gnconv_train_bytes, horblock_bytes
     dim, hw = 32, 5
     torch.manual_seed(0)
     mod = (make_gnconv(dim, order, 1 / 3) if what == "gnconv" else make_horblock(dim, order, 1 / 3)).train()
@@ -764,7 +765,7 @@ def test_hornet_training_and_horblock_cases_registered():
 
 
 def test_hornet_training_model_columns_are_the_traffic_model():
-    from bench.gnconv_traffic import gnconv_train_bytes, horblock_bytes
+    from bench.model.gnconv import gnconv_train_bytes, horblock_bytes
     ceil = m.Ceilings(bandwidth=3e12, matmul={"bfloat16": 800e12})
     for c in cases.select(kinds=["train", "horblock"]):
         s = c.spec
@@ -951,7 +952,7 @@ def test_run_model_only_prints_every_case():
 
 
 def test_run_quick_cpu_times_and_writes_results(tmp_path):
-    from bench.gnconv_traffic import horblock_bytes
+    from bench.model.gnconv import horblock_bytes
     r = _run([sys.executable, "bench/run.py", "--quick", "--case",
               "resnet50.conv2_x.0.conv2,block.resnet50.conv2_x.0,model.resnet18,gnconv.hornet_t.stage3,"
               "gnconv_train.hornet_t.stage3,horblock_train.hornet_t.stage3",

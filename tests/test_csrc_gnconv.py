@@ -331,7 +331,7 @@ def test_cuda_byte_model_matches_the_launches_it_makes(dim, order, H):
     """The CUDA forward is the stepwise fusion of the byte model (same bytes),
     and its launch counts are what the cuda backend calls: forward o + 2;
     training 4o + 6 (the GPU tests count the same calls per kernel)."""
-    from bench.gnconv_traffic import gnconv_bytes, gnconv_train_bytes
+    from bench.model.gnconv import gnconv_bytes, gnconv_train_bytes
     fwd = gnconv_train_bytes(dim, order, H, H, 8, "float16", train=False, design="cuda")
     sw = gnconv_bytes(dim, order, H, H, 8, "float16")
     assert fwd.fused_bytes == sw.stepwise_bytes, (fwd.fused_bytes, sw.stepwise_bytes)

@@ -1,7 +1,7 @@
 """HorNet's gnconv: the ops (``layernorm_conv1x1``, ``gnconv_chain``), their
 Triton kernels (kernels/gnconv.py), ``resfuse.nn.GnConv`` /
 ``FusedHorBlock``, ``convert`` and ``explain`` on HorNet-style models, and
-the byte model (``bench.gnconv_traffic``).
+the byte model (``bench.model.gnconv``).
 
 Kernel tests run on the ``device`` fixture (CPU tensors through Triton's
 interpreter here, CUDA tensors on a GPU box). Every kernel result is
@@ -32,7 +32,7 @@ from resfuse._backends import kernels_module
 from resfuse.nn import FusedHorBlock, GnConv
 from resfuse.reference import gnconv_chain_reference, gnconv_dims, gnconv_reference, to_float64
 
-from bench.gnconv_traffic import HORNET_T_STAGES, gnconv_bytes, hornet_t_table  # bench/: on sys.path (conftest)
+from bench.model.gnconv import HORNET_T_STAGES, gnconv_bytes, hornet_t_table  # bench/: on sys.path (conftest)
 from numerics import FLOOR, assert_matches, rel_err
 from seed_hornet import GlobalLocalFilter, HorBlock, HorLayerNorm, HorNet, gnconv, randomize
 

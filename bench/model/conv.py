@@ -1,21 +1,17 @@
-"""The FLOP/byte model: what each benchmark case must at least cost.
-
-Pure Python (no torch), so it runs anywhere and is tested on hand-computed
-cases (tests/test_bench_model.py).
+"""The byte/FLOP model of the conv -> BN -> (+ residual) -> act family,
+pools, Linear layers and residual blocks: what each benchmark case must at
+least cost. The rules every part of the model shares (FLOPs, HBM traffic,
+floors) are ``bench/model/rules.py``'s; this file applies them.
+Hand-computed cases: tests/test_bench_model.py.
 
 Counting rules
 --------------
-All sizes are for one forward call on a batch of N images; ``e`` is the
-element size of the activations and weights, ``e_vec`` that of the
-per-channel vectors (BN statistics and affine, conv bias).
+``e`` is the element size of the activations and weights, ``e_vec`` that
+of the per-channel vectors (BN statistics and affine, conv bias).
 
-FLOPs of a convolution (multiply and add counted as 2)::
+FLOPs of a convolution (``mac_flops``: a multiply-add is 2)::
 
     flops = 2 * N * K * P * Q * (C / groups) * R * S
-
-The epilogue (scale, shift, residual add, activation: a handful of
-operations per output element) is not counted: it is O(N*K*P*Q), at most
-~1/(C*R*S) of the conv, and never what bounds the time.
 
 Minimal HBM bytes of the fused conv -> BN -> (+ residual) -> act (each
 input read once, each output written once, weights once)::
@@ -37,15 +33,11 @@ so ``unfused = fused + 2y (BN) + 2y (add, if any) + 2y (act, if any)``:
 x + w + bn + 5y for conv-BN-ReLU, x + w + bn + 8y with a residual. This is
 a lower bound for the eager sequence too (cuDNN may re-read x).
 
-Floor time, from measured ceilings (``Ceilings``)::
-
-    floor = max(flops / peak_flops[dtype], fused_bytes / bandwidth)
-
-and "% of floor" of a measured time t is ``100 * floor / t``. For a whole
-model the floor is the sum of its layers' floors (each layer one kernel at
-best), its bytes the sum of its layers' bytes; max-pool, global average
-pool and the classifier's Linear layers count their input read and output
-write (and the Linear's weights and 2*N*in*out FLOPs).
+For a whole model the floor is the sum of its layers' floors (each layer
+one kernel at best, ``rules.layers_floor``), its bytes the sum of its
+layers' bytes; max-pool, global average pool and the classifier's Linear
+layers count their input read and output write (and the Linear's weights
+and 2*N*in*out FLOPs).
 
 Residual blocks (``BlockSpec``, ``block_cost``)
 -----------------------------------------------
@@ -105,39 +97,10 @@ Floor of a block: the sum of its fused kernels' floors
 last kernel), as a whole model's floor is the sum of its layers'.
 """
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Dict, Iterable, List, Optional, Tuple
 
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
-
-
-def elem_bytes(dtype: str) -> int:
-    """Bytes of one element of a dtype given by name ('bfloat16', ...)."""
-    try:
-        return DTYPE_BYTES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(DTYPE_BYTES)}") from None
-
-
-def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-@dataclass(frozen=True)
-class Cost:
-    """FLOPs and bytes of one call. ``unfused_bytes`` equals ``fused_bytes``
-    for an op that is one kernel either way (a pool, a Linear)."""
-    flops: int
-    fused_bytes: int
-    unfused_bytes: int
-
-    def __add__(self, other: "Cost") -> "Cost":
-        return Cost(self.flops + other.flops, self.fused_bytes + other.fused_bytes,
-                    self.unfused_bytes + other.unfused_bytes)
-
-
-ZERO = Cost(0, 0, 0)
-
+from .rules import ZERO, Cost, Floor, conv_out_size, elem_bytes, layers_floor, mac_flops
 
 @dataclass(frozen=True)
 class ConvSpec:
@@ -194,7 +157,7 @@ class ConvSpec:
 
 
 def conv_flops(spec: ConvSpec, batch: int) -> int:
-    return 2 * batch * spec.K * spec.P * spec.Q * (spec.C // spec.groups) * spec.R * spec.S
+    return mac_flops(batch * spec.K * spec.P * spec.Q * (spec.C // spec.groups) * spec.R * spec.S)
 
 
 def conv_tensor_bytes(spec: ConvSpec, batch: int, e: int, e_vec: Optional[int] = None) -> Dict[str, int]:
@@ -259,7 +222,7 @@ def linear_cost(spec: LinearSpec, batch: int, dtype: str) -> Cost:
     e = elem_bytes(dtype)
     y = batch * spec.fout * e
     fused = batch * spec.fin * e + spec.fin * spec.fout * e + (spec.fout * e if spec.bias else 0) + y
-    return Cost(2 * batch * spec.fin * spec.fout, fused, fused + (2 * y if spec.act != "identity" else 0))
+    return Cost(mac_flops(batch * spec.fin * spec.fout), fused, fused + (2 * y if spec.act != "identity" else 0))
 
 
 def layer_cost(spec, batch: int, dtype: str) -> Cost:
@@ -270,63 +233,6 @@ def layer_cost(spec, batch: int, dtype: str) -> Cost:
     if isinstance(spec, LinearSpec):
         return linear_cost(spec, batch, dtype)
     raise TypeError(f"no cost model for {type(spec).__name__}")
-
-
-# ----------------------------------------------------------------------------
-# Ceilings and floors
-# ----------------------------------------------------------------------------
-
-@dataclass
-class Ceilings:
-    """Measured limits of the device: copy bandwidth (bytes read + written
-    per second) and matmul rate per dtype (FLOP/s). ``source`` says where
-    they come from ('cuda: NVIDIA H100 ...', 'cpu', 'given')."""
-    bandwidth: float
-    matmul: Dict[str, float] = field(default_factory=dict)
-    source: str = "given"
-
-    def peak(self, dtype: str) -> Optional[float]:
-        return self.matmul.get(dtype)
-
-
-@dataclass(frozen=True)
-class Floor:
-    seconds: float
-    compute_s: float
-    memory_s: float
-
-    @property
-    def bound(self) -> str:
-        return "compute" if self.compute_s >= self.memory_s else "memory"
-
-
-def floor_time(flops: float, nbytes: float, peak_flops: float, bandwidth: float) -> Floor:
-    """max(flops / peak, bytes / bandwidth), with both terms kept."""
-    if peak_flops <= 0 or bandwidth <= 0:
-        raise ValueError("ceilings must be positive")
-    c, m = flops / peak_flops, nbytes / bandwidth
-    return Floor(max(c, m), c, m)
-
-
-def layers_floor(costs: Iterable[Cost], peak_flops: float, bandwidth: float) -> Floor:
-    """Sum of per-layer floors (a whole model, one kernel per layer at best)."""
-    total, comp, mem = 0.0, 0.0, 0.0
-    for c in costs:
-        f = floor_time(c.flops, c.fused_bytes, peak_flops, bandwidth)
-        total, comp, mem = total + f.seconds, comp + f.compute_s, mem + f.memory_s
-    return Floor(total, comp, mem)
-
-
-def fraction_of_floor(floor_s: float, measured_s: float) -> float:
-    """Achieved fraction of the floor: 1.0 means running at the floor."""
-    if measured_s <= 0:
-        raise ValueError("measured time must be positive")
-    return floor_s / measured_s
-
-
-def arithmetic_intensity(cost: Cost) -> float:
-    """FLOPs per minimal byte."""
-    return cost.flops / cost.fused_bytes if cost.fused_bytes else float("inf")
 
 
 def model_cost(layers: Iterable[Tuple[str, object]], batch: int, dtype: str) -> Cost:

@@ -2,12 +2,13 @@
 HorNet's channel split comes from resfuse.reference). bench/ only: no
 installed module needs it.
 
-Same counting rules as ``bench/model.py``: one forward of a batch of N
-images, ``e`` bytes per element; each kernel reads its operands from HBM
-and writes its result to HBM; a fused kernel reads each input once and
-writes each output once (re-reads served by L1/L2 are not HBM bytes);
-weights and per-channel vectors count once. FLOPs count the convolutions
-(multiply-add = 2); elementwise gates and scales are not counted.
+The counting rules are ``bench/model/rules.py``'s (one call on N images;
+each kernel reads its operands from HBM and writes its result; a fused
+kernel reads each input once and writes each output once; weights once;
+a multiply-add is 2 FLOPs, gates and scales are not counted). Every design
+below is a list of ``Step``s, one per eager op or fused kernel, and every
+total is their sum (``gnconv_bytes`` included: the closed forms below are
+what the steps add up to, checked by hand in tests/test_bench_model.py).
 
 Per pixel, with dims = [d0, 2 d0, ..., D] (order o), S = sum(dims) = 2D - d0,
 k x k depthwise, in elements:
@@ -47,7 +48,7 @@ HorBlock's norm1 and residual) and ``horblock_bytes`` (a HorBlock: eval
 forward, or forward + backward) write both designs as lists of ``Step``s,
 one line of code per eager op and per fused kernel, in the order they run,
 and sum them (``StepTraffic.eager_steps`` / ``fused_steps`` keep the lines:
-``python -m bench.gnconv_traffic --steps 3`` prints stage 3's). Rules
+``python -m bench.model.gnconv --steps 3`` prints stage 3's). Rules
 added to the ones above:
 
 - the backward starts from a given dout (its producer is not counted); x
@@ -145,7 +146,7 @@ from typing import List, Tuple
 
 from resfuse.reference import gnconv_dims  # HorNet's channel split: the one definition
 
-from .model import elem_bytes  # bytes per element: bench/model.py's rule, the one copy
+from .rules import elem_bytes, mac_flops, stat_bytes
 
 #: HorNet-T (hornet_tiny_7x7) stages at a 224x224 input: (dim, order, H=W).
 #: Every stage uses s = 1/3.
@@ -164,6 +165,7 @@ class GnConvTraffic:
     eager_launches: int
     fused_launches: int
     stepwise_launches: int
+    steps: "StepTraffic"  # eager and fused (Triton) step lists, whose sums the fields above are
 
     @property
     def saving(self) -> float:
@@ -173,44 +175,22 @@ class GnConvTraffic:
 
 def gnconv_bytes(dim: int, order: int, H: int, W: int, batch: int, dtype: str = "float16", *,
                  ksize: int = 7, norm: bool = False, residual: bool = False) -> GnConvTraffic:
-    """The model of the module docstring. ``norm``: HorBlock's norm1 feeds
-    proj_in (eager: HorNet's 10-kernel LayerNorm; fused: kernel 1's
-    prologue). ``residual``: ``x + gamma1 * y`` follows (eager: 2 kernels;
-    fused: kernel 2's epilogue)."""
-    e = elem_bytes(dtype)
-    dims = gnconv_dims(dim, order)
-    D, d0, S, k2 = dim, dims[0], sum(dims), ksize * ksize
-    P = batch * H * W
-    pairs = list(zip(dims[:-1], dims[1:]))
-
-    weights = (2 * D * D + 2 * D) + (S * k2 + S) + sum(a * b + b for a, b in pairs) + (D * D + D)
-    weights += (2 * D if norm else 0) + (D if residual else 0)
-    flops = 2 * P * (2 * D * D + S * k2 + sum(a * b for a, b in pairs) + D * D)
-
-    eager_px = (D + 2 * D) + 2 * S + 2 * S + 3 * d0 + sum(a + b + 3 * b for a, b in pairs) + 2 * D
-    eager_w = weights - (2 * D if norm else 0) - (D if residual else 0)
-    eager_vec = 0
-    if norm:
-        eager_px += 14 * D + 9
-        eager_vec += 2 * D
-    if residual:
-        eager_px += 5 * D
-        eager_vec += D
-    res = D if residual else 0
-    fused_px = 3 * D + 2 * D + D + res
-    stepwise_px = 3 * D + (2 * D + S) + sum(a + 2 * b for a, b in pairs) + 2 * D + res
-    minimal_px = 2 * D + res
-
-    def total(px):
-        return px * P * e + weights * e
-
+    """One gnconv forward in the four designs of the module docstring, each
+    the sum of its step list. ``norm``: HorBlock's norm1 feeds proj_in
+    (eager: HorNet's 10-kernel LayerNorm; fused: kernel 1's prologue).
+    ``residual``: ``x + gamma1 * y`` follows (eager: 2 kernels; fused:
+    kernel 2's epilogue)."""
+    fused = gnconv_train_bytes(dim, order, H, W, batch, dtype, ksize=ksize, norm=norm, residual=residual,
+                               train=False)
+    stepwise = gnconv_train_bytes(dim, order, H, W, batch, dtype, ksize=ksize, norm=norm, residual=residual,
+                                  train=False, design="cuda")
+    minimal = gnconv_train_bytes(dim, order, H, W, batch, dtype, ksize=ksize, norm=norm, residual=residual,
+                                 train=False, design="minimal")
     return GnConvTraffic(
-        flops=flops, weight_bytes=weights * e,
-        eager_bytes=eager_px * P * e + (eager_w + eager_vec) * e,
-        fused_bytes=total(fused_px), stepwise_bytes=total(stepwise_px), minimal_bytes=total(minimal_px),
-        eager_launches=2 * order + 3 + (10 if norm else 0) + (2 if residual else 0),
-        fused_launches=2, stepwise_launches=order + 2,
-    )
+        flops=fused.flops, weight_bytes=fused.param_bytes, eager_bytes=fused.eager_bytes,
+        fused_bytes=fused.fused_bytes, stepwise_bytes=stepwise.fused_bytes, minimal_bytes=minimal.fused_bytes,
+        eager_launches=fused.eager_launches, fused_launches=fused.fused_launches,
+        stepwise_launches=stepwise.fused_launches, steps=fused)
 
 
 def hornet_t_table(batch: int = 32, dtype: str = "float16", **kw) -> List[Tuple[int, int, int, GnConvTraffic]]:
@@ -289,7 +269,7 @@ class _Shape:
         return (2 * D * D + 2 * D) + (self.S * self.k2 + self.S) + sum(a * b + b for a, b in self.pairs) + (D * D + D)
 
     def gnconv_flops(self) -> int:  # forward, per pixel
-        return 2 * (2 * self.D * self.D + self.S * self.k2 + self.sum_ab + self.D * self.D)
+        return mac_flops(2 * self.D * self.D + self.S * self.k2 + self.sum_ab + self.D * self.D)
 
 
 def _eager_layernorm_cf_forward(D: int) -> List[Step]:
@@ -396,25 +376,25 @@ def _eager_gnconv_backward(g: _Shape, norm: bool, residual: bool) -> List[Step]:
 
 def _fused_gnconv_forward(g: _Shape, norm: bool, residual: bool) -> List[Step]:
     D, res = g.D, (g.D if residual else 0)
-    chain = 2 * (g.S * g.k2 + g.sum_ab + D * D)
+    chain = mac_flops(g.S * g.k2 + g.sum_ab + D * D)
     return [
-        Step("f = ln_conv1x1(x)" if norm else "f = conv1x1(x)  # proj_in", 1, D + 2 * D, flops=4 * D * D),
+        Step("f = ln_conv1x1(x)" if norm else "f = conv1x1(x)  # proj_in", 1, D + 2 * D, flops=mac_flops(2 * D * D)),
         Step("out = gnconv_chain(f" + (", x, gamma1)" if residual else ")"), 1, 2 * D + res + D, flops=chain),
     ]
 
 
 def _fused_gnconv_backward(g: _Shape, norm: bool, residual: bool) -> List[Step]:
     D, S, o, d0 = g.D, g.S, g.o, g.d0
-    recompute = 2 * (S * g.k2 + g.sum_ab)
+    recompute = mac_flops(S * g.k2 + g.sum_ab)
     s = [Step("gnconv_chain_bwd(f, dout) -> d_f[:, :d0], d_dw, x_i, dz_i", 1,
-              2 * D + D + d0 + S + S + (S - d0), flops=recompute + 2 * D * D + 2 * g.sum_ab),
-         Step("dwconv_bwd(d_dw, abc) -> d_abc", 1, S + S + S, flops=4 * S * g.k2)]
-    s += [Step(f"conv1x1_wgrad(dz{i}, x{i})  # pws[{i}]", 1, b + a, flops=2 * a * b)
+              2 * D + D + d0 + S + S + (S - d0), flops=recompute + mac_flops(D * D + g.sum_ab)),
+         Step("dwconv_bwd(d_dw, abc) -> d_abc", 1, S + S + S, flops=mac_flops(2 * S * g.k2))]
+    s += [Step(f"conv1x1_wgrad(dz{i}, x{i})  # pws[{i}]", 1, b + a, flops=mac_flops(a * b))
           for i, (a, b) in enumerate(g.pairs)]
-    s += [Step(f"conv1x1_wgrad(dout, x{o - 1})  # proj_out", 1, D + D, flops=2 * D * D),
+    s += [Step(f"conv1x1_wgrad(dout, x{o - 1})  # proj_out", 1, D + D, flops=mac_flops(D * D)),
           Step("conv1x1_dgrad(d_f" + (", x) + LayerNorm backward" if norm else ")  # proj_in"), 1,
-               2 * D + (D if norm else 0) + D, stats=2 if norm else 0, flops=4 * D * D),  # writes mean, rstd
-          Step("conv1x1_wgrad(d_f, x)  # proj_in", 1, 2 * D + D, stats=2 if norm else 0, flops=4 * D * D)]
+               2 * D + (D if norm else 0) + D, stats=2 if norm else 0, flops=mac_flops(2 * D * D)),  # writes mean, rstd
+          Step("conv1x1_wgrad(d_f, x)  # proj_in", 1, 2 * D + D, stats=2 if norm else 0, flops=mac_flops(2 * D * D))]
     if residual:
         s.append(Step("dx_total = dout + dx", 1, 3 * D, autograd=True))
     return s
@@ -426,12 +406,12 @@ def _cuda_gnconv_forward(g: _Shape, norm: bool, residual: bool) -> List[Step]:
     its stage in place (o + 2 kernels: the stepwise design)."""
     D, res = g.D, (g.D if residual else 0)
     s = [Step("f = pixel_gemm(x" + (", LayerNorm prologue)" if norm else ")  # proj_in"), 1, D + 2 * D,
-              flops=4 * D * D),
-         Step("buf = dwconv_gate(abc, pwa)  # [x_0 | g_1 ..]", 1, 2 * D + g.S, flops=2 * g.S * g.k2)]
-    s += [Step(f"buf_{i + 1} = (W buf_{i} + b) * buf_{i + 1}  # pws[{i}], in place", 1, a + 2 * b, flops=2 * a * b)
+              flops=mac_flops(2 * D * D)),
+         Step("buf = dwconv_gate(abc, pwa)  # [x_0 | g_1 ..]", 1, 2 * D + g.S, flops=mac_flops(g.S * g.k2))]
+    s += [Step(f"buf_{i + 1} = (W buf_{i} + b) * buf_{i + 1}  # pws[{i}], in place", 1, a + 2 * b, flops=mac_flops(a * b))
           for i, (a, b) in enumerate(g.pairs)]
     s.append(Step("out = pixel_gemm(buf_o-1, W_out)" + (" * gamma1 + x" if residual else ""), 1, D + res + D,
-                  flops=2 * D * D))
+                  flops=mac_flops(D * D)))
     return s
 
 
@@ -441,25 +421,25 @@ def _cuda_gnconv_backward(g: _Shape, norm: bool, residual: bool) -> List[Step]:
     the depthwise backward, one weight gradient per 1x1 (partials not
     counted), proj_in's data gradient (+ LayerNorm rows backward)."""
     D, S, d0 = g.D, g.S, g.d0
-    s = [Step("g = dwconv_gate(abc)  # replay", 1, S + S, flops=2 * S * g.k2),
+    s = [Step("g = dwconv_gate(abc)  # replay", 1, S + S, flops=mac_flops(S * g.k2)),
          Step("x_0 = pwa * g_0  # torch.mul", 1, 3 * d0)]
-    s += [Step(f"x_{i + 1}, z_{i + 1} = pixel_gemm(x_{i}) * g_{i + 1}  # replay", 1, a + 3 * b, flops=2 * a * b)
+    s += [Step(f"x_{i + 1}, z_{i + 1} = pixel_gemm(x_{i}) * g_{i + 1}  # replay", 1, a + 3 * b, flops=mac_flops(a * b))
           for i, (a, b) in enumerate(g.pairs)]
     dims = g.dims
-    s.append(Step(f"dz_{g.o - 1}, dg_{g.o - 1} = pixel_gemm(dout, (gamma W_out)^T)", 1, D + 4 * D, flops=2 * D * D))
+    s.append(Step(f"dz_{g.o - 1}, dg_{g.o - 1} = pixel_gemm(dout, (gamma W_out)^T)", 1, D + 4 * D, flops=mac_flops(D * D)))
     s += [Step(f"dz_{i}, dg_{i} = pixel_gemm(dz_{i + 1}, W_{i}^T)" if i else "dpwa, dg_0 = pixel_gemm(dz_1, W_0^T)",
-               1, dims[i + 1] + 4 * dims[i], flops=2 * dims[i] * dims[i + 1]) for i in range(g.o - 2, -1, -1)]
-    s.append(Step("d_abc, dW_dw = dwconv_gate_backward(dg, abc)", 1, 3 * S, flops=4 * S * g.k2))
-    s += [Step(f"pixel_wgrad(dz_{i + 1}, x_{i})  # pws[{i}]", 1, a + b, flops=2 * a * b)
+               1, dims[i + 1] + 4 * dims[i], flops=mac_flops(dims[i] * dims[i + 1])) for i in range(g.o - 2, -1, -1)]
+    s.append(Step("d_abc, dW_dw = dwconv_gate_backward(dg, abc)", 1, 3 * S, flops=mac_flops(2 * S * g.k2)))
+    s += [Step(f"pixel_wgrad(dz_{i + 1}, x_{i})  # pws[{i}]", 1, a + b, flops=mac_flops(a * b))
           for i, (a, b) in enumerate(g.pairs)]
-    s.append(Step(f"pixel_wgrad(dout, x_{g.o - 1})  # proj_out", 1, 2 * D, flops=2 * D * D))
+    s.append(Step(f"pixel_wgrad(dout, x_{g.o - 1})  # proj_out", 1, 2 * D, flops=mac_flops(D * D)))
     if norm:
-        s += [Step("dxhat = pixel_gemm(d_f, W_in^T)", 1, 2 * D + D, flops=4 * D * D),
+        s += [Step("dxhat = pixel_gemm(d_f, W_in^T)", 1, 2 * D + D, flops=mac_flops(2 * D * D)),
               Step("dx = layernorm_rows_backward(x, dxhat)", 1, 3 * D, stats=2),
-              Step("pixel_wgrad(d_f, LN(x))  # proj_in", 1, 3 * D, stats=2, flops=4 * D * D)]
+              Step("pixel_wgrad(d_f, LN(x))  # proj_in", 1, 3 * D, stats=2, flops=mac_flops(2 * D * D))]
     else:
-        s += [Step("dx = pixel_gemm(d_f, W_in^T)", 1, 3 * D, flops=4 * D * D),
-              Step("pixel_wgrad(d_f, x)  # proj_in", 1, 3 * D, flops=4 * D * D)]
+        s += [Step("dx = pixel_gemm(d_f, W_in^T)", 1, 3 * D, flops=mac_flops(2 * D * D)),
+              Step("pixel_wgrad(d_f, x)  # proj_in", 1, 3 * D, flops=mac_flops(2 * D * D))]
     if residual:
         s.append(Step("dx_total = dout + dx", 1, 3 * D, autograd=True))
     return s
@@ -467,17 +447,28 @@ def _cuda_gnconv_backward(g: _Shape, norm: bool, residual: bool) -> List[Step]:
 
 def _cuda_mlp_backward(C: int) -> List[Step]:
     return [
-        Step("d_a = pixel_gemm(dout, (gamma2 W2)^T) * gelu'(a)", 1, C + 4 * C + 4 * C, flops=8 * C * C),
-        Step("pixel_wgrad(dout, gelu(a))  # pwconv2, gamma2", 1, C + 4 * C, flops=8 * C * C),
-        Step("dxhat = pixel_gemm(d_a, W1^T)", 1, 4 * C + C, flops=8 * C * C),
+        Step("d_a = pixel_gemm(dout, (gamma2 W2)^T) * gelu'(a)", 1, C + 4 * C + 4 * C, flops=mac_flops(4 * C * C)),
+        Step("pixel_wgrad(dout, gelu(a))  # pwconv2, gamma2", 1, C + 4 * C, flops=mac_flops(4 * C * C)),
+        Step("dxhat = pixel_gemm(d_a, W1^T)", 1, 4 * C + C, flops=mac_flops(4 * C * C)),
         Step("dx = layernorm_rows_backward(x, dxhat)", 1, 3 * C, stats=2),
-        Step("pixel_wgrad(d_a, LN(x))  # pwconv1, norm2", 1, 4 * C + C, stats=2, flops=8 * C * C),
+        Step("pixel_wgrad(d_a, LN(x))  # pwconv1, norm2", 1, 4 * C + C, stats=2, flops=mac_flops(4 * C * C)),
         Step("dx = dout + dx", 1, 3 * C, autograd=True),
     ]
 
 
-#: Fused step lists per design: the Triton kernels (kernels/) or resfuse._C (csrc/).
-_DESIGNS = ("triton", "cuda")
+def _minimal_gnconv_forward(g: _Shape, norm: bool, residual: bool) -> List[Step]:
+    """The floor no design reaches: one kernel, x read and y written (the
+    depthwise halo rules it out without recomputing proj_in). Forward only."""
+    return [Step("out = gnconv(x)  # not built", 1, g.D + (g.D if residual else 0) + g.D)]
+
+
+def _gnconv_forward_only(*args) -> List[Step]:
+    raise ValueError("design='minimal' is gnconv's forward floor only (train=False, no HorBlock)")
+
+
+#: Fused step lists per design: the Triton kernels (kernels/), resfuse._C (csrc/),
+#: or the single-kernel floor ("minimal", gnconv forward only).
+_DESIGNS = ("triton", "cuda", "minimal")
 
 
 def _design(design: str):
@@ -485,6 +476,8 @@ def _design(design: str):
         raise ValueError(f"design must be one of {_DESIGNS}, got {design!r}")
     if design == "cuda":
         return _cuda_gnconv_forward, _cuda_gnconv_backward, _fused_mlp_forward, _cuda_mlp_backward
+    if design == "minimal":
+        return _minimal_gnconv_forward, _gnconv_forward_only, _gnconv_forward_only, _gnconv_forward_only
     return _fused_gnconv_forward, _fused_gnconv_backward, _fused_mlp_forward, _fused_mlp_backward
 
 
@@ -521,17 +514,17 @@ def _eager_mlp_backward(C: int) -> List[Step]:
 
 def _fused_mlp_forward(C: int) -> List[Step]:
     return [
-        Step("a = ln_conv1x1(x)  # norm2 + pwconv1 + bias", 1, C + 4 * C, flops=8 * C * C),
-        Step("out = x + gamma2 * mask * pwconv2(gelu(a))", 1, 4 * C + C + C, flops=8 * C * C),
+        Step("a = ln_conv1x1(x)  # norm2 + pwconv1 + bias", 1, C + 4 * C, flops=mac_flops(4 * C * C)),
+        Step("out = x + gamma2 * mask * pwconv2(gelu(a))", 1, 4 * C + C + C, flops=mac_flops(4 * C * C)),
     ]
 
 
 def _fused_mlp_backward(C: int) -> List[Step]:
     return [
-        Step("d_a = conv1x1_dgrad(gamma2 * mask * dout, W2) * gelu'(a)", 1, C + 4 * C + 4 * C, flops=8 * C * C),
-        Step("conv1x1_wgrad(gamma2 * mask * dout, gelu(a))  # pwconv2, gamma2", 1, C + 4 * C, flops=8 * C * C),
-        Step("dx = conv1x1_dgrad(d_a, W1) + LayerNorm backward", 1, 4 * C + C + C, stats=2, flops=8 * C * C),
-        Step("conv1x1_wgrad(d_a, LN(x))  # pwconv1, norm2", 1, 4 * C + C, stats=2, flops=8 * C * C),
+        Step("d_a = conv1x1_dgrad(gamma2 * mask * dout, W2) * gelu'(a)", 1, C + 4 * C + 4 * C, flops=mac_flops(4 * C * C)),
+        Step("conv1x1_wgrad(gamma2 * mask * dout, gelu(a))  # pwconv2, gamma2", 1, C + 4 * C, flops=mac_flops(4 * C * C)),
+        Step("dx = conv1x1_dgrad(d_a, W1) + LayerNorm backward", 1, 4 * C + C + C, stats=2, flops=mac_flops(4 * C * C)),
+        Step("conv1x1_wgrad(d_a, LN(x))  # pwconv1, norm2", 1, 4 * C + C, stats=2, flops=mac_flops(4 * C * C)),
         Step("dx = dout + dx", 1, 3 * C, autograd=True),
     ]
 
@@ -539,7 +532,7 @@ def _fused_mlp_backward(C: int) -> List[Step]:
 def _totals(eager: List[Step], fused: List[Step], *, flops_px: int, recompute_px: int, params: int,
             P: int, dtype: str) -> StepTraffic:
     e = elem_bytes(dtype)
-    st = max(4, e)  # LayerNorm statistics: float32 (float64 for float64)
+    st = stat_bytes(dtype)
 
     def bytes_(steps):
         return P * sum(s.elems * e + s.stats * st for s in steps) + params * e
@@ -567,7 +560,7 @@ def gnconv_train_bytes(dim: int, order: int, H: int, W: int, batch: int, dtype: 
     params = g.gnconv_params() + (2 * dim if norm else 0) + (dim if residual else 0)
     t = 3 if train else 1
     return _totals(eager, fused, flops_px=t * g.gnconv_flops(),
-                   recompute_px=2 * (g.S * g.k2 + g.sum_ab) if train else 0,
+                   recompute_px=mac_flops(g.S * g.k2 + g.sum_ab) if train else 0,
                    params=t * params, P=batch * H * W, dtype=dtype)
 
 
@@ -585,9 +578,9 @@ def horblock_bytes(dim: int, order: int, H: int, W: int, batch: int, dtype: str 
         eager += _eager_mlp_backward(C) + _eager_gnconv_backward(g, True, True)
         fused += mbwd(C) + gbwd(g, True, True)
     params = g.gnconv_params() + 3 * C + (2 * C + 4 * C * C + 4 * C + 4 * C * C + C + C)
-    flops_px = g.gnconv_flops() + 16 * C * C
+    flops_px = g.gnconv_flops() + mac_flops(8 * C * C)
     return _totals(eager, fused, flops_px=(3 if train else 1) * flops_px,
-                   recompute_px=2 * (g.S * g.k2 + g.sum_ab) if train else 0,
+                   recompute_px=mac_flops(g.S * g.k2 + g.sum_ab) if train else 0,
                    params=(3 if train else 1) * params, P=batch * H * W, dtype=dtype)
 
 
@@ -612,7 +605,7 @@ def _print_steps(t: StepTraffic) -> None:
 
 def main(argv=None) -> None:
     import argparse
-    p = argparse.ArgumentParser(prog="python -m bench.gnconv_traffic",
+    p = argparse.ArgumentParser(prog="python -m bench.model.gnconv",
                                 description="HorNet-T byte model tables (batch 32, fp16)")
     p.add_argument("--steps", type=int, choices=(1, 2, 3, 4),
                    help="also print every step of this stage's HorBlock forward + backward")
@@ -641,5 +634,5 @@ def main(argv=None) -> None:
         _print_steps(horblock_bytes(d, o, h, h, 32, "float16", train=True))
 
 
-if __name__ == "__main__":  # python -m bench.gnconv_traffic [--steps N]
+if __name__ == "__main__":  # python -m bench.model.gnconv [--steps N]
     main()
