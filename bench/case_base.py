@@ -6,6 +6,7 @@ import this and add their ops and cases; neither imports the other's
 internals.
 """
 
+import abc
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -102,15 +103,18 @@ def check(numerics, out, reference, tol) -> Tuple[float, float, str]:
     return worst
 
 
-class Op:
-    """How one kind of case is costed, instantiated and run per provider."""
+class Op(abc.ABC):
+    """How one kind of case is costed, instantiated and run per provider
+    (the abstract methods are what each kind must say)."""
     name = ""
 
+    @abc.abstractmethod
     def describe(self, case: Case) -> str:
-        raise NotImplementedError
+        """The case's one-line description (its shapes)."""
 
+    @abc.abstractmethod
     def cost(self, case: Case, batch: int, dtype: torch.dtype) -> Cost:
-        raise NotImplementedError
+        """FLOPs, fused and eager bytes of one call (``bench.model``)."""
 
     def floor(self, case, batch, dtype, ceilings) -> Optional[Floor]:
         peak = ceilings.peak(dtype_name(dtype))
@@ -126,11 +130,13 @@ class Op:
     def max_sets(self) -> int:
         return 256
 
+    @abc.abstractmethod
     def make_workload(self, case, device, dtype, batch, n_sets, seed) -> Workload:
-        raise NotImplementedError
+        """``n_sets`` argument sets on ``device`` and the float64 reference."""
 
+    @abc.abstractmethod
     def build(self, provider: str, wl: Workload) -> Callable:
-        raise NotImplementedError
+        """The callable ``provider`` times on ``wl`` (ValueError for a provider the op does not know)."""
 
     def note(self, wl: Workload, provider: str) -> str:
         """A remark for the result row once `provider` has run ('' if none)."""

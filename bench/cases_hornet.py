@@ -26,6 +26,7 @@ fails any of them is WRONG and not timed. Costs: ``bench.model.gnconv``
 (``gnconv_bytes``; ``gnconv_train_bytes``; ``horblock_bytes``).
 """
 
+import abc
 import copy
 from dataclasses import dataclass
 from functools import lru_cache
@@ -251,14 +252,17 @@ class _HornetModuleOp(Op):
     #: parameters whose gradients the training check compares
     grads: Tuple[str, ...] = ()
 
+    @abc.abstractmethod
     def base_module(self, spec: GnConvCaseSpec, seed: int):
-        raise NotImplementedError
+        """The plain module (HorNet's structure, seeded weights) for ``spec``."""
 
+    @abc.abstractmethod
     def traffic(self, case, batch, dtype) -> StepTraffic:
-        raise NotImplementedError
+        """The byte/FLOP step model of one call."""
 
+    @abc.abstractmethod
     def label(self, spec: GnConvCaseSpec) -> str:
-        raise NotImplementedError
+        """The case's one-line description."""
 
     def describe(self, case):
         return self.label(case.spec)

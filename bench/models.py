@@ -196,7 +196,7 @@ class HorLayerNorm(nn.Module):
     def __init__(self, normalized_shape: int, eps: float = 1e-6, data_format: str = "channels_last"):
         super().__init__()
         if data_format not in ("channels_last", "channels_first"):
-            raise NotImplementedError(data_format)
+            raise ValueError(f"data_format must be 'channels_last' or 'channels_first', got {data_format!r}")
         self.weight = nn.Parameter(torch.ones(normalized_shape))
         self.bias = nn.Parameter(torch.zeros(normalized_shape))
         self.eps = eps
