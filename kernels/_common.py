@@ -1,9 +1,22 @@
 """Launcher utilities shared by the Triton kernel modules (no kernels here):
 interpreter detection, int64-offset decisions, dot precision, SM count,
-scratch allocation and the launch counters tests read."""
+scratch allocation, the launch counters tests read, and ``launch``: every
+launcher's one way to run a kernel, which picks a tuned kernel's config
+(``TunedKernel``) and hands the launch to a recorder instead when
+``resfuse.inspect`` records a model.
+
+First-call cost: a ``TunedKernel`` launches with its deterministic default
+config (``default_config``: the first config of its pruned space, in the
+space's order of preference), so a model's first forward compiles once per
+specialization class and benchmarks nothing, and batch sizes compile the
+same variants (the prunes depend on M only below 128 rows).
+``RESFUSE_AUTOTUNE=1`` opts into Triton's autotuner over the same pruned
+space (each distinct key compiles and times every candidate)."""
 
 import os
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -49,7 +62,10 @@ _SMS = {}
 
 
 def num_sms(device=None) -> int:
-    """Streaming multiprocessors of `device` (1 in the interpreter)."""
+    """Streaming multiprocessors of `device` (1 in the interpreter; the
+    recorded target's while ``resfuse.inspect`` records)."""
+    if _RECORDER is not None:
+        return _RECORDER.num_sms
     if interpreting() or not torch.cuda.is_available():
         return 1
     idx = torch.cuda.current_device() if device is None or device.index is None else device.index
@@ -74,3 +90,119 @@ def interpreter_blocks(default):
     if env:
         return tuple(int(v) for v in env.split(","))
     return default
+
+
+# ----------------------------------------------------------------------------
+# Launching: default configs, opt-in autotuning, recording
+# ----------------------------------------------------------------------------
+
+AUTOTUNE_ENV = "RESFUSE_AUTOTUNE"
+
+
+def autotuning() -> bool:
+    """Whether tuned kernels benchmark their pruned space (RESFUSE_AUTOTUNE=1)."""
+    return os.environ.get(AUTOTUNE_ENV) == "1"
+
+
+class TunedKernel:
+    """A ``@triton.jit`` kernel with its config space.
+
+    ``configs``: ``triton.Config``s in order of preference (the largest
+    efficient tile first); ``prune(configs, named_args)`` drops those that
+    do not fit a problem; ``key``: the arguments the opt-in autotuner keys
+    its choice on."""
+
+    def __init__(self, fn, configs: Sequence, key: Sequence[str], prune: Optional[Callable] = None):
+        import triton
+        self.fn, self.configs, self.key = fn, list(configs), list(key)
+        self._prune = prune
+        by = {"early_config_prune": lambda cfgs, named, **kw: self.candidates({**named, **kw}, cfgs)}
+        self.autotuner = triton.autotune(configs=self.configs, key=self.key, prune_configs_by=by)(fn)
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+    def named_args(self, args: Sequence, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        return {**dict(zip(self.fn.arg_names, args)), **kwargs}
+
+    def candidates(self, named: Dict[str, Any], configs: Optional[Sequence] = None) -> List:
+        configs = self.configs if configs is None else list(configs)
+        kept = self._prune(configs, named) if self._prune is not None else configs
+        return list(kept) or configs[-1:]
+
+    def __getitem__(self, grid):
+        """``tuned[grid](*args, **kwargs)``: run with the default config, or
+        through the autotuner with RESFUSE_AUTOTUNE=1 (no counting, no
+        recording: ``launch`` does those)."""
+        def run(*args, **kwargs):
+            if autotuning():
+                return self.autotuner[grid](*args, **kwargs)
+            cfg = self.default_config(self.named_args(args, kwargs))
+            return self.fn[grid](*args, **kwargs, **cfg.all_kwargs())
+        return run
+
+    def default_config(self, named: Dict[str, Any]):
+        """The first candidate. No wave rule (it would give batch 64 and 96
+        different tiles, so different compiles): a small problem may leave
+        SMs idle, which RESFUSE_AUTOTUNE=1 trades for tuning time."""
+        return self.candidates(named)[0]
+
+
+@dataclass
+class Launch:
+    """One kernel launch as a launcher made it: the kernel's name (the
+    launch counter's), the ``@triton.jit`` function, its positional and
+    keyword arguments (config included: ``config``), and for a tuned kernel
+    the configs the opt-in autotuner would try."""
+    name: str
+    fn: Any
+    args: Tuple
+    kwargs: Dict[str, Any]
+    config: Any = None
+    candidates: Tuple = ()
+    tune_key: Tuple = ()   # the autotuner's key values (what RESFUSE_AUTOTUNE=1 tunes once per)
+
+
+class _Recorder:
+    def __init__(self, sink: Callable[[Launch], None], num_sms: int):
+        self.sink, self.num_sms = sink, num_sms
+
+
+_RECORDER: Optional[_Recorder] = None
+
+
+def start_recording(sink: Callable[[Launch], None], num_sms: int) -> None:
+    """Hand every launch to ``sink`` instead of running it (resfuse.inspect);
+    ``num_sms``: the SM count of the target being inspected."""
+    global _RECORDER
+    if _RECORDER is not None:
+        raise RuntimeError("resfuse: a launch recording is already active")
+    _RECORDER = _Recorder(sink, num_sms)
+
+
+def stop_recording() -> None:
+    global _RECORDER
+    _RECORDER = None
+
+
+def recording() -> bool:
+    return _RECORDER is not None
+
+
+def launch(name: str, kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` for a ``@triton.jit`` function or
+    a ``TunedKernel`` (its default config, or the autotuner with
+    RESFUSE_AUTOTUNE=1), counted under ``name``; recorded, not run, while
+    ``resfuse.inspect`` records."""
+    if _RECORDER is not None:
+        config, cands, fn, key = None, (), kernel, ()
+        if isinstance(kernel, TunedKernel):
+            named = kernel.named_args(args, kwargs)
+            fn, cands, config = kernel.fn, tuple(kernel.candidates(named)), kernel.default_config(named)
+            key = tuple(named.get(k) for k in kernel.key)
+            kwargs = {**kwargs, **config.all_kwargs()}
+        _RECORDER.sink(Launch(name, fn, tuple(args), dict(kwargs), config, cands, key))
+    else:
+        kernel[grid](*args, **kwargs)
+    count_launch(name)

@@ -36,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import count_launch, declare_kernels, dot_precision, interpreter_blocks, interpreting, needs_int64
+from ._common import (TunedKernel, declare_kernels, dot_precision, interpreter_blocks, interpreting, launch,
+                      needs_int64)
 from .conv_bn_act import _apply_activation, grouped_tile_ids
 
 declare_kernels("ln_conv1x1")
@@ -270,9 +271,9 @@ def _ln_conv1x1_kernel(
     tl.store(y_ptr + n * sy_n + offs_n[:, None] * sy_c + y_pix[None, :], acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-_ln_conv1x1_tuned = triton.autotune(
-    configs=_ln_conv1x1_configs(), key=["M", "HW", "K", "C", "HAS_NORM", "PROLOGUE_GELU"],
-    prune_configs_by={"early_config_prune": _ln_conv1x1_prune})(_ln_conv1x1_kernel)
+_ln_conv1x1_tuned = TunedKernel(
+    _ln_conv1x1_kernel, _ln_conv1x1_configs(),
+    key=["M", "HW", "K", "C", "HAS_NORM", "PROLOGUE_GELU"], prune=_ln_conv1x1_prune)
 
 
 def _interpreter_blocks_ln(C, K):
@@ -321,7 +322,8 @@ def ln_conv1x1_fwd(x, weight, bias, norm_weight, norm_bias, norm_eps, out, *, al
     else:
         kernel, tiles = _ln_conv1x1_tuned, {}
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
-    kernel[grid](
+    launch(
+        "ln_conv1x1", kernel, grid,
         x, weight, bias if bias is not None else dummy,
         norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
         out,
@@ -336,5 +338,4 @@ def ln_conv1x1_fwd(x, weight, bias, norm_weight, norm_bias, norm_eps, out, *, al
         PROLOGUE_GELU=bool(prologue_gelu), HAS_LS=layer_scale is not None, HAS_SS=sample_scale is not None,
         HAS_RES=residual is not None, FLAT=_is_flat(x, out, residual), **tiles,
     )
-    count_launch("ln_conv1x1")
     return out

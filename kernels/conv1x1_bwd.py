@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (alloc_scratch, count_launch, declare_kernels, dot_precision, interpreter_blocks, interpreting,
-                      needs_int64, num_sms)
+from ._common import (TunedKernel, alloc_scratch, declare_kernels, dot_precision, interpreter_blocks, interpreting,
+                      launch, needs_int64, num_sms)
 from .conv1x1 import (_GELU, _gelu_grad, _interpreter_blocks_ln, _is_flat, _ln_stats, _pix_offsets, _pixel_tile, _pixel_tiles, _prune_by,
                       _vector, _weight_2d)
 from .conv_bn_act import _apply_activation, grouped_tile_ids
@@ -241,13 +241,13 @@ def _conv1x1_dgrad_ln_kernel(
                  mask=ok)
 
 
-_conv1x1_dgrad_tuned = triton.autotune(
-    configs=_dgrad_configs(), key=["M", "HW", "K", "C", "GELU_EPI"],
-    prune_configs_by={"early_config_prune": _dgrad_prune})(_conv1x1_dgrad_kernel)
+_conv1x1_dgrad_tuned = TunedKernel(
+    _conv1x1_dgrad_kernel, _dgrad_configs(),
+    key=["M", "HW", "K", "C", "GELU_EPI"], prune=_dgrad_prune)
 
-_conv1x1_dgrad_ln_tuned = triton.autotune(
-    configs=_dgrad_ln_configs(), key=["M", "HW", "K", "C"],
-    prune_configs_by={"early_config_prune": _dgrad_ln_prune})(_conv1x1_dgrad_ln_kernel)
+_conv1x1_dgrad_ln_tuned = TunedKernel(
+    _conv1x1_dgrad_ln_kernel, _dgrad_ln_configs(),
+    key=["M", "HW", "K", "C"], prune=_dgrad_ln_prune)
 
 
 def _check_same_dtype(what, *tensors):
@@ -322,7 +322,8 @@ def conv1x1_dgrad(dy, weight, out, *, allow_tf32, channel_scale=None, sample_sca
             kernel, tiles = _conv1x1_dgrad_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
         else:
             kernel, tiles = _conv1x1_dgrad_tuned, {}
-        kernel[grid](
+        launch(
+            "conv1x1_dgrad", kernel, grid,
             dy, weight, cs, ss, a if a is not None else dummy, out,
             M, C, K, HW, W,
             *dy.stride(), weight.stride(0), weight.stride(1),
@@ -330,7 +331,6 @@ def conv1x1_dgrad(dy, weight, out, *, allow_tf32, channel_scale=None, sample_sca
             HAS_CS=channel_scale is not None, HAS_SS=sample_scale is not None, GELU_EPI=a is not None,
             **common, **tiles,
         )
-        count_launch("conv1x1_dgrad")
         return None
 
     mean = torch.empty(M, dtype=torch.float32, device=dev)
@@ -355,7 +355,8 @@ def conv1x1_dgrad(dy, weight, out, *, allow_tf32, channel_scale=None, sample_sca
         return (used["programs"],)
 
     if M > 0 and C > 0:
-        kernel[grid](
+        launch(
+            "conv1x1_dgrad", kernel, grid,
             dy, weight, cs, ss, x, norm_weight if norm_weight is not None else dummy, out, mean, rstd,
             dlnw_part, dlnb_part,
             M, C, K, HW, W, float(eps),
@@ -363,7 +364,6 @@ def conv1x1_dgrad(dy, weight, out, *, allow_tf32, channel_scale=None, sample_sca
             HAS_CS=channel_scale is not None, HAS_SS=sample_scale is not None, HAS_NORM_W=want_dw,
             WANT_DW=want_dw, WANT_DB=want_db, **common, **tiles,
         )
-        count_launch("conv1x1_dgrad")
     p = used.get("programs", 0)
     d_nw = dlnw_part[:p * C].view(p, C).sum(0) if want_dw else None
     d_nb = dlnb_part[:p * C].view(p, C).sum(0) if want_db else None
@@ -505,9 +505,9 @@ def _conv1x1_wgrad_kernel(
         tl.store(rs_ptr + part * K + offs_k, rs, mask=k_ok & (pid_c == 0))
 
 
-_conv1x1_wgrad_tuned = triton.autotune(
-    configs=_wgrad_configs(), key=["M", "HW", "K", "C", "B_GELU", "B_NORM"],
-    prune_configs_by={"early_config_prune": _wgrad_prune})(_conv1x1_wgrad_kernel)
+_conv1x1_wgrad_tuned = TunedKernel(
+    _conv1x1_wgrad_kernel, _wgrad_configs(),
+    key=["M", "HW", "K", "C", "B_GELU", "B_NORM"], prune=_wgrad_prune)
 
 
 def conv1x1_wgrad(a, b, *, allow_tf32, sample_scale=None, b_gelu=False, b_norm=None, want_rowsum=True,
@@ -559,7 +559,8 @@ def conv1x1_wgrad(a, b, *, allow_tf32, sample_scale=None, b_gelu=False, b_norm=N
         kernel, tiles = _conv1x1_wgrad_kernel, dict(BLOCK_K=bk, BLOCK_C=bc, BLOCK_P=bp, GROUP_K=4)
     else:
         kernel, tiles = _conv1x1_wgrad_tuned, {}
-    kernel[grid](
+    launch(
+        "conv1x1_wgrad", kernel, grid,
         a, b, sample_scale if sample_scale is not None else dummy,
         mean if mean is not None else dummy, rstd if rstd is not None else dummy,
         nw if nw is not None else dummy, nb if nb is not None else dummy, g_part, rs_part,
@@ -570,7 +571,6 @@ def conv1x1_wgrad(a, b, *, allow_tf32, sample_scale=None, b_gelu=False, b_norm=N
         FLAT=_is_flat(a, b), INT64=int64, DOT_IN_FP32=interpret and a.dtype == torch.bfloat16,
         INPUT_PRECISION=dot_precision(a.dtype, allow_tf32), **tiles,
     )
-    count_launch("conv1x1_wgrad")
     g = g_part.view(split, K, C)
     g = g[0] if split == 1 else g.sum(0)
     rowsum = None

@@ -21,7 +21,11 @@ resfuse.activations.
 Implicit GEMM: M = N*P*Q output pixels, N_gemm = K output channels,
 K_gemm = R*S*C, ordered (r, s) outer and c inner so that the input tile of
 one (r, s) step is a plain strided gather with a single boundary mask per
-row. Each program computes a BLOCK_M x BLOCK_N tile of y with fp32
+row; one flat loop runs over all R*S*ceil(C/BLOCK_K) steps, so Triton's
+software pipeline spans filter taps. With channels_last x and weights
+(OHWI: ``w.contiguous(memory_format=torch.channels_last)``, as
+``resfuse.convert`` lays them out) both operand tiles are rows of
+contiguous channels: 16-byte async copies on sm_80+. Each program computes a BLOCK_M x BLOCK_N tile of y with fp32
 accumulation (`tl.dot`, tensor cores on sm_80+).
 
 Fusion: x and w are read (x once per output-channel tile), the BN vectors
@@ -40,6 +44,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ._common import LAUNCHES_BY_KERNEL, TunedKernel, declare_kernels, launch
 
 # The ids are resfuse.activations.ACTIVATIONS[name].triton_id (the one
 # source of truth); adding an activation is a row there and a branch here.
@@ -115,42 +121,45 @@ def _bn_scale_shift(bias_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_n, n_
     return scale, shift
 
 
+#: The config space, in order of preference (``TunedKernel``): every
+#: config has 4+ warps and BLOCK_M >= 64, so each compiles to wgmma on
+#: sm_90; the 128x256 and 256x128 tiles are not in it (they spill on sm_90:
+#: ``python -m resfuse.inspect`` shows it, tests/test_inspect.py checks it).
+CONFIGS = (
+    # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+    (128, 128, 64, 8, 3),
+    (128, 128, 32, 4, 4),
+    (128, 64, 64, 4, 3),
+    (128, 64, 64, 8, 3),
+    (64, 128, 64, 4, 3),
+    (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4),
+    (64, 64, 64, 4, 3),
+    (128, 32, 32, 4, 4),
+    (64, 64, 32, 4, 4),
+    (64, 32, 32, 4, 4),
+)
+
+
 def _configs():
-    """Autotune space for GPUs (the interpreter bypasses the autotuner:
-    it needs a driver to benchmark, see _interpreter_blocks)."""
-    cfgs = []
-    for bm, bn, bk, warps, stages in [
-        (128, 128, 64, 8, 3),
-        (128, 128, 32, 4, 4),
-        (128, 64, 32, 4, 4),
-        (64, 128, 32, 4, 4),
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (64, 64, 32, 4, 4),
-        (64, 64, 64, 4, 3),
-        (128, 32, 32, 4, 4),
-        (64, 32, 32, 2, 5),
-        (32, 64, 32, 2, 5),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                  num_warps=warps, num_stages=stages))
-    return cfgs
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_warps=warps, num_stages=stages) for bm, bn, bk, warps, stages in CONFIGS]
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles far larger than the problem (a 256-wide N tile for 64
-    output channels only burns registers), and with the BN prologue the
-    tiles over 128 x 128: compiled for sm_90 they spill (144 B of stack at
-    256 x 128 x 64, against 8 B without the prologue; see
-    tests/test_kernels_conv_bn_act.py::test_prologue_compiles_for_sm90...)."""
-    M, K, C = named_args["M"], named_args["K"], named_args["C"]
-    pre = kwargs.get("HAS_PRE", named_args.get("HAS_PRE", False))
-    kept = [c for c in configs
+    """Drop tiles far larger than the problem (a 128-wide N tile for 64
+    output channels only burns registers; a 64-deep K step for 32 input
+    channels loads zeros), and with a projection (two accumulators live at
+    once) or the BN prologue the configs with over 32 accumulator elements
+    per thread, which spill on sm_90 (80 B of stack at 128 x 64 x 64 with 4
+    warps and a projection, 24 B with the prologue)."""
+    M, K, C = named_args["M"], named_args["K"], max(named_args["C"], named_args.get("CS", 0))
+    heavy = any(kwargs.get(f, named_args.get(f, False)) for f in ("HAS_PROJ", "HAS_PRE"))
+    return [c for c in configs
             if c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(K))
-            and c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(M))
-            and c.kwargs["BLOCK_K"] <= max(16, triton.next_power_of_2(C))
-            and not (pre and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 128)]
-    return kept or configs[-1:]
+            and c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(M))
+            and c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(C))
+            and not (heavy and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 32 * 32 * c.num_warps)]
 
 
 def _interpreter_blocks(C, K):
@@ -165,14 +174,6 @@ def _interpreter_blocks(C, K):
     bk = 16 if C <= 16 else 32 if C <= 64 else 64
     bn = 32 if K <= 32 else 64
     return 32, bn, bk
-
-
-_AUTOTUNE = dict(
-    configs=_configs(),
-    key=["M", "K", "C", "R", "S", "STRIDE_H", "STRIDE_W", "HAS_RES", "ACT", "HAS_PROJ", "CS", "HAS_PRE",
-         "PRE_ACT"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)
 
 
 @triton.jit
@@ -221,36 +222,48 @@ def _conv_bn_act_fwd_kernel(
     x_img = x_ptr + img * sx_n
     w_col = w_ptr + offs_n * sw_k
 
+    # One flat K loop over (r, s, channel block), so the software pipeline
+    # runs across filter taps instead of draining at every (r, s).
+    n_cb = tl.cdiv(C, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for rs in range(0, R * S):
-        r = rs // S
-        s = rs % S
-        ih = ih0 + r * dil_h
-        iw = iw0 + s * dil_w
-        row_ok = m_valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_row = x_img + ih * sx_h + iw * sx_w
-        w_rs = w_col + r * sw_r + s * sw_s
-        for c0 in range(0, C, BLOCK_K):
-            cc = c0 + offs_c
-            c_ok = cc < C
-            a_ok = row_ok[:, None] & c_ok[None, :]
-            a = tl.load(x_row[:, None] + cc[None, :] * sx_c, mask=a_ok, other=0.0)
-            if HAS_PRE:
-                # Prologue: the input BN + activation on the loaded tile; a
-                # padded (or out-of-range) position is 0 after the activation.
-                scale_i, shift_i = _bn_scale_shift(x_ptr, mean_i_ptr, var_i_ptr, gamma_i_ptr, beta_i_ptr, cc,
-                                                   c_ok, eps_i, False, True, HAS_PRE_GAMMA, HAS_PRE_BETA,
-                                                   BLOCK_K)
-                h = _apply_activation(a.to(tl.float32) * scale_i[None, :] + shift_i[None, :], slope_i, PRE_ACT)
-                a = tl.where(a_ok, h, 0.0).to(a.dtype)
-            b = tl.load(w_rs[None, :] + cc[:, None] * sw_c,
-                        mask=c_ok[:, None] & n_valid[None, :], other=0.0)
-            if DOT_IN_FP32:
-                # Interpreter only: its bf16 tl.dot multiplies raw bit
-                # patterns (triton-lang/triton#11584), so widen first.
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    for kk in range(0, R * S * n_cb):
+        if R * S == 1:
+            # 1x1: no tap offsets (a 1x1 weight's r/s strides may be 1 and
+            # would cost the B tile its provable 16-byte alignment).
+            c0 = kk * BLOCK_K
+            row_ok = m_valid & (ih0 >= 0) & (ih0 < H) & (iw0 >= 0) & (iw0 < W)
+            x_row = x_img + ih0 * sx_h + iw0 * sx_w
+            w_rs = w_col
+        else:
+            rs = kk // n_cb
+            c0 = (kk - rs * n_cb) * BLOCK_K
+            r = rs // S
+            s = rs - r * S
+            ih = ih0 + r * dil_h
+            iw = iw0 + s * dil_w
+            row_ok = m_valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_row = x_img + ih * sx_h + iw * sx_w
+            w_rs = w_col + r * sw_r + s * sw_s
+        cc = c0 + offs_c
+        c_ok = cc < C
+        a_ok = row_ok[:, None] & c_ok[None, :]
+        a = tl.load(x_row[:, None] + cc[None, :] * sx_c, mask=a_ok, other=0.0)
+        if HAS_PRE:
+            # Prologue: the input BN + activation on the loaded tile; a
+            # padded (or out-of-range) position is 0 after the activation.
+            scale_i, shift_i = _bn_scale_shift(x_ptr, mean_i_ptr, var_i_ptr, gamma_i_ptr, beta_i_ptr, cc,
+                                               c_ok, eps_i, False, True, HAS_PRE_GAMMA, HAS_PRE_BETA,
+                                               BLOCK_K)
+            h = _apply_activation(a.to(tl.float32) * scale_i[None, :] + shift_i[None, :], slope_i, PRE_ACT)
+            a = tl.where(a_ok, h, 0.0).to(a.dtype)
+        b = tl.load(w_rs[None, :] + cc[:, None] * sw_c,
+                    mask=c_ok[:, None] & n_valid[None, :], other=0.0)
+        if DOT_IN_FP32:
+            # Interpreter only: its bf16 tl.dot multiplies raw bit
+            # patterns (triton-lang/triton#11584), so widen first.
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     # Epilogue: BN fold from live buffers, bias.
     scale, shift = _bn_scale_shift(bias_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_n, n_valid, eps,
@@ -258,27 +271,27 @@ def _conv_bn_act_fwd_kernel(
     out = acc * scale[None, :] + shift[None, :]
 
     if HAS_PROJ:
-        # Projection shortcut BN_d(conv1x1_d(xs, stride)) as a second
-        # accumulation into the same tile (K-concatenation): its weight tile
-        # is scaled by BN_d's scale in registers, so its output never
-        # exists in memory and no folded weight is stored anywhere.
+        # Projection shortcut BN_d(conv1x1_d(xs, stride)): a second GEMM
+        # over CS into its own accumulator (plain operand tiles, so its loads
+        # are async and pipelined like the main loop's), scaled by BN_d's
+        # per-channel vectors and added: its output never exists in memory
+        # and no folded weight is stored anywhere.
         scale_d, shift_d = _bn_scale_shift(bias_d_ptr, mean_d_ptr, var_d_ptr, gamma_d_ptr, beta_d_ptr,
                                            offs_n, n_valid, eps_d, HAS_PROJ_BIAS, True, HAS_PROJ_GAMMA,
                                            HAS_PROJ_BETA, BLOCK_N)
         xs_row = xs_ptr + img * sxs_n + (out_p * SC_STRIDE_H) * sxs_h + (out_q * SC_STRIDE_W) * sxs_w
         wd_col = wd_ptr + offs_n * swd_k
+        acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for c0 in range(0, CS, BLOCK_K):
             cc = c0 + offs_c
             c_ok = cc < CS
             a = tl.load(xs_row[:, None] + cc[None, :] * sxs_c, mask=m_valid[:, None] & c_ok[None, :], other=0.0)
             b = tl.load(wd_col[None, :] + cc[:, None] * swd_c, mask=c_ok[:, None] & n_valid[None, :], other=0.0)
-            b = b.to(tl.float32) * scale_d[None, :]
             if DOT_IN_FP32:
                 a = a.to(tl.float32)
-            else:
-                b = b.to(a.dtype)
-            out = tl.dot(a, b, out, input_precision=INPUT_PRECISION)
-        out = out + shift_d[None, :]
+                b = b.to(tl.float32)
+            acc_d = tl.dot(a, b, acc_d, input_precision=INPUT_PRECISION)
+        out = out + acc_d * scale_d[None, :] + shift_d[None, :]
 
     pix_ok = m_valid[:, None] & n_valid[None, :]
     if HAS_RES:
@@ -290,11 +303,18 @@ def _conv_bn_act_fwd_kernel(
     tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=pix_ok)
 
 
-_conv_bn_act_fwd_tuned = triton.autotune(**_AUTOTUNE)(_conv_bn_act_fwd_kernel)
+_conv_bn_act_fwd_tuned = TunedKernel(
+    _conv_bn_act_fwd_kernel, _configs(),
+    key=["M", "K", "C", "R", "S", "STRIDE_H", "STRIDE_W", "HAS_RES", "ACT", "HAS_PROJ", "CS", "HAS_PRE", "PRE_ACT"],
+    prune=_prune_configs)
 
-#: Number of times the launcher ran the kernel; tests read it to prove the
-#: Triton path ran rather than the eager fallback.
-LAUNCHES = 0
+declare_kernels("conv_bn_act")
+
+
+def __getattr__(name):
+    if name == "LAUNCHES":  # launches of this kernel (tests read it to prove the Triton path ran)
+        return LAUNCHES_BY_KERNEL["conv_bn_act"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _span(t):
@@ -318,7 +338,6 @@ def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, r
     prologue: None, or (mean_i, var_i, gamma_i, beta_i, eps_i, act_id_i,
     slope_i): the BN (per input channel, C) and activation applied to x as
     it is loaded."""
-    global LAUNCHES
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
     _, _, P, Q = out.shape
@@ -374,7 +393,8 @@ def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, r
         kernel, tiles = _conv_bn_act_fwd_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
     else:
         kernel, tiles = _conv_bn_act_fwd_tuned, {}
-    kernel[grid](
+    launch(
+        "conv_bn_act", kernel, grid,
         x, weight,
         bias if bias is not None else dummy,
         bn_mean if has_bn else dummy, bn_var if has_bn else dummy,
@@ -396,5 +416,4 @@ def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, r
         INT64=bool(int64), DOT_IN_FP32=interpret and x.dtype == torch.bfloat16,
         INPUT_PRECISION=precision, **tiles,
     )
-    LAUNCHES += 1
     return out

@@ -68,7 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCHES_BY_KERNEL, alloc_scratch, count_launch, declare_kernels, dot_precision
+from ._common import LAUNCHES_BY_KERNEL, TunedKernel, alloc_scratch, declare_kernels, dot_precision, launch
 from ._common import interpreter_blocks
 from ._common import interpreting, needs_int64, num_sms
 
@@ -334,9 +334,9 @@ def _chain_prune(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-_gnconv_chain_tuned = triton.autotune(
-    configs=_chain_configs(), key=["M", "D0", "ORDER", "KS", "GATES_GIVEN", "HAS_RES"],
-    prune_configs_by={"early_config_prune": _chain_prune})(_gnconv_chain_kernel)
+_gnconv_chain_tuned = TunedKernel(
+    _gnconv_chain_kernel, _chain_configs(),
+    key=["M", "D0", "ORDER", "KS", "GATES_GIVEN", "HAS_RES"], prune=_chain_prune)
 
 def _interpreter_blocks_chain(D):
     return interpreter_blocks((32, 16, 16 if D <= 32 else 32))
@@ -390,7 +390,8 @@ def gnconv_chain_fwd(f, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, re
 
     # Slots for the largest grid any configuration launches (same pixel budget).
     scratch = alloc_scratch(max_pixels * 2 * D, out.dtype, out.device)
-    kernel[grid](
+    launch(
+        "gnconv_chain", kernel, grid,
         f, gates if gates is not None else dummy, w_dw if w_dw is not None else dummy,
         b_dw if b_dw is not None else dummy,
         *ws, *bs,
@@ -405,5 +406,4 @@ def gnconv_chain_fwd(f, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, re
         INT64=bool(int64), DOT_IN_FP32=interpret and f.dtype == torch.bfloat16,
         INPUT_PRECISION=dot_precision(f.dtype, allow_tf32), **tiles,
     )
-    count_launch("gnconv_chain")
     return out

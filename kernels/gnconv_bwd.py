@@ -66,7 +66,7 @@ import triton
 import triton.language as tl
 
 from ._common import LAUNCHES_BY_KERNEL  # noqa: F401  (re-exported: tests read the counters here)
-from ._common import alloc_scratch, count_launch, declare_kernels, dot_precision, interpreter_blocks
+from ._common import TunedKernel, alloc_scratch, declare_kernels, dot_precision, interpreter_blocks, launch
 from ._common import interpreting, needs_int64, num_sms
 from .gnconv import _chain_prune, _gemm_from_scratch, _pick, _stage_preact
 
@@ -275,9 +275,9 @@ def _chain_bwd_configs():
     return cfgs
 
 
-_gnconv_chain_bwd_tuned = triton.autotune(
-    configs=_chain_bwd_configs(), key=["M", "D0", "ORDER", "KS", "GATES_GIVEN"],
-    prune_configs_by={"early_config_prune": _chain_prune})(_gnconv_chain_bwd_kernel)
+_gnconv_chain_bwd_tuned = TunedKernel(
+    _gnconv_chain_bwd_kernel, _chain_bwd_configs(),
+    key=["M", "D0", "ORDER", "KS", "GATES_GIVEN"], prune=_chain_prune)
 
 
 def _strides4(t):
@@ -347,7 +347,8 @@ def gnconv_chain_bwd(f, w_dw, b_dw, gates, w_pws, b_pws, w_out, scale, dout, lay
 
     # Slots for the largest grid any configuration launches (same pixel budget).
     scratch = alloc_scratch(max_pixels * (2 * D + 2 * S), f.dtype, f.device)
-    kernel[grid](
+    launch(
+        "gnconv_chain_bwd", kernel, grid,
         f, gates if gates is not None else dummy, w_dw if w_dw is not None else dummy,
         b_dw if b_dw is not None else dummy,
         *ws, *bs,
@@ -364,7 +365,6 @@ def gnconv_chain_bwd(f, w_dw, b_dw, gates, w_pws, b_pws, w_out, scale, dout, lay
         INPUT_PRECISION=dot_precision(f.dtype, allow_tf32), RNE_BF16=interpret and f.dtype == torch.bfloat16,
         **tiles,
     )
-    count_launch("gnconv_chain_bwd")
     return d_f, d_a, x_save, dz_save
 
 
@@ -484,9 +484,9 @@ def _dwconv_bwd_prune(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-_dwconv_bwd_tuned = triton.autotune(
-    configs=_dwconv_bwd_configs(), key=["M", "C", "KS", "NEED_DW", "NEED_DB"],
-    prune_configs_by={"early_config_prune": _dwconv_bwd_prune})(_dwconv_bwd_kernel)
+_dwconv_bwd_tuned = TunedKernel(
+    _dwconv_bwd_kernel, _dwconv_bwd_configs(),
+    key=["M", "C", "KS", "NEED_DW", "NEED_DB"], prune=_dwconv_bwd_prune)
 
 
 def _pixel_programs(M, C, device):
@@ -534,14 +534,14 @@ def dwconv_bwd(d_a, abc, w_dw, d_abc, *, need_weight_grad=True, need_bias_grad=T
     def grid(meta):
         return (triton.cdiv(S, meta["BLOCK_C"]), P)
 
-    kernel[grid](
+    launch(
+        "dwconv_bwd", kernel, grid,
         d_a, abc, w_dw, d_abc, pw, pb,
         M, S, H, W, P,
         *d_a.stride(), *abc.stride(), w_dw.stride(0), w_dw.stride(2), w_dw.stride(3), *d_abc.stride(),
         KS=ks, KKP=triton.next_power_of_2(kk), NEED_DW=bool(need_weight_grad), NEED_DB=bool(need_bias_grad),
         INT64=bool(int64), RNE_BF16=interpreting() and d_abc.dtype == torch.bfloat16, **tiles,
     )
-    count_launch("dwconv_bwd")
     dw = pw.view(P, S, kk).sum(0).view(S, 1, ks, ks) if need_weight_grad else None
     db = pb.view(P, S).sum(0) if need_bias_grad else None
     return dw, db
