@@ -56,6 +56,13 @@ def kernels_module(name: str):
     return mod
 
 
+def recording_launches() -> bool:
+    """Whether resfuse.inspect is recording launches (the launchers then
+    run on CPU tensors without the interpreter, and launch nothing)."""
+    mod = sys.modules.get("resfuse.kernels._common")
+    return mod is not None and mod.recording()
+
+
 def triton_reasons(device: torch.device, dtype: torch.dtype) -> List[str]:
     """Why Triton cannot run a kernel on tensors of this device and dtype."""
     reasons = []
@@ -77,7 +84,7 @@ def triton_reasons(device: torch.device, dtype: torch.dtype) -> List[str]:
             elif dtype == torch.bfloat16 and major < 8:
                 reasons.append(f"bfloat16 tl.dot needs compute capability >= 8.0, device has {major}.{minor}")
     elif device.type == "cpu":
-        if not interpreting():
+        if not interpreting() and not recording_launches():
             reasons.append("cpu tensors: Triton needs CUDA (or TRITON_INTERPRET=1)")
     else:
         reasons.append(f"device type {device.type!r} is not supported by the Triton kernels")

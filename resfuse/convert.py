@@ -10,6 +10,7 @@ the original's keys, shapes and values.
 
 import copy
 
+import torch
 import torch.nn as nn
 
 from . import dispatch
@@ -55,7 +56,44 @@ def convert_chains(model: nn.Module, backend: str, absorbed: set) -> None:
                           p.activation, backend)
 
 
-def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
+def kernel_convs(model: nn.Module):
+    """The Conv2d modules whose weights a fused conv kernel reads: the convs
+    of fused residual blocks (projection included), conv heads/prologues
+    (``ConvBNHead``) and the fused groups of FusedSequentials."""
+    seen = set()
+    for m in model.modules():
+        if isinstance(m, FusedResidualBlock):
+            convs = [c for c in m.modules() if isinstance(c, nn.Conv2d)]
+        elif isinstance(m, ConvBNHead):
+            convs = [m]
+        elif isinstance(m, FusedSequential):
+            convs = [m._modules[g.conv] for g in plan_sequential(m).steps if isinstance(g, FusedGroup)]
+        else:
+            continue
+        for c in convs:
+            if id(c) not in seen and c.groups == 1:
+                seen.add(id(c))
+                yield c
+
+
+@torch.no_grad()
+def lay_out_conv_weights(model: nn.Module) -> None:
+    """Give every kernel conv's weight channels-innermost (OHWI) strides, in
+    place and once: the Triton conv kernel then loads its weight tiles with
+    16-byte async copies (an OIHW weight is repacked at every call). Keys,
+    shapes and values do not change; ``load_state_dict`` (``copy_``),
+    optimizers (in-place updates) and ``.to()`` keep the strides. By
+    eager's own rule a conv with a channels_last weight returns a
+    channels_last output, so an NCHW model input is laid out channels_last
+    once, at the first fused conv."""
+    for conv in kernel_convs(model):
+        w = conv.weight
+        if w.dim() == 4 and not w.is_contiguous(memory_format=torch.channels_last):
+            w.data = w.data.contiguous(memory_format=torch.channels_last)
+
+
+def convert(model: nn.Module, backend: str = "auto", inplace: bool = False,
+            channels_last_weights: bool = False) -> nn.Module:
     """Return `model` with its conv -> BN (-> act) (-> add) patterns fused:
 
     - residual blocks (torchvision/timm BasicBlock and Bottleneck, the seed's
@@ -82,11 +120,20 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
     backend: 'auto' | 'triton' | 'cuda' | 'eager', set on every fused module
         (``RESFUSE_BACKEND`` overrides 'auto' at run time).
     inplace: rewrite `model` itself instead of a deep copy.
+    channels_last_weights: lay the fused convs' weights out channels-innermost
+        (``lay_out_conv_weights``), so the Triton conv kernel reads them
+        without a per-call repack and an NCHW input becomes channels_last at
+        the first fused conv. Off by default: with other weight strides,
+        eager convolutions (train mode, fallbacks) may round differently
+        from the original model's, so only this keeps them bitwise equal.
 
-    No parameter or buffer is moved or renamed. Modules that do not match
-    stay as they are; ``resfuse.explain`` says why.
+    No parameter or buffer is moved or renamed (with ``channels_last_weights``
+    the fused convs' weights keep their values and get other strides).
+    Modules that do not match stay as they are; ``resfuse.explain`` says why.
     """
     dispatch.validate_backend(backend)
+    if not isinstance(channels_last_weights, bool):
+        raise TypeError(f"channels_last_weights must be a bool, got {type(channels_last_weights).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
@@ -107,4 +154,6 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
             m.backend = backend
         elif is_plain_sequential(m) and any(isinstance(s, FusedGroup) for s in plan_sequential(m).steps):
             FusedSequential.from_sequential(m, backend)
+    if channels_last_weights:
+        lay_out_conv_weights(model)
     return model

@@ -112,10 +112,13 @@ try:
 except (RuntimeError, MemoryError) as e:  # no room for 4 GiB of address space
     print("SKIP", e)
     sys.exit(0)
-x = base.as_strided((1, C, H, W), (C * stride_c, stride_c, W, 1))
 gen = torch.Generator().manual_seed(seed)
 vals = torch.randn(1, C, H, W, generator=gen).half()
-x.copy_(vals)
+x = vals.to(device)
+res_vals = torch.randn(1, K, H, W, generator=gen).half()
+base = base.new_empty(stride_c * (K - 1) + H * W)
+r = base.as_strided((1, K, H, W), (K * stride_c, stride_c, W, 1))
+r.copy_(res_vals)
 w = (torch.randn(K, C, 3, 3, generator=gen) / 5).half()
 mean = torch.randn(K, generator=gen).half()
 var = (torch.rand(K, generator=gen) + 0.5).half()
@@ -136,19 +139,20 @@ for name in ("_conv_bn_act_fwd_kernel", "_conv_bn_act_fwd_tuned"):
     if hasattr(kern, name):
         setattr(kern, name, Spy(getattr(kern, name)))
 out = resfuse.conv_bn_act(x, w.to(device), bn_mean=mean.to(device), bn_var=var.to(device), padding=1,
-                          activation="relu", backend="triton")
-torch.save(dict(out=out.cpu(), x=vals, w=w, mean=mean, var=var, int64=flags,
+                          residual=r, activation="relu", backend="triton")
+torch.save(dict(out=out.cpu(), x=vals, r=res_vals, w=w, mean=mean, var=var, int64=flags,
                 backend=resfuse.last_decision().backend), path)
 """
 
 
 def test_int64_offsets_beyond_2_31(device, tmp_path):
-    """A real 64-bit case: x's channel stride is 2**30 + 64 elements, so
-    c * stride_c passes 2**31 at c = 2. The launcher must switch to 64-bit
-    offsets by itself and every product must be 64-bit (before the fix,
-    c * stride_c wrapped in int32: a segfault in the interpreter, a wild
-    read on a GPU). The storage is 4 GiB of address space of which only the
-    pages holding x's 60 values are touched. It runs in a child process, so
+    """A real 64-bit case: the residual's channel stride is 2**30 + 64
+    elements, so k * stride_k passes 2**31 at k = 2 (x itself reaches the
+    kernel repacked channels_last, so its strides cannot be the big ones).
+    The launcher must switch to 64-bit offsets by itself and every product
+    must be 64-bit (in int32 they wrap: a segfault in the interpreter, a
+    wild read on a GPU). The storage is 6 GiB of address space of which
+    only the pages holding the residual's 80 values are touched. It runs in a child process, so
     that a regression fails this test instead of killing the session."""
     seed = seed_of("int64 offsets beyond 2**31")
     path = tmp_path / "out.pt"
@@ -165,8 +169,8 @@ def test_int64_offsets_beyond_2_31(device, tmp_path):
     assert res["backend"] == "triton" and res["int64"] == [True], res["int64"]
     kw = dict(padding=(1, 1), activation="relu")
     ref64 = conv_bn_act_reference(*to_float64(res["x"], res["w"]), bn_mean=res["mean"].double(),
-                                  bn_var=res["var"].double(), **kw)
-    eager = conv_bn_act_reference(res["x"], res["w"], bn_mean=res["mean"], bn_var=res["var"], **kw)
+                                  bn_var=res["var"].double(), residual=res["r"].double(), **kw)
+    eager = conv_bn_act_reference(res["x"], res["w"], bn_mean=res["mean"], bn_var=res["var"], residual=res["r"], **kw)
     check(res["out"], ref64, eager, torch.float16, "2**31 offsets", seed)
 
 
@@ -274,81 +278,3 @@ def test_tile_boundaries(case, blocks, device, spy, monkeypatch):
     check(out, ref64, eager, case.dtype, f"{case.name} blocks {blocks}", seed)
 
 
-# The prologue (bn_act_conv) compiled for sm_90 with the specialization a
-# channels_last bf16 launch gets (unit channel strides constant, other
-# strides and pointers 16-divisible): what the interpreter cannot show.
-_AOT_PROLOGUE = r"""
-import json, os, re, subprocess, sys, tempfile
-sys.path.insert(0, sys.argv[1])
-try:
-    import triton
-    from triton.compiler import ASTSource
-    from triton.backends.compiler import GPUTarget
-except ImportError as e:
-    print(json.dumps({"skip": f"no AOT API: {e}"})); sys.exit(0)
-from resfuse._backends import kernels_module
-k = kernels_module("conv_bn_act")
-CUOBJ = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-fn = k._conv_bn_act_fwd_kernel
-F32 = {"mean_ptr", "var_ptr", "gamma_ptr", "beta_ptr", "mean_i_ptr", "var_i_ptr", "gamma_i_ptr", "beta_i_ptr",
-       "bias_d_ptr", "mean_d_ptr", "var_d_ptr", "gamma_d_ptr", "beta_d_ptr"}
-FLOATS = {"eps", "eps_d", "eps_i", "slope_i", "negative_slope"}
-out = []
-for pre, cfg in [(True, c) for c in k._prune_configs(k._configs(), dict(M=1 << 20, K=256, C=256), HAS_PRE=True)]:
-    consts = dict(R=3, S=3, HAS_BIAS=False, HAS_BN=True, HAS_GAMMA=True, HAS_BETA=True, HAS_RES=False, ACT=1,
-                  HAS_PROJ=False, HAS_PROJ_BIAS=False, HAS_PROJ_GAMMA=False, HAS_PROJ_BETA=False,
-                  HAS_PRE=pre, PRE_ACT=1, HAS_PRE_GAMMA=True, HAS_PRE_BETA=True,
-                  INT64=False, DOT_IN_FP32=False, INPUT_PRECISION="ieee", **cfg.kwargs)
-    # channels_last x and weights: unit channel strides are constant (as the JIT specializes 1)
-    consts.update(sx_c=1, sw_c=1, sy_c=1)
-    sig = {n: ("constexpr" if n in consts else "*fp32" if n in F32 else "*bf16" if n.endswith("_ptr") else
-               "fp32" if n in FLOATS else "i32") for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if n not in consts and (n.endswith("_ptr") or n in ("C", "K", "sx_n", "sx_h", "sx_w", "sw_k", "sw_r",
-                                                                    "sw_s", "sy_n", "sy_h", "sy_w"))}
-    ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                        target=GPUTarget("cuda", 90, 32),
-                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    usage = ""
-    sass = ""
-    if os.path.exists(CUOBJ):
-        with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
-            f.write(ck.asm["cubin"]); f.flush()
-            r = subprocess.run([CUOBJ, "--dump-resource-usage", f.name], capture_output=True, text=True)
-            usage = " ".join(re.findall(r"REG:\d+ STACK:\d+", r.stdout))
-            sass = subprocess.run([CUOBJ, "-sass", f.name], capture_output=True, text=True).stdout
-    ptx = ck.asm["ptx"]
-    out.append(dict(pre=consts["HAS_PRE"], waits=sorted(set(re.findall(r"wgmma.wait_group.sync.aligned (\d+)", ptx))), cfg=cfg.kwargs, warps=cfg.num_warps, shared=ck.metadata.shared, usage=usage,
-                    hgmma="HGMMA" in sass, ldgsts128=sass.count("LDGSTS.E.BYPASS.128") + sass.count("LDGSTS.E.128"),
-                    ldg16=sass.count("LDG.E.U16")))
-print(json.dumps(out))
-"""
-
-
-def test_prologue_compiles_for_sm90_to_wgmma_with_async_loads():
-    """Every autotune config the prune keeps for the conv kernel with the
-    BN + ReLU prologue (3x3, BN + ReLU epilogue; a large problem, so only
-    the prologue rule prunes) compiles to sm_90 code: wgmma (HGMMA) with 4+
-    warps, 16-byte cp.async loads, no 2-byte loads, no spill stack, within 227 KB
-    of shared memory. The tiles over 128 x 128 spill with the prologue
-    and are pruned for it (checked here too)."""
-    import json
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _AOT_PROLOGUE, ROOT], capture_output=True, text=True, env=env,
-                       timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    if isinstance(res, dict) and "skip" in res:
-        pytest.skip(res["skip"])
-    k = _kern()
-    big = dict(M=1 << 20, K=256, C=256)
-    kept = k._prune_configs(k._configs(), big, HAS_PRE=True)
-    assert len(res) == len(kept) >= 8
-    assert len(k._prune_configs(k._configs(), big, HAS_PRE=False)) == len(k._configs())
-    for row in res:
-        print(row)
-        # wgmma needs a warpgroup: the 2-warp configs compile to mma.sync, as without a prologue
-        assert row["pre"] and row["hgmma"] == (row["warps"] >= 4), row
-        assert row["ldgsts128"] > 0 and row["ldg16"] == 0, row
-        assert 0 < row["shared"] <= 227 * 1024, row
-        assert row["usage"] == "" or row["usage"].endswith("STACK:0"), row

@@ -26,7 +26,7 @@ import torch
 
 from .. import dispatch
 from ..activations import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, activation_grad, check_negative_slope, get_activation
-from .common import acc_dtype, check_tensor, output_memory_format, pair
+from .common import acc_dtype, check_tensor, conv_output_memory_format, pair
 from .conv_bn_act import (ConvBNActProblem, _eager_run, bn_param_grads, branch_grads, fold_bn, launch_triton_conv,
                           make_problem, pre_activation, resolve_padding, triton_check)
 
@@ -123,7 +123,8 @@ def _fake(x, in_mean, in_var, in_weight, in_bias, in_eps, in_activation, weight,
                                  bn_mean, bn_var, bn_weight, bn_bias, eps, residual, stride, padding, dilation,
                                  groups, activation, in_negative_slope, negative_slope)
     dispatch.validate_backend(backend)
-    return torch.empty(p.out_shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    return torch.empty(p.out_shape, dtype=x.dtype, device=x.device,
+                       memory_format=conv_output_memory_format(x, weight))
 
 
 _IN = ("x", "in_mean", "in_var", "in_weight", "in_bias")

@@ -1,9 +1,10 @@
 """Validation and allocation helpers every op module shares (one copy)."""
 
 import os
-from typing import List
+from typing import List, Optional
 
 import torch
+from torch._prims_common import suggest_memory_format  # eager's own rule (PyTorch's decompositions use it)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -43,6 +44,15 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def conv_output_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """PyTorch's rule for a convolution's output: channels_last when the
+    input *or* the weight suggests channels_last (as F.conv2d answers on
+    CPU and cuDNN), else contiguous."""
+    if suggest_memory_format(x) == torch.channels_last or suggest_memory_format(weight) == torch.channels_last:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def check_tensor(t, name, *, dims, device, dtype=None, shape=None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -62,12 +72,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def alloc_output(p) -> torch.Tensor:
-    """Output buffer in the input's memory format. With RESFUSE_POISON_OUTPUTS=1
-    (the test suite sets it) it starts as NaN, so an element a kernel fails
-    to write cannot pass a comparison."""
+def alloc_output(p, memory_format: Optional[torch.memory_format] = None) -> torch.Tensor:
+    """Output buffer in ``memory_format`` (default: the input's). With
+    RESFUSE_POISON_OUTPUTS=1 (the test suite sets it) it starts as NaN, so
+    an element a kernel fails to write cannot pass a comparison."""
     out = torch.empty(p.out_shape, dtype=p.x.dtype, device=p.x.device,
-                      memory_format=output_memory_format(p.x))
+                      memory_format=memory_format or output_memory_format(p.x))
     if os.environ.get("RESFUSE_POISON_OUTPUTS") == "1":
         out.fill_(float("nan"))
     return out

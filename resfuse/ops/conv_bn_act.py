@@ -17,6 +17,7 @@ conv_bn_act.py), ``cuda`` (resfuse._C, when built with a kernel for it) and
 ``eager`` (plain PyTorch, any dtype/groups/device).
 """
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -27,7 +28,8 @@ from .. import dispatch
 from .._backends import conv_allows_tf32, cuda_reasons, kernels_module, triton_reasons
 from ..activations import (ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, activation_grad, check_negative_slope,
                           get_activation)
-from .common import FLOAT_DTYPES, OnInput, acc_dtype, alloc_output, check_tensor, output_memory_format, pair
+from .common import (FLOAT_DTYPES, OnInput, acc_dtype, alloc_output, check_tensor, conv_output_memory_format,
+                     pair)
 
 OP = "conv_bn_act"
 
@@ -189,7 +191,7 @@ def _eager_run(p: ConvBNActProblem) -> torch.Tensor:
         _, u = pre_activation(p, p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias,
                               p.residual)
         y = p.act(u).to(p.x.dtype)
-    return y.contiguous(memory_format=output_memory_format(p.x))
+    return y.contiguous(memory_format=conv_output_memory_format(p.x, p.weight))
 
 
 def triton_check(p) -> List[str]:
@@ -200,17 +202,43 @@ def triton_check(p) -> List[str]:
     return reasons
 
 
-def launch_triton_conv(p: ConvBNActProblem, **launcher_kwargs) -> torch.Tensor:
+#: Per-call repacks to channels_last on the Triton conv path, by operand
+#: ("x", "weight", "xs", "wd"); resfuse.inspect reports them.
+REPACKS: Counter = Counter()
+
+
+def channels_last(t: torch.Tensor, what: str) -> torch.Tensor:
+    """``t`` with channels innermost (NHWC / OHWI strides): itself when it
+    already is, else a copy (counted in ``REPACKS``). The Triton conv
+    kernel's operand tiles are then rows of contiguous channels, which it
+    loads with 16-byte async copies. ``resfuse.convert(...,
+    channels_last_weights=True)`` lays weights out so once; with them an
+    NCHW model input is copied once, at the first fused conv (its output is
+    channels_last, by eager's rule for a channels_last weight)."""
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    REPACKS[what] += 1
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def launch_triton_conv(p: ConvBNActProblem, projection=None, **launcher_kwargs) -> torch.Tensor:
     """Run the Triton conv kernel on problem `p` into a fresh output;
-    `launcher_kwargs` select its optional epilogues (e.g. projection=...)."""
+    `projection` / `launcher_kwargs` select its optional epilogues and
+    prologue. x, the weights and a projection's xs/wd reach the kernel
+    channels_last (``channels_last``: a per-call copy of an operand that
+    is not; slower, see ``resfuse.convert``'s ``channels_last_weights``)."""
     kern = kernels_module("conv_bn_act")
-    out = alloc_output(p)
-    args = (p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps, p.residual,
-            p.stride, p.padding, p.dilation, ACTIVATIONS[p.activation].triton_id, p.negative_slope, out)
+    out = alloc_output(p, conv_output_memory_format(p.x, p.weight))
+    if projection is not None:
+        projection = (channels_last(projection[0], "xs"), channels_last(projection[1], "wd"),
+                      *projection[2:])
+    args = (channels_last(p.x, "x"), channels_last(p.weight, "weight"), p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps,
+            p.residual, p.stride, p.padding, p.dilation, ACTIVATIONS[p.activation].triton_id, p.negative_slope, out)
     if p.device.type == "cuda":
         with torch.cuda.device(p.device):
-            return kern.conv_bn_act_fwd(*args, allow_tf32=conv_allows_tf32(), **launcher_kwargs)
-    return kern.conv_bn_act_fwd(*args, allow_tf32=False, **launcher_kwargs)
+            return kern.conv_bn_act_fwd(*args, allow_tf32=conv_allows_tf32(), projection=projection,
+                                        **launcher_kwargs)
+    return kern.conv_bn_act_fwd(*args, allow_tf32=False, projection=projection, **launcher_kwargs)
 
 
 def cuda_check(p) -> List[str]:
@@ -222,7 +250,7 @@ def cuda_check(p) -> List[str]:
 
 
 def _cuda_run(p: ConvBNActProblem) -> torch.Tensor:
-    out = alloc_output(p)
+    out = alloc_output(p, conv_output_memory_format(p.x, p.weight))
     with torch.cuda.device(p.device):
         torch.ops.resfuse_cuda.conv_bn_act(p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias,
                                            p.eps, p.residual, p.stride, p.padding, p.dilation, p.groups,
@@ -271,7 +299,8 @@ def _conv_bn_act_fake(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps,
     p = make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
                      stride, padding, dilation, groups, activation, negative_slope)
     dispatch.validate_backend(backend)
-    return torch.empty(p.out_shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    return torch.empty(p.out_shape, dtype=x.dtype, device=x.device,
+                       memory_format=conv_output_memory_format(x, weight))
 
 
 def _setup_context(ctx, inputs, output):

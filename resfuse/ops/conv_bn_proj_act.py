@@ -17,7 +17,7 @@ import torch
 from .. import dispatch
 from .._backends import conv_allows_tf32
 from ..activations import DEFAULT_NEGATIVE_SLOPE, activation_grad, check_negative_slope
-from .common import alloc_output, check_tensor, output_memory_format, pair
+from .common import alloc_output, check_tensor, conv_output_memory_format, pair
 from .conv_bn_act import (ACTIVATIONS, ConvBNActProblem, branch_grads, cuda_check, launch_triton_conv, make_problem,
                           pre_activation, triton_check)
 
@@ -92,7 +92,7 @@ def _pre_activations(p: ConvBNProjProblem):
 def _eager_run(p: ConvBNProjProblem) -> torch.Tensor:
     _, _, u = _pre_activations(p)
     y = p.act(u).to(p.x.dtype)
-    return y.contiguous(memory_format=output_memory_format(p.x))
+    return y.contiguous(memory_format=conv_output_memory_format(p.x, p.weight))
 
 
 def _triton_run(p: ConvBNProjProblem) -> torch.Tensor:
@@ -101,7 +101,7 @@ def _triton_run(p: ConvBNProjProblem) -> torch.Tensor:
 
 
 def _cuda_run(p: ConvBNProjProblem) -> torch.Tensor:
-    out = alloc_output(p)
+    out = alloc_output(p, conv_output_memory_format(p.x, p.weight))
     with torch.cuda.device(p.device):
         torch.ops.resfuse_cuda.conv_bn_proj_act(
             p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps,
@@ -141,7 +141,8 @@ def _fake(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, xs, weight_
                           bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, eps_d, stride_d,
                           stride, padding, dilation, groups, activation, negative_slope)
     dispatch.validate_backend(backend)
-    return torch.empty(p.out_shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    return torch.empty(p.out_shape, dtype=x.dtype, device=x.device,
+                       memory_format=conv_output_memory_format(x, weight))
 
 
 _MAIN = ("x", "weight", "bias", "bn_mean", "bn_var", "bn_weight", "bn_bias")
