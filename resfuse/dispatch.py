@@ -3,7 +3,8 @@
 Every op registers candidate implementations under the backend names
 ``cuda``, ``triton`` and ``eager``. Each candidate answers "can I run this
 problem?" with a list of reasons it cannot (empty means yes). ``auto`` tries
-them in ``AUTO_ORDER`` and records the reasons of every candidate it passed
+them in ``auto_order(problem)`` (``AUTO_ORDER``, except on sm_90 where
+Triton goes first) and records the reasons of every candidate it passed
 over; an explicit backend that cannot run raises ``BackendUnavailable`` with
 its reasons. ``RESFUSE_BACKEND`` replaces ``auto`` when set.
 """
@@ -12,11 +13,17 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Dict, List, Optional, Tuple
 
 log = logging.getLogger("resfuse")
 
 AUTO_ORDER = ("cuda", "triton", "eager")
+#: On sm_90 the Triton kernels compile to wgmma with pipelined 16-byte async
+#: loads (``python -m resfuse.inspect``) and resfuse._C's kernels to mma.sync
+#: only, so Triton goes first there, until a GPU benchmark in bench/results/
+#: shows otherwise (none has run yet).
+HOPPER_ORDER = ("triton", "cuda", "eager")
 BACKENDS = ("auto",) + AUTO_ORDER
 ENV_VAR = "RESFUSE_BACKEND"
 
@@ -86,6 +93,22 @@ def effective_backend(backend: str) -> str:
     return backend
 
 
+@lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    import torch
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def auto_order(problem) -> Tuple[str, ...]:
+    """The order ``auto`` tries the backends in for `problem`'s device."""
+    dev = getattr(problem, "device", None)
+    if getattr(dev, "type", None) == "cuda":
+        import torch
+        if _capability_major(dev.index if dev.index is not None else torch.cuda.current_device()) == 9:
+            return HOPPER_ORDER
+    return AUTO_ORDER
+
+
 def plan(op: str, backend: str, problem) -> Tuple[Decision, Run]:
     """Pick the implementation of `op` for `problem` without running it."""
     impls = _REGISTRY[op]
@@ -99,7 +122,7 @@ def plan(op: str, backend: str, problem) -> Tuple[Decision, Run]:
             raise BackendUnavailable(op, requested, reasons)
         return Decision(op, requested, requested), run
     skipped = {}
-    for name in AUTO_ORDER:
+    for name in auto_order(problem):
         if name not in impls:
             skipped[name] = [f"no {name} implementation of {op}"]
             continue
