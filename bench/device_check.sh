@@ -11,6 +11,7 @@
 #   gpu_tests  python -m pytest -m gpu tests
 #   sanitizer  compute-sanitizer memcheck (triton + cuda) and racecheck (cuda) on bench/sanitizer_case.py
 #   bench      python bench/run.py --quick
+#   inspect    python -m resfuse.inspect --model resnet50 (the machine-code report, with this box's Triton)
 # then a summary table, printed last.
 #
 # Budget: RESFUSE_CHECK_BUDGET_S (default 470 s, inside 8 minutes). A stage's
@@ -42,9 +43,9 @@ TMPD=$(mktemp -d)
 trap 'rm -rf "$TMPD"' EXIT
 
 # ---------------------------------------------------------------- stages ----
-STAGES=(env build gpu_tests sanitizer bench)
-declare -A CAP=([env]=30 [build]=200 [gpu_tests]=150 [sanitizer]=120 [bench]=300)
-declare -A MIN=([env]=10 [build]=60 [gpu_tests]=45 [sanitizer]=45 [bench]=90)
+STAGES=(env build gpu_tests sanitizer bench inspect)
+declare -A CAP=([env]=30 [build]=200 [gpu_tests]=150 [sanitizer]=120 [bench]=300 [inspect]=60)
+declare -A MIN=([env]=10 [build]=60 [gpu_tests]=45 [sanitizer]=45 [bench]=90 [inspect]=20)
 declare -A STATUS SECS NOTE
 
 cu_files() { ls csrc/*.cu csrc/*.cpp 2>/dev/null; }
@@ -99,6 +100,7 @@ EOF
     gpu_tests) echo "$PY -m pytest -m gpu tests -q -rfEs -p no:cacheprovider" ;;
     sanitizer) echo "PYTORCH_NO_CUDA_MEMORY_CACHING=1 \"\$(find_sanitizer)\" --tool memcheck --error-exitcode 99 --print-limit 20 $PY bench/sanitizer_case.py && PYTORCH_NO_CUDA_MEMORY_CACHING=1 \"\$(find_sanitizer)\" --tool racecheck --error-exitcode 99 --print-limit 20 $PY bench/sanitizer_case.py --backends cuda" ;;
     bench) echo "$PY bench/run.py --quick --out-dir \"$LOGDIR\" --summary-file \"$TMPD/bench_summary.md\" --budget-s \$BENCH_BUDGET" ;;
+    inspect) echo "$PY -m resfuse.inspect --model resnet50 --dtype bf16 --arch sm_90 --batch 64" ;;
     esac
 }
 
