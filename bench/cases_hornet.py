@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from resfuse.hornet import HORNET_T_DEPTHS, HORNET_T_SCALE  # noqa: F401  (blocks per stage; s of every gnconv)
 from resfuse.reference import gnconv_dims
 
 from .model.gnconv import (HORNET_T_STAGES, GnConvTraffic, StepTraffic, gnconv_bytes, gnconv_train_bytes,
@@ -48,10 +49,6 @@ from .providers import compiled, reset_compile_state, resfuse_backend
 # ----------------------------------------------------------------------------
 # HorNet's gnconv
 # ----------------------------------------------------------------------------
-
-#: HorNet-T (hornet_tiny_7x7): blocks per stage; every gnconv uses s = 1/3.
-HORNET_T_DEPTHS = (2, 3, 18, 2)
-HORNET_T_SCALE = 1.0 / 3.0
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from resfuse import models as rf_models
+from resfuse.hornet import HorBlock, PlainGnConv  # HorNet's modules: resfuse.hornet holds the one copy
 
 from .archs import RESNET_BLOCKS
 
@@ -133,36 +134,6 @@ def make_model(name: str, *, seed: int = 0, image: int = 224, calib_batch: int =
 # HorNet's gnconv, plain eager (the GPU box has no timm)
 # ----------------------------------------------------------------------------
 
-class PlainGnConv(nn.Module):
-    """HorNet's gnconv (recursive gated convolution) as HorNet writes it,
-    one PyTorch op per step: ``proj_in`` 1x1 dim -> 2 dim, ``dwconv``
-    depthwise ksize x ksize with bias over sum(dims) channels, ``pws``
-    (order - 1 gated 1x1 convs dims[i] -> dims[i+1]), ``proj_out`` 1x1
-    dim -> dim, scale ``s``. Same child and parameter names as HorNet, so
-    ``resfuse.nn.GnConv.from_module`` takes it as it takes HorNet's."""
-
-    def __init__(self, dim: int, order: int = 5, s: float = 1.0, ksize: int = 7):
-        super().__init__()
-        self.order = order
-        self.dims = [dim >> (order - 1 - i) for i in range(order)]  # [dim / 2^(order-1), ..., dim]
-        if self.dims[0] << (order - 1) != dim:
-            raise ValueError(f"dim {dim} is not a multiple of 2^(order-1) = {1 << (order - 1)}")
-        S = sum(self.dims)
-        self.proj_in = nn.Conv2d(dim, 2 * dim, 1)
-        self.dwconv = nn.Conv2d(S, S, kernel_size=ksize, padding=ksize // 2, bias=True, groups=S)
-        self.proj_out = nn.Conv2d(dim, dim, 1)
-        self.pws = nn.ModuleList(nn.Conv2d(self.dims[i], self.dims[i + 1], 1) for i in range(order - 1))
-        self.scale = s
-
-    def forward(self, x):
-        pwa, abc = torch.split(self.proj_in(x), (self.dims[0], sum(self.dims)), dim=1)
-        gates = torch.split(self.dwconv(abc) * self.scale, self.dims, dim=1)
-        y = pwa * gates[0]
-        for i, pw in enumerate(self.pws):
-            y = pw(y) * gates[i + 1]
-        return self.proj_out(y)
-
-
 def make_gnconv(dim: int, order: int, s: float = 1.0, ksize: int = 7, *, seed: int = 0) -> PlainGnConv:
     """A reproducible random-weight PlainGnConv, fp32 on CPU, eval. The
     weights keep every gated product O(1) on an N(0, 1) input (1x1 convs
@@ -187,80 +158,6 @@ def make_gnconv(dim: int, order: int, s: float = 1.0, ksize: int = 7, *, seed: i
 # ----------------------------------------------------------------------------
 # HorNet's HorBlock, plain eager
 # ----------------------------------------------------------------------------
-
-class HorLayerNorm(nn.Module):
-    """HorNet's LayerNorm: ``channels_last`` (N, H, W, C) through
-    F.layer_norm, or ``channels_first`` (N, C, H, W) written out as HorNet
-    writes it (mean, biased variance, normalise, affine: 10 eager ops)."""
-
-    def __init__(self, normalized_shape: int, eps: float = 1e-6, data_format: str = "channels_last"):
-        super().__init__()
-        if data_format not in ("channels_last", "channels_first"):
-            raise ValueError(f"data_format must be 'channels_last' or 'channels_first', got {data_format!r}")
-        self.weight = nn.Parameter(torch.ones(normalized_shape))
-        self.bias = nn.Parameter(torch.zeros(normalized_shape))
-        self.eps = eps
-        self.data_format = data_format
-        self.normalized_shape = (normalized_shape,)
-
-    def forward(self, x):
-        if self.data_format == "channels_last":
-            return nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (the identity in eval or with p = 0)."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-
-class HorBlock(nn.Module):
-    """HorNet's Block (yoloair's HorBlock) as HorNet writes it:
-    ``x + drop_path(gamma1 * gnconv(norm1(x)))`` (norm1 channels-first),
-    then the channels-last MLP half
-    ``x + drop_path(gamma2 * pwconv2(act(pwconv1(norm2(x)))))``. Same
-    children, parameter names and forward as HorNet (and
-    tests/seed_hornet.py), so ``resfuse.convert`` takes it for a HorBlock.
-    ``gnconv``: a callable dim -> token mixer (a ``PlainGnConv`` of order 5
-    by default)."""
-
-    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6, gnconv=None):
-        super().__init__()
-        self.norm1 = HorLayerNorm(dim, eps=1e-6, data_format="channels_first")
-        self.gnconv = (gnconv or PlainGnConv)(dim)
-        self.norm2 = HorLayerNorm(dim, eps=1e-6)
-        self.pwconv1 = nn.Linear(dim, 4 * dim)
-        self.act = nn.GELU()
-        self.pwconv2 = nn.Linear(4 * dim, dim)
-        self.gamma1 = (nn.Parameter(layer_scale_init_value * torch.ones(dim))
-                       if layer_scale_init_value > 0 else None)
-        self.gamma2 = (nn.Parameter(layer_scale_init_value * torch.ones(dim))
-                       if layer_scale_init_value > 0 else None)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    def forward(self, x):
-        C = x.shape[1]
-        gamma1 = self.gamma1.view(C, 1, 1) if self.gamma1 is not None else 1
-        x = x + self.drop_path(gamma1 * self.gnconv(self.norm1(x)))
-        y = self.norm2(x.permute(0, 2, 3, 1))
-        y = self.pwconv2(self.act(self.pwconv1(y)))
-        if self.gamma2 is not None:
-            y = self.gamma2 * y
-        return x + self.drop_path(y.permute(0, 3, 1, 2))
-
 
 def make_horblock(dim: int, order: int, s: float = 1.0, ksize: int = 7, *, seed: int = 0) -> HorBlock:
     """A reproducible random-weight HorBlock (drop_path 0), fp32 on CPU,

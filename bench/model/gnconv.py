@@ -144,13 +144,10 @@ the MLP's backward first, whose dx is the gnconv half's dout.
 from dataclasses import dataclass
 from typing import List, Tuple
 
+from resfuse.hornet import HORNET_T_STAGES  # HorNet-T's (dim, order, H=W) per stage: the one copy
 from resfuse.reference import gnconv_dims  # HorNet's channel split: the one definition
 
 from .rules import elem_bytes, mac_flops, stat_bytes
-
-#: HorNet-T (hornet_tiny_7x7) stages at a 224x224 input: (dim, order, H=W).
-#: Every stage uses s = 1/3.
-HORNET_T_STAGES: Tuple[Tuple[int, int, int], ...] = ((64, 2, 56), (128, 3, 28), (256, 4, 14), (512, 5, 7))
 
 
 @dataclass(frozen=True)
