@@ -116,6 +116,8 @@ class TunedKernel:
         import triton
         self.fn, self.configs, self.key = fn, list(configs), list(key)
         self._prune = prune
+        self._key_pos = [fn.arg_names.index(k) for k in self.key]
+        self._chosen = {}  # (key values, SM count) -> default config: the prune runs once per key
         by = {"early_config_prune": lambda cfgs, named, **kw: self.candidates({**named, **kw}, cfgs)}
         self.autotuner = triton.autotune(configs=self.configs, key=self.key, prune_configs_by=by)(fn)
 
@@ -138,15 +140,27 @@ class TunedKernel:
         def run(*args, **kwargs):
             if autotuning():
                 return self.autotuner[grid](*args, **kwargs)
-            cfg = self.default_config(self.named_args(args, kwargs))
+            cfg = self.default_config(args, kwargs)
             return self.fn[grid](*args, **kwargs, **cfg.all_kwargs())
         return run
 
-    def default_config(self, named: Dict[str, Any]):
-        """The first candidate. No wave rule (it would give batch 64 and 96
-        different tiles, so different compiles): a small problem may leave
-        SMs idle, which RESFUSE_AUTOTUNE=1 trades for tuning time."""
-        return self.candidates(named)[0]
+    def tune_key(self, args: Sequence, kwargs: Dict[str, Any]) -> Tuple:
+        """The values of ``key`` for a launch (what the autotuner, and the
+        default-config cache, key on)."""
+        return tuple(kwargs[k] if k in kwargs else args[i] if i < len(args) else None
+                     for k, i in zip(self.key, self._key_pos))
+
+    def default_config(self, args: Sequence, kwargs: Dict[str, Any]):
+        """The first candidate, chosen once per key (the prunes read only
+        key arguments and the SM count, as triton.autotune assumes). No
+        wave rule (it would give batch 64 and 96 different tiles, so
+        different compiles): a small problem may leave SMs idle, which
+        RESFUSE_AUTOTUNE=1 trades for tuning time."""
+        k = (self.tune_key(args, kwargs), num_sms())
+        cfg = self._chosen.get(k)
+        if cfg is None:
+            cfg = self._chosen[k] = self.candidates(self.named_args(args, kwargs))[0]
+        return cfg
 
 
 @dataclass
@@ -198,9 +212,8 @@ def launch(name: str, kernel, grid, *args, **kwargs) -> None:
     if _RECORDER is not None:
         config, cands, fn, key = None, (), kernel, ()
         if isinstance(kernel, TunedKernel):
-            named = kernel.named_args(args, kwargs)
-            fn, cands, config = kernel.fn, tuple(kernel.candidates(named)), kernel.default_config(named)
-            key = tuple(named.get(k) for k in kernel.key)
+            fn, config, key = kernel.fn, kernel.default_config(args, kwargs), kernel.tune_key(args, kwargs)
+            cands = tuple(kernel.candidates(kernel.named_args(args, kwargs)))
             kwargs = {**kwargs, **config.all_kwargs()}
         _RECORDER.sink(Launch(name, fn, tuple(args), dict(kwargs), config, cands, key))
     else:

@@ -39,13 +39,13 @@ Offsets are computed in int64 when any tensor spans 2**31 elements or more
 (`INT64`), else in int32.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCHES_BY_KERNEL, TunedKernel, declare_kernels, launch
+from ._common import (LAUNCHES_BY_KERNEL, TunedKernel, declare_kernels, dot_precision, interpreter_blocks,
+                      interpreting, launch, needs_int64)
 
 # The ids are resfuse.activations.ACTIVATIONS[name].triton_id (the one
 # source of truth); adding an activation is a row there and a branch here.
@@ -167,13 +167,7 @@ def _interpreter_blocks(C, K):
     counts (so tests cross tile boundaries), 64-wide for wide layers (the
     interpreter's cost is per tl op, so fewer, larger steps run whole
     models several times faster). RESFUSE_INTERPRET_BLOCKS="M,N,K" overrides."""
-    env = os.environ.get("RESFUSE_INTERPRET_BLOCKS")
-    if env:
-        bm, bn, bk = (int(v) for v in env.split(","))
-        return bm, bn, bk
-    bk = 16 if C <= 16 else 32 if C <= 64 else 64
-    bn = 32 if K <= 32 else 64
-    return 32, bn, bk
+    return interpreter_blocks((32, 32 if K <= 32 else 64, 16 if C <= 16 else 32 if C <= 64 else 64))
 
 
 @triton.jit
@@ -317,13 +311,6 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _span(t):
-    """Largest element offset reachable in t, plus one."""
-    if t is None or t.numel() == 0:
-        return 0
-    return 1 + sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride()))
-
-
 def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
                     stride, padding, dilation, activation_id, negative_slope, out, *, allow_tf32,
                     projection=None, prologue=None, force_int64=False):
@@ -344,11 +331,8 @@ def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, r
     M = N * P * Q
     if M == 0 or K == 0:
         return out
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if x.dtype == torch.float32:
-        precision = "tf32" if (allow_tf32 and not interpret) else "ieee"
-    else:
-        precision = "ieee"  # ignored by tl.dot for 16-bit operands
+    interpret = interpreting()
+    precision = dot_precision(x.dtype, allow_tf32)
     # The kernel reads the per-channel vectors at unit stride; a strided view
     # (a slice of a larger buffer) must be packed first. K elements: free.
     bias, bn_mean, bn_var, bn_weight, bn_bias = (
@@ -382,8 +366,7 @@ def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, r
     else:
         pre_args = (dummy,) * 4 + (0.0, 0.0)
         pre_flags = dict(HAS_PRE=False, PRE_ACT=0, HAS_PRE_GAMMA=False, HAS_PRE_BETA=False)
-    int64 = force_int64 or max(_span(x), _span(weight), _span(residual), _span(out), _span(xs), _span(wd),
-                               M) >= 2**31
+    int64 = force_int64 or needs_int64(x, weight, residual, out, xs, wd, extra=M)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
