@@ -28,8 +28,9 @@ copies under 16 bytes, no load/MMA overlap, 2-byte scalar stores. It also
 counts the compiles the first forward triggers (distinct variants) and,
 with ``RESFUSE_AUTOTUNE=1``, the compile-and-benchmark runs the autotuner
 would add. Analyses are cached on disk (``RESFUSE_INSPECT_CACHE``, default
-``~/.cache/resfuse/inspect``) keyed by Triton's version, the kernel
-source's hash, the specialization and the arch, so a second run is fast.
+``~/.cache/resfuse/inspect``) keyed by Triton's version, this file's and
+the kernel source's hashes, the specialization and the arch, so a second
+run is fast.
 
     python -m resfuse.inspect --model resnet50 --dtype bf16 --arch sm_90 \\
         [--input-layout nchw|channels_last] [--batch N] [--image 224] [--json]
@@ -62,6 +63,10 @@ ARCHS = {
     "sm_80": dict(cc=80, sms=108, smem_sm=164 * 1024, smem_block=163 * 1024, regs_sm=65536, warps_sm=64),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: This file's hash: part of every cache key, so a change to the analysis
+#: never reads facts an older analyzer cached.
+with open(__file__, "rb") as _f:
+    _ANALYZER = hashlib.sha256(_f.read()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------
@@ -118,7 +123,7 @@ class Variant:
 
     def key(self, arch: str) -> str:
         import triton
-        blob = repr((triton.__version__, self.fn.cache_key, sorted(self.signature.items()),
+        blob = repr((triton.__version__, _ANALYZER, self.fn.cache_key, sorted(self.signature.items()),
                      sorted(self.constexprs.items()), sorted((k, repr(v)) for k, v in self.attrs.items()),
                      sorted((k, repr(v)) for k, v in self.options.items()), arch))
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -388,7 +393,7 @@ def inspect_launches(launches: Sequence, arch: str = "sm_90", cache: bool = True
 def build_model(name: str) -> nn.Module:
     """A model as its library constructs it (random weights; OIHW conv weights)."""
     if name == "hornet_t":
-        from .hornet_t import hornet_t
+        from .hornet import hornet_t
         return hornet_t()
     import torchvision
     return getattr(torchvision.models, name)(weights=None)
