@@ -93,7 +93,7 @@ def lay_out_conv_weights(model: nn.Module) -> None:
 
 
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False,
-            channels_last_weights: bool = False) -> nn.Module:
+            channels_last_weights: bool = True) -> nn.Module:
     """Return `model` with its conv -> BN (-> act) (-> add) patterns fused:
 
     - residual blocks (torchvision/timm BasicBlock and Bottleneck, the seed's
@@ -123,9 +123,11 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False,
     channels_last_weights: lay the fused convs' weights out channels-innermost
         (``lay_out_conv_weights``), so the Triton conv kernel reads them
         without a per-call repack and an NCHW input becomes channels_last at
-        the first fused conv. Off by default: with other weight strides,
-        eager convolutions (train mode, fallbacks) may round differently
-        from the original model's, so only this keeps them bitwise equal.
+        the first fused conv. On by default; False keeps the user's strides
+        (the Triton path then repacks OIHW weights at every call). With the
+        new strides, eager convolutions (train mode, fallbacks) may round
+        differently from the model as constructed (within the correctness
+        rule); only False keeps train mode bitwise the original's.
 
     No parameter or buffer is moved or renamed (with ``channels_last_weights``
     the fused convs' weights keep their values and get other strides).

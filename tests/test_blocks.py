@@ -17,7 +17,7 @@ from resfuse.models import randomize_bn
 from resfuse.recognize.blocks import match_block
 from resfuse.nn.blocks import BasicBlock, Bottleneck, FusedResidualBlock, fuse_block
 from resfuse.nn.stem import ConvBNHead
-from testutil import launches as _launches
+from testutil import launches as _launches, same_weight_layout
 from numerics import assert_matches
 
 
@@ -220,6 +220,7 @@ def test_train_mode_matches_original_and_running_stats():
     torch.manual_seed(9)
     plain = randomize_bn(rf_models.resnet18(num_classes=5), 9)
     fused = resfuse.convert(plain)
+    same_weight_layout(plain, fused)  # bitwise: the same weight strides
     plain.train(), fused.train()
     opt_p = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
     opt_f = torch.optim.SGD(fused.parameters(), lr=0.01, momentum=0.9)

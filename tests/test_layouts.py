@@ -1,8 +1,9 @@
 """Memory layouts: conv outputs follow PyTorch's rule (channels_last when
-the input or the weight is), on every backend, and
-``convert(channels_last_weights=True)`` lays fused weights out once without
-changing what a state_dict holds or what the model computes."""
+the input or the weight is), on every backend, and ``convert`` (its
+``channels_last_weights``, on by default) lays fused weights out once
+without changing what a state_dict holds or what the model computes."""
 
+import copy
 import random
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 import resfuse
 from resfuse.ops import conv_bn_act as conv_op
+from numerics import assert_matches
 
 CL = torch.channels_last
 
@@ -41,11 +43,11 @@ def test_output_layout_follows_eager(backend, device):
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_channels_last_weights_convert_keeps_state_and_values():
+def test_convert_lays_weights_out_channels_last_by_default_keeping_state_and_values():
     from resfuse.models import randomize_bn, resnet18
     torch.manual_seed(0)
     plain = randomize_bn(resnet18()).eval()
-    fused = resfuse.convert(plain, backend="eager", channels_last_weights=True)
+    fused = resfuse.convert(plain, backend="eager")
     sd_p, sd_f = plain.state_dict(), fused.state_dict()
     assert list(sd_p) == list(sd_f)
     assert all(torch.equal(sd_p[k], sd_f[k]) and sd_p[k].shape == sd_f[k].shape for k in sd_p)
@@ -54,16 +56,47 @@ def test_channels_last_weights_convert_keeps_state_and_values():
     assert not plain.layer1[0].conv1.weight.is_contiguous(memory_format=CL)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(fused(x), plain(x), rtol=1e-4, atol=1e-4)
+    # train mode runs the original modules, on the re-laid-out weights: the
+    # as-constructed model's numbers within fp32 rounding (bitwise against
+    # the same layout: tests/test_blocks.py), running statistics too
+    fused.train(), plain.train()
+    xt = torch.randn(8, 3, 32, 32)
+    ref = copy.deepcopy(plain).double()(xt.double())
+    assert_matches(fused(xt), ref, plain(xt), torch.float32, "train mode, channels_last weights")
+    for k in sd_p:
+        torch.testing.assert_close(fused.state_dict()[k], plain.state_dict()[k], rtol=1e-4, atol=1e-5)
+    fused.eval(), plain.eval()
     # load_state_dict copies into the parameter: the layout stays
-    fused.load_state_dict(sd_p)
+    fused.load_state_dict(plain.state_dict())
     assert fused.layer1[0].conv1.weight.is_contiguous(memory_format=CL)
     # an edit through .data is seen at the next call (nothing cached)
     with torch.no_grad():
         fused.layer1[0].conv1.weight.data.mul_(-1)
         plain.layer1[0].conv1.weight.data.mul_(-1)
     torch.testing.assert_close(fused(x), plain(x), rtol=1e-4, atol=1e-4)
+    # opting out keeps the user's strides
+    kept = resfuse.convert(plain, backend="eager", channels_last_weights=False)
+    assert all(a.stride() == b.stride() for a, b in zip(plain.parameters(), kept.parameters()))
     with pytest.raises(TypeError, match="channels_last_weights"):
         resfuse.convert(plain, channels_last_weights="yes")
+
+
+def test_nchw_input_is_laid_out_once_at_the_first_fused_conv():
+    """Eager's rule with channels_last weights makes the first fused conv's
+    output channels_last, so the rest of the model repacks nothing: one x
+    repack per forward (the stem's NCHW input), no weight repacks."""
+    from resfuse.models import randomize_bn, resnet18
+    torch.manual_seed(1)
+    plain = randomize_bn(resnet18()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    fused = resfuse.convert(plain, backend="triton")
+    before = dict(conv_op.REPACKS)
+    with torch.no_grad():
+        y = fused(x)
+    repacks = {k: conv_op.REPACKS[k] - before.get(k, 0) for k in conv_op.REPACKS}
+    assert repacks.get("x", 0) == 1 and repacks.get("weight", 0) == 0, repacks
+    with torch.no_grad():
+        torch.testing.assert_close(y, plain(x), rtol=1e-4, atol=1e-4)
 
 
 def test_repacks_are_counted(device):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import resfuse
 from resfuse.nn.stem import ConvBNHead
 from seed_models import randomize_bn
+from testutil import same_weight_layout
 
 from numerics import assert_matches
 
@@ -83,6 +84,7 @@ def test_pre_activation_fuses_and_matches_in_eval_and_train(act, name):
     hook.remove()
     # train mode is the original's, running statistics included
     plain.train(), fused.train()
+    same_weight_layout(plain, fused)  # bitwise: the same weight strides
     assert torch.equal(fused(x), plain(x)) and _same_state(plain, fused)
     # checkpoints, copies and a fresh process
     fused.eval(), plain.eval()
@@ -199,6 +201,7 @@ def test_torchvision_densenet_layers_and_transitions():
     with torch.no_grad():
         assert _rel(fused(x), plain(x)) < 1e-6
     plain.train(), fused.train()
+    same_weight_layout(plain, fused)  # bitwise: the same weight strides
     assert torch.equal(fused(x), plain(x)) and _same_state(plain, fused)
 
 
@@ -275,6 +278,7 @@ def test_bn_act_conv_module_is_a_drop_in_for_the_sequential(activation):
     assert fused.conv.last_decision.op == "bn_act_conv"
     assert _kinds(fused)[str(len(fused) - 1)] == f"bn{'' if activation == 'identity' else '+' + activation}+conv (preact)"
     plain.train(), fused.train()
+    same_weight_layout(plain, fused)  # bitwise: the same weight strides
     assert torch.equal(fused(x), plain(x)) and _same_state(plain, fused)
     with pytest.raises(ValueError, match="activation must be one of"):
         resfuse.nn.BNActConv(5, 7, 3, activation="elu")

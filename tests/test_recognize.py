@@ -21,6 +21,7 @@ from resfuse.recognize.stem import stem_parts
 from resfuse.recognize.dataflow import chain_reason, trace
 from resfuse import models
 from seed_models import ResidualLayer, downsample, randomize_bn
+from testutil import same_weight_layout
 
 
 class Planted(BasicBlock):
@@ -305,6 +306,7 @@ def test_timm_conv_norm_act_fuses_batchnorm_act(act, fused_act):
         assert _rel(fused(x), plain(x)) < 1e-6
     # train mode is the original's: batch statistics, the same running-stat updates
     plain.train(), fused.train()
+    same_weight_layout(plain, fused)  # bitwise: the same weight strides
     ref, out = plain(x), fused(x)
     assert torch.equal(out, ref)
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), fused.state_dict().values()))
