@@ -40,7 +40,7 @@ from ._common import (TunedKernel, declare_kernels, dot_precision, interpreter_b
                       needs_int64)
 from .conv_bn_act import _apply_activation, grouped_tile_ids
 
-declare_kernels("ln_conv1x1")
+declare_kernels("ln_conv1x1", "ln_fold_weight")
 
 _GELU = tl.constexpr(4)  # _apply_activation's id of the exact (erf) GELU
 
@@ -178,7 +178,7 @@ def _ln_conv1x1_prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _ln_conv1x1_kernel(
-    x_ptr, w_ptr, b_ptr, lnw_ptr, lnb_ptr, y_ptr, ls_ptr, ss_ptr, r_ptr,
+    x_ptr, w_ptr, b_ptr, lnw_ptr, lnb_ptr, lnu_ptr, lnv_ptr, y_ptr, ls_ptr, ss_ptr, r_ptr,
     M, C, K, HW, W, eps,
     sx_n, sx_c, sx_h, sx_w,
     sw_k, sw_c,
@@ -188,7 +188,7 @@ def _ln_conv1x1_kernel(
     INT64: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PROLOGUE_GELU: tl.constexpr = False, HAS_LS: tl.constexpr = False, HAS_SS: tl.constexpr = False,
-    HAS_RES: tl.constexpr = False, FLAT: tl.constexpr = False,
+    HAS_RES: tl.constexpr = False, FLAT: tl.constexpr = False, LN_FOLDED: tl.constexpr = False,
 ):
     """y[n,k,h,w] = r[n,k,h,w] + ss[n] * ls[k] * (b[k] + sum_c W[k,c] * P(x)[n,c,h,w])
 
@@ -199,7 +199,19 @@ def _ln_conv1x1_kernel(
       PROLOGUE_GELU: GELU(x) = x * Phi(x) (exact erf form);
       neither:       x itself;
     and P(x) is rounded to x's dtype before the dot (as eager's LayerNorm /
-    GELU output is). r (residual), ss (per-sample scale: drop path), ls
+    GELU output is). LN_FOLDED (16-bit x): the LayerNorm is folded into
+    the weights instead of applied to x, so the main loop is a plain GEMM
+    of raw x tiles (on sm_90, wgmma on pipelined cp.async tiles; a prologue
+    in registers makes every wgmma wait for the previous one):
+
+        sum_c W[k,c] LN(x)[c] = rstd * (sum_c W'[k,c] x[c] - mean * u[k]) + v[k]
+
+    with W' = W diag(lnw) in x's dtype (w_ptr), u[k] = sum_c W'[k,c] of the
+    rounded W' (lnu_ptr) and v[k] = sum_c W[k,c] lnb[c] (lnv_ptr), both
+    fp32, from ``_ln_fold_weight_kernel`` at every call (live weights).
+    Exact algebra; the rounding moves from LN(x) (eager) to W', the same
+    relative size in 16 bits, and u from the rounded W' keeps the mean
+    term cancelling exactly (up to fp32 sums). r (residual), ss (per-sample scale: drop path), ls
     (per-channel layer scale), b are each optional; the epilogue is fp32
     with one rounding at the store.
 
@@ -237,7 +249,7 @@ def _ln_conv1x1_kernel(
         cc = c0 + offs_c
         c_ok = cc < C
         xt = tl.load(x_img + cc[:, None] * sx_c + x_pix[None, :], mask=c_ok[:, None] & m_ok[None, :], other=0.0)
-        if HAS_NORM:
+        if HAS_NORM and not LN_FOLDED:
             v = (xt.to(tl.float32) - mean[None, :]) * rstd[None, :]
             if HAS_NORM_W:
                 v = v * tl.load(lnw_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)[:, None]
@@ -256,6 +268,11 @@ def _ln_conv1x1_kernel(
             xt = xt.to(tl.float32)
         acc = tl.dot(wt, xt, acc, input_precision=INPUT_PRECISION)
 
+    if HAS_NORM and LN_FOLDED:
+        u = tl.load(lnu_ptr + offs_n, mask=n_ok, other=0.0)
+        acc = (acc - u[:, None] * mean[None, :]) * rstd[None, :]
+        if HAS_NORM_B:
+            acc += tl.load(lnv_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     if HAS_LS:
@@ -269,6 +286,56 @@ def _ln_conv1x1_kernel(
                        other=0.0).to(tl.float32)
     y_pix = _pix_offsets(q, sy_h, sy_w, W, FLAT)
     tl.store(y_ptr + n * sy_n + offs_n[:, None] * sy_c + y_pix[None, :], acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _ln_fold_weight_kernel(w_ptr, lnw_ptr, lnb_ptr, wf_ptr, u_ptr, v_ptr, K, C, sw_k, sw_c,
+                           HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+                           BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The LayerNorm fold of _ln_conv1x1_kernel (LN_FOLDED), for BLOCK_K
+    output channels per program:
+
+        W'[k,c] = W[k,c] * lnw[c]       rounded to W's dtype, (K, C) contiguous
+        u[k]    = sum_c W'[k,c]         fp32, of the rounded values
+        v[k]    = sum_c W[k,c] lnb[c]   fp32 (0 without lnb)
+
+    W: (K, C) via strides. Reads W once, writes W' once (K*C elements each:
+    the weights, not the activations)."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    offs_c = tl.arange(0, BLOCK_C)
+    u = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    v = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + offs_c
+        c_ok = cc < C
+        ok = k_ok[:, None] & c_ok[None, :]
+        w = tl.load(w_ptr + offs_k[:, None] * sw_k + cc[None, :] * sw_c, mask=ok, other=0.0).to(tl.float32)
+        wf = w
+        if HAS_NORM_W:
+            wf = w * tl.load(lnw_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        wf = wf.to(wf_ptr.dtype.element_ty)
+        tl.store(wf_ptr + offs_k[:, None] * C + cc[None, :], wf, mask=ok)
+        u += tl.sum(wf.to(tl.float32), axis=1)
+        if HAS_NORM_B:
+            v += tl.sum(w * tl.load(lnb_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)[None, :], axis=1)
+    tl.store(u_ptr + offs_k, u, mask=k_ok)
+    tl.store(v_ptr + offs_k, v, mask=k_ok)
+
+
+def _fold_layer_norm(weight, norm_weight, norm_bias):
+    """(W', u, v) of _ln_fold_weight_kernel for a (K, C) weight: one launch."""
+    K, C = weight.shape
+    wf = torch.empty((K, C), dtype=weight.dtype, device=weight.device)
+    u = torch.empty((K,), dtype=torch.float32, device=weight.device)
+    v = torch.empty((K,), dtype=torch.float32, device=weight.device)
+    block_k, block_c = (16, 16) if interpreting() else (32, 64)
+    launch("ln_fold_weight", _ln_fold_weight_kernel, (triton.cdiv(K, block_k),),
+           weight, norm_weight if norm_weight is not None else weight,
+           norm_bias if norm_bias is not None else weight, wf, u, v, K, C, weight.stride(0), weight.stride(1),
+           HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None,
+           BLOCK_K=block_k, BLOCK_C=block_c, num_warps=4)
+    return wf, u, v
 
 
 _ln_conv1x1_tuned = TunedKernel(
@@ -322,11 +389,17 @@ def ln_conv1x1_fwd(x, weight, bias, norm_weight, norm_bias, norm_eps, out, *, al
     else:
         kernel, tiles = _ln_conv1x1_tuned, {}
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    # 16-bit x: the LayerNorm folded into the weights (see the kernel; in
+    # fp32 the fold's x @ W' would lose TF32 bits to the mean term).
+    folded = has_norm and x.dtype in (torch.float16, torch.bfloat16)
+    lnu = lnv = dummy
+    if folded:
+        weight, lnu, lnv = _fold_layer_norm(weight, norm_weight, norm_bias)
     launch(
         "ln_conv1x1", kernel, grid,
         x, weight, bias if bias is not None else dummy,
         norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
-        out,
+        lnu, lnv, out,
         layer_scale if layer_scale is not None else dummy, sample_scale if sample_scale is not None else dummy,
         residual if residual is not None else dummy,
         M, C, K, H * W, W, float(norm_eps) if has_norm else 0.0,
@@ -336,6 +409,6 @@ def ln_conv1x1_fwd(x, weight, bias, norm_weight, norm_bias, norm_eps, out, *, al
         INT64=bool(int64), DOT_IN_FP32=interpret and x.dtype == torch.bfloat16,
         INPUT_PRECISION=dot_precision(x.dtype, allow_tf32),
         PROLOGUE_GELU=bool(prologue_gelu), HAS_LS=layer_scale is not None, HAS_SS=sample_scale is not None,
-        HAS_RES=residual is not None, FLAT=_is_flat(x, out, residual), **tiles,
+        HAS_RES=residual is not None, FLAT=_is_flat(x, out, residual), LN_FOLDED=folded, **tiles,
     )
     return out

@@ -12,14 +12,20 @@ Definition (resfuse/reference.py::gnconv_reference, HorNet's ``gnconv``)::
     y    = residual + layer_scale * y       (optional: HorBlock's ``x + gamma1 * gnconv(norm1(x))``)
     y    = residual + ss[n] * layer_scale * y  (ss optional: drop path's per-sample multiplier, training)
 
-Kernels (two launches per gnconv; HorNet's eager code runs 2o+3 kernels, ten
-more for the LayerNorm and two for the residual):
+Kernels (two launches per gnconv, a third for the 16-bit LayerNorm fold
+with norm1; HorNet's eager code runs 2o+3 kernels, ten more for the
+LayerNorm and two for the residual):
 
 1. ``_ln_conv1x1_kernel``: f = W_in LN(x) + b_in. A 1x1 conv is a GEMM over
-   pixels (M = N*H*W) x output channels; the LayerNorm is a prologue: each
-   program first reduces its pixels' mean and variance over all C channels
-   (two passes over its x tile, served by L2), then normalizes each x tile in
-   registers before ``tl.dot``. Reads x once from HBM, writes f once.
+   pixels (M = N*H*W) x output channels; each program first reduces its
+   pixels' mean and variance over all C channels (two passes over its x
+   tile, served by L2). In fp32 the LayerNorm is a prologue that normalizes
+   each x tile in registers before ``tl.dot``; in fp16/bf16 it is folded
+   (W' = W_in diag(lnw), by one small ``_ln_fold_weight_kernel`` launch per
+   call that reads W_in and writes W') and the mean/rstd are applied in the
+   epilogue, so the main loop is a plain pipelined GEMM (a register
+   prologue makes every sm_90 wgmma wait for the previous one). Reads x
+   once from HBM, writes f once.
 2. ``_gnconv_chain_kernel``: everything after f, per tile of BLOCK_M pixels,
    in one program: the depthwise kxk conv of each channel block of abc is
    computed where its gate is needed (k*k masked loads of the f tile, the
@@ -56,8 +62,9 @@ stage 3 (256, o=4, 14x14) 67.2 -> 19.8 (3.39x), stage 4 (512, o=5, 7x7)
 36.3 -> 11.7 (3.12x); the stepwise fusion would move 141.3 / 80.4 / 43.1 /
 23.9 MB. With norm1 in kernel 1 and ``x + gamma1 * .`` in kernel 2 (the
 HorBlock's first half; eager adds HorNet's 10-kernel LayerNorm and 2
-kernels): 464.3 -> 90.0, 247.9 -> 45.1, 128.3 -> 23.0, 66.9 -> 13.3 MB
-(5.0-5.6x), 19..25 kernels -> 2.
+kernels): 464.3 -> 90.0, 247.9 -> 45.2, 128.3 -> 23.5, 66.9 -> 15.4 MB
+(4.4-5.5x), 19..25 kernels -> 3, the 16-bit LayerNorm fold included (its
+W' write and read, 4 D^2 elements per call, is 2.1 MB of stage 4's 15.4).
 
 Layouts: every tensor is addressed through its own strides (NCHW,
 channels_last, channel-sliced views such as f's pwa/abc halves). Offsets

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from resfuse._backends import kernels_module
 from resfuse.reference import layer_norm_channels_first_reference as ln_ref
 
-from numerics import assert_matches
+from numerics import FLOOR, assert_matches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAN = float("nan")
@@ -223,6 +223,38 @@ def test_forward_gelu_rounds_like_eager(device, seed):
     d_r = (out.double() - rounded).norm() / rounded.norm()
     d_e = (out.double() - exact).norm() / exact.norm()
     assert d_r < d_e
+
+
+@pytest.mark.parametrize("dtype,offset", [(torch.float16, 1000.0), (torch.bfloat16, 300.0)], ids=["fp16", "bf16"])
+def test_forward_ln_fold_when_mean_dominates(dtype, offset, device, seed):
+    """16-bit LayerNorm prologue runs folded (W' = W diag(lnw), the mean
+    subtracted in the epilogue): exactly one fold launch per call, within
+    the rule when |mean| >> std (the cancellation the fold must survive),
+    and an edit of the LN weight through .data is seen at the next call."""
+    case = Fwd(2, 40, 24, 5, 7, dtype, "cl", "4d", prologue="ln")
+    t = _fwd_inputs(case, device, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    t["x"] = _place(_rand((case.N, case.C, case.H, case.W), dtype, device, g, 4.0, offset), case.layout)
+    for step in range(2):
+        before = _launches("ln_fold_weight")
+        out, _ = _run_fwd(t, case, device)
+        assert _launches("ln_fold_weight") == before + 1, "the 16-bit LN prologue did not run folded"
+        ref = _fwd_reference(t, case, torch.float64)
+        err, _ = assert_matches(out, ref, _fwd_reference(t, case, dtype), dtype, f"{case.name} step {step}", seed)
+        # The 16-bit reference's own LayerNorm loses bits to the offset, so
+        # the rule's 2x-eager bound is loose here; the fold must stay at the
+        # dtype's floor (u from the unrounded W' lands at 4e-2 / 2e-1).
+        assert err <= FLOOR[dtype], f"{case.name} step {step}: rel err {err:.2e} > floor {FLOOR[dtype]:.1e}"
+        t["nw"].data.mul_(-0.5).add_(0.25)
+
+
+def test_forward_ln_fp32_is_not_folded(device, seed):
+    """fp32 keeps the LayerNorm in the prologue (the fold's x @ W' would
+    lose TF32 bits to the mean term)."""
+    case = Fwd(1, 24, 40, 3, 5, torch.float32, prologue="ln")
+    before = _launches("ln_fold_weight")
+    _run_fwd(_fwd_inputs(case, device, seed), case, device)
+    assert _launches("ln_fold_weight") == before
 
 
 # ----------------------------------------------------------------------------
@@ -658,12 +690,14 @@ from types import SimpleNamespace
 from resfuse._backends import kernels_module
 k = SimpleNamespace(**{**vars(kernels_module("conv1x1")), **vars(kernels_module("conv1x1_bwd"))})
 CUOBJ = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-F32 = {"mean_ptr", "rstd_ptr", "dlnw_ptr", "dlnb_ptr", "g_ptr", "rs_ptr"}
+F32 = {"mean_ptr", "rstd_ptr", "dlnw_ptr", "dlnb_ptr", "g_ptr", "rs_ptr", "lnu_ptr", "lnv_ptr"}
 
 def compile_(name, fn, flags, cfg, flat=True):
     # As the JIT specializes an fp16 NCHW launch: unit pixel strides constant,
     # other strides and pointers 16-divisible (flat=False: nothing specialized).
     consts = dict(flags, INT64=False, DOT_IN_FP32=False, INPUT_PRECISION="ieee", FLAT=flat, **cfg.kwargs)
+    if "LN_FOLDED" in fn.arg_names:
+        consts.setdefault("LN_FOLDED", False)
     if flat:
         consts.update({n: 1 for n in fn.arg_names if re.fullmatch(r"s[a-z]+_w|sw_c", n)})
     sig = {n: ("constexpr" if n in consts else "*fp32" if n in F32 else "*fp16" if n.endswith("_ptr") else
@@ -687,6 +721,8 @@ dg = dict(HAS_CS=True, HAS_SS=True)
 for cfg in k._ln_conv1x1_configs():
     out.append(compile_("fwd_gelu", k._ln_conv1x1_kernel, dict(fwd, HAS_NORM=False, PROLOGUE_GELU=True), cfg))
     out.append(compile_("fwd_ln", k._ln_conv1x1_kernel, dict(fwd, HAS_NORM=True, PROLOGUE_GELU=False), cfg))
+    out.append(compile_("fwd_ln_folded", k._ln_conv1x1_kernel,
+                        dict(fwd, HAS_NORM=True, PROLOGUE_GELU=False, LN_FOLDED=True), cfg))
 for cfg in k._dgrad_configs():
     out.append(compile_("dgrad_gelu", k._conv1x1_dgrad_kernel, dict(dg, GELU_EPI=True), cfg))
 for cfg in k._dgrad_ln_configs():
@@ -722,7 +758,7 @@ def test_kernels_compile_for_sm90():
     if "skip" in res:
         pytest.skip(res["skip"])
     k = _k()
-    n_cfg = 2 * len(k._ln_conv1x1_configs()) + len(k._dgrad_configs()) + len(k._dgrad_ln_configs()) \
+    n_cfg = 3 * len(k._ln_conv1x1_configs()) + len(k._dgrad_configs()) + len(k._dgrad_ln_configs()) \
         + 2 * len(k._wgrad_configs()) + 4
     assert len(res["compiled"]) == n_cfg
     for name, cfg, warps, flat, shared, usage in res["compiled"]:

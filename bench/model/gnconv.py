@@ -25,7 +25,9 @@ eager (HorNet's code, one kernel per op, 2o + 3 launches)::
                         sqrt, div, *weight, +bias, as HorNet's LayerNorm runs)
     residual            gamma1 * y: 2D;  x + .: 3D   (2 kernels)
 
-fused (resfuse: kernels/gnconv.py, 2 launches)::
+fused (resfuse: kernels/gnconv.py, 2 launches; with the LayerNorm in fp16/bf16
+a third, ``ln_fold_weight``, writes W' = W_in diag(lnw) (2D x D) and the
+GEMM reads it back: 4D^2 elements per call, whatever the batch)::
 
     kernel 1  LN? + proj_in       x: D read, f: 2D written
     kernel 2  dw + gates + chain  f: 2D read (pwa d0 + abc S), y: D written,
@@ -205,14 +207,22 @@ class Step:
     a fused kernel. Per pixel: ``elems`` activation elements read +
     written, ``stats`` LayerNorm-statistic elements (float32/64), ``flops``
     (fused kernels only: what the kernel computes, recomputation included).
-    ``autograd``: a kernel autograd itself runs in the fused design too (a
-    gradient accumulation), not one of resfuse's."""
+    Per call, whatever the pixel count: ``param_elems`` elements of
+    parameter-derived tensors moved on top of the parameters themselves
+    (the 16-bit LayerNorm fold's W' written and read back) and
+    ``param_stats`` fp32 elements of them (its u, v). ``sixteen_bit``: the
+    step runs for fp16/bf16 only. ``autograd``: a kernel autograd itself
+    runs in the fused design too (a gradient accumulation), not one of
+    resfuse's."""
     what: str
     launches: int
     elems: int
     stats: int = 0
     flops: int = 0
     autograd: bool = False
+    param_elems: int = 0
+    param_stats: int = 0
+    sixteen_bit: bool = False
 
 
 @dataclass(frozen=True)
@@ -244,7 +254,8 @@ class StepTraffic:
         return sum(s.launches for s in self.fused_steps if not s.autograd)
 
     def step_bytes(self, step: Step) -> int:
-        return self.pixels * (step.elems * self.elem_bytes + step.stats * self.stat_bytes)
+        return (self.pixels * (step.elems * self.elem_bytes + step.stats * self.stat_bytes)
+                + step.param_elems * self.elem_bytes + step.param_stats * 4)
 
     def fused_kernel_costs(self) -> List[Tuple[str, int, int]]:
         """(what, FLOPs, bytes) of each fused kernel, then one
@@ -371,10 +382,19 @@ def _eager_gnconv_backward(g: _Shape, norm: bool, residual: bool) -> List[Step]:
     return s
 
 
+def _ln_fold(K: int, C: int, what: str) -> Step:
+    """kernels/conv1x1.py's 16-bit LayerNorm fold before a LN-prologue 1x1
+    (K x C): W' = W diag(lnw) written, then read by the GEMM in W's place
+    (2KC; W and lnw/lnb themselves are the parameters), u and v (fp32, K
+    each) written and read back."""
+    return Step(f"W', u, v = ln_fold_weight({what})", 1, 0, param_elems=2 * K * C, param_stats=4 * K,
+                sixteen_bit=True)
+
+
 def _fused_gnconv_forward(g: _Shape, norm: bool, residual: bool) -> List[Step]:
     D, res = g.D, (g.D if residual else 0)
     chain = mac_flops(g.S * g.k2 + g.sum_ab + D * D)
-    return [
+    return [_ln_fold(2 * D, D, "proj_in, norm1")] * norm + [
         Step("f = ln_conv1x1(x)" if norm else "f = conv1x1(x)  # proj_in", 1, D + 2 * D, flops=mac_flops(2 * D * D)),
         Step("out = gnconv_chain(f" + (", x, gamma1)" if residual else ")"), 1, 2 * D + res + D, flops=chain),
     ]
@@ -472,7 +492,7 @@ def _design(design: str):
     if design not in _DESIGNS:
         raise ValueError(f"design must be one of {_DESIGNS}, got {design!r}")
     if design == "cuda":
-        return _cuda_gnconv_forward, _cuda_gnconv_backward, _fused_mlp_forward, _cuda_mlp_backward
+        return _cuda_gnconv_forward, _cuda_gnconv_backward, _plain_mlp_forward, _cuda_mlp_backward
     if design == "minimal":
         return _minimal_gnconv_forward, _gnconv_forward_only, _gnconv_forward_only, _gnconv_forward_only
     return _fused_gnconv_forward, _fused_gnconv_backward, _fused_mlp_forward, _fused_mlp_backward
@@ -510,6 +530,10 @@ def _eager_mlp_backward(C: int) -> List[Step]:
 
 
 def _fused_mlp_forward(C: int) -> List[Step]:
+    return [_ln_fold(4 * C, C, "pwconv1, norm2")] + _plain_mlp_forward(C)
+
+
+def _plain_mlp_forward(C: int) -> List[Step]:
     return [
         Step("a = ln_conv1x1(x)  # norm2 + pwconv1 + bias", 1, C + 4 * C, flops=mac_flops(4 * C * C)),
         Step("out = x + gamma2 * mask * pwconv2(gelu(a))", 1, 4 * C + C + C, flops=mac_flops(4 * C * C)),
@@ -530,9 +554,12 @@ def _totals(eager: List[Step], fused: List[Step], *, flops_px: int, recompute_px
             P: int, dtype: str) -> StepTraffic:
     e = elem_bytes(dtype)
     st = stat_bytes(dtype)
+    if e > 2:
+        fused = [s for s in fused if not s.sixteen_bit]
 
     def bytes_(steps):
-        return P * sum(s.elems * e + s.stats * st for s in steps) + params * e
+        return (P * sum(s.elems * e + s.stats * st for s in steps) + params * e
+                + sum(s.param_elems * e + s.param_stats * 4 for s in steps))
 
     return StepTraffic(
         flops=P * flops_px, recompute_flops=P * recompute_px, param_bytes=params * e,

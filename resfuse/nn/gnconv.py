@@ -5,7 +5,9 @@ the ``convert`` pass for both.
 constructor and parameter names (``proj_in``, ``dwconv``, ``pws.i``,
 ``proj_out``; ``order``, ``dims``, ``scale`` attributes), so HorNet
 checkpoints load as they are. Its forward is two kernels
-(``resfuse.ops.gnconv``): the projection, then everything else. With a
+(``resfuse.ops.gnconv``): the projection, then everything else (with a
+LayerNorm in front in fp16/bf16, a third small launch folds it into the
+projection's weights first). With a
 gflayer (HorNet's GlobalLocalFilter, FFT-based) in place of the depthwise
 conv, the filter runs eagerly between the two kernels. When a member has
 hooks (which a fused kernel would not fire) it runs the original forward.
