@@ -189,8 +189,12 @@ def _ln_conv1x1_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PROLOGUE_GELU: tl.constexpr = False, HAS_LS: tl.constexpr = False, HAS_SS: tl.constexpr = False,
     HAS_RES: tl.constexpr = False, FLAT: tl.constexpr = False, LN_FOLDED: tl.constexpr = False,
+    EPILOGUE_GELU: tl.constexpr = False,
 ):
-    """y[n,k,h,w] = r[n,k,h,w] + ss[n] * ls[k] * (b[k] + sum_c W[k,c] * P(x)[n,c,h,w])
+    """y[n,k,h,w] = r[n,k,h,w] + ss[n] * ls[k] * E(b[k] + sum_c W[k,c] * P(x)[n,c,h,w])
+
+    E is the exact GELU with EPILOGUE_GELU (a HorBlock's pwconv1 + act at
+    inference: pwconv2 then runs as a plain GEMM), else the identity.
 
     P is one of
       HAS_NORM:      LN(x)[c] = (x[c] - mean) * rsqrt(var + eps) * lnw[c] + lnb[c]
@@ -275,6 +279,8 @@ def _ln_conv1x1_kernel(
             acc += tl.load(lnv_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    if EPILOGUE_GELU:
+        acc = _apply_activation(acc, 0.0, _GELU)
     if HAS_LS:
         acc = acc * tl.load(ls_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     if HAS_SS:
@@ -350,10 +356,11 @@ def _interpreter_blocks_ln(C, K):
 
 
 def ln_conv1x1_fwd(x, weight, bias, norm_weight, norm_bias, norm_eps, out, *, allow_tf32, force_int64=False,
-                   prologue_gelu=False, layer_scale=None, sample_scale=None, residual=None):
+                   prologue_gelu=False, layer_scale=None, sample_scale=None, residual=None, epilogue_gelu=False):
     """Launch the forward 1x1 conv: out = residual + sample_scale[n] *
-    layer_scale[k] * (bias[k] + W @ P(x)), P = LayerNorm (norm_eps not
-    None), exact GELU (prologue_gelu) or identity; every term optional.
+    layer_scale[k] * E(bias[k] + W @ P(x)), P = LayerNorm (norm_eps not
+    None), exact GELU (prologue_gelu) or identity, E = exact GELU
+    (epilogue_gelu) or identity; every term optional.
 
     x (N, C, H, W); weight (K, C) or (K, C, 1, 1); out and residual
     (N, K, H, W); layer_scale (K,); sample_scale N elements (e.g. a drop-path
@@ -409,6 +416,7 @@ def ln_conv1x1_fwd(x, weight, bias, norm_weight, norm_bias, norm_eps, out, *, al
         INT64=bool(int64), DOT_IN_FP32=interpret and x.dtype == torch.bfloat16,
         INPUT_PRECISION=dot_precision(x.dtype, allow_tf32),
         PROLOGUE_GELU=bool(prologue_gelu), HAS_LS=layer_scale is not None, HAS_SS=sample_scale is not None,
-        HAS_RES=residual is not None, FLAT=_is_flat(x, out, residual), LN_FOLDED=folded, **tiles,
+        HAS_RES=residual is not None, FLAT=_is_flat(x, out, residual), LN_FOLDED=folded,
+        EPILOGUE_GELU=bool(epilogue_gelu), **tiles,
     )
     return out

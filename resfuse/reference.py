@@ -86,12 +86,15 @@ def layer_norm_channels_first_reference(x, weight=None, bias=None, eps: float = 
 
 
 def layernorm_conv1x1_reference(x, weight, bias=None, norm_weight=None, norm_bias=None,
-                                norm_eps: Optional[float] = None):
+                                norm_eps: Optional[float] = None, epilogue_gelu: bool = False):
     """``conv1x1(LN_channels_first(x))`` (no LayerNorm when norm_eps is None):
-    a HorBlock's ``norm1`` followed by its gnconv's ``proj_in``."""
+    a HorBlock's ``norm1`` followed by its gnconv's ``proj_in``; with
+    ``epilogue_gelu`` the exact GELU of that (``norm2`` -> ``pwconv1`` ->
+    ``act``)."""
     if norm_eps is not None:
         x = layer_norm_channels_first_reference(x, norm_weight, norm_bias, norm_eps)
-    return F.conv2d(x, weight, bias)
+    y = F.conv2d(x, weight, bias)
+    return F.gelu(y) if epilogue_gelu else y
 
 
 def gnconv_chain_reference(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale: float,
@@ -129,11 +132,15 @@ def _scale_add(y, layer_scale, sample_scale, residual):
     return y
 
 
-def gelu_conv1x1_reference(a, weight, bias=None, layer_scale=None, sample_scale=None, residual=None):
+def gelu_conv1x1_reference(a, weight, bias=None, layer_scale=None, sample_scale=None, residual=None,
+                           prologue_gelu: bool = True):
     """``residual + sample_scale[n] * layer_scale * conv1x1(gelu(a), weight, bias)``:
     the second half of a HorBlock's MLP (``act`` -> ``pwconv2`` -> ``gamma2``
-    -> drop path -> ``x + .``) on (N, C, H, W) tensors; exact (erf) GELU."""
-    return _scale_add(F.conv2d(F.gelu(a), weight, bias), layer_scale, sample_scale, residual)
+    -> drop path -> ``x + .``) on (N, C, H, W) tensors; exact (erf) GELU.
+    ``prologue_gelu=False``: ``a`` is already gelu'd (by
+    ``layernorm_conv1x1(epilogue_gelu=True)``), the 1x1 takes it as is."""
+    return _scale_add(F.conv2d(F.gelu(a) if prologue_gelu else a, weight, bias), layer_scale, sample_scale,
+                      residual)
 
 
 def gnconv_reference(x, w_in, b_in, w_dw, b_dw, w_pws, b_pws, w_out, b_out, scale: float, *,

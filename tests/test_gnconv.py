@@ -397,6 +397,9 @@ def test_opcheck(backend, device):
     t = make_inputs(case, device, 8)
     torch.library.opcheck(torch.ops.resfuse.layernorm_conv1x1.default,
                           (t["x"], t["w_in"], t["b_in"], t["norm_weight"], t["norm_bias"], 1e-6, backend))
+    if backend == "eager":  # on triton its backward is refused by name (tests/test_gnconv_train.py)
+        torch.library.opcheck(torch.ops.resfuse.layernorm_conv1x1.default,
+                              (t["x"], t["w_in"], t["b_in"], t["norm_weight"], t["norm_bias"], 1e-6, backend, True))
     f = resfuse.layernorm_conv1x1(t["x"], t["w_in"], t["b_in"], backend=backend).detach()
     torch.library.opcheck(torch.ops.resfuse.gnconv_chain.default,
                           (*chain_args(t, f), case.s, t["residual"], t["layer_scale"], None, backend))

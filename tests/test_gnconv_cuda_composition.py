@@ -257,10 +257,17 @@ def test_projection_forward_and_backward_composition(norm, dt, cl, contract_kern
     for nm, need, a, r, e in zip(["dx", "dw", "db", "dnw", "dnb"], needs, got, ref_g, _proj_bwd_eager(p)):
         if need:
             assert_matches(a, r, e, dt, f"proj {nm}", 0)
+    # the inference split: pwconv1's GELU after the GEMM (one torch op on this backend)
+    y = oc.proj_forward(make_ln_conv1x1_problem(x, w, b, nw, nb, eps, True))
+    ref = layernorm_conv1x1_reference(*_f64([x, w, b, nw, nb]), eps, True)
+    assert_matches(y, ref, layernorm_conv1x1_reference(x, w, b, nw, nb, eps, True), dt, "proj + GELU forward", 0)
+    assert y.is_contiguous(memory_format=torch.channels_last) == cl
 
 
-@pytest.mark.parametrize("ls,ss,res", [(False, False, False), (True, True, True)])
-def test_gelu_conv1x1_forward_and_backward_composition(ls, ss, res, contract_kernels):
+@pytest.mark.parametrize("ls,ss,res,pg", [(False, False, False, True), (True, True, True, True),
+                                         (True, True, True, False)])
+def test_gelu_conv1x1_forward_and_backward_composition(ls, ss, res, pg, contract_kernels):
+    """pg: the GELU prologue (False: a is taken as is, the inference split)."""
     g = torch.Generator().manual_seed(5 + ls)
     C, K, N, H, W = 24, 7, 3, 3, 4
     dt = torch.float32
@@ -270,17 +277,17 @@ def test_gelu_conv1x1_forward_and_backward_composition(ls, ss, res, contract_ker
     ssv = torch.rand(N, generator=g) * 2 if ss else None
     resv = _t(g, N, K, H, W, dtype=dt, cl=True) if res else None
     before = dict(oc.LAUNCHES)
-    y = oc.gelu_forward(make_gelu_conv1x1_problem(a, w, b, lsv, ssv, resv))
+    y = oc.gelu_forward(make_gelu_conv1x1_problem(a, w, b, lsv, ssv, resv, pg))
     assert _grew(before) == {"pixel_gemm": 1}
-    ref = gelu_conv1x1_reference(*_f64([a, w, b, lsv, ssv, resv]))
-    assert_matches(y, ref, gelu_conv1x1_reference(a, w, b, lsv, ssv, resv), dt, "gelu forward", 0)
+    ref = gelu_conv1x1_reference(*_f64([a, w, b, lsv, ssv, resv]), pg)
+    assert_matches(y, ref, gelu_conv1x1_reference(a, w, b, lsv, ssv, resv, pg), dt, "gelu forward", 0)
     dout = _t(g, N, K, H, W, dtype=dt, cl=True)
     needs = [True, True, True, ls]
-    p = _gelu_problem(dout, a, w, b, lsv, ssv, needs)
+    p = _gelu_problem(dout, a, w, b, lsv, ssv, needs, pg)
     before = dict(oc.LAUNCHES)
     got = oc.gelu_backward(p)
     assert _grew(before) == {"pixel_gemm": 1, "pixel_wgrad": 1}
-    ref_g = _gelu_bwd_eager(_gelu_problem(*_f64([dout, a, w, b, lsv, ssv]), needs))
+    ref_g = _gelu_bwd_eager(_gelu_problem(*_f64([dout, a, w, b, lsv, ssv]), needs, pg))
     for nm, need, x, r, e in zip(["da", "dw", "db", "dls"], needs, got, ref_g, _gelu_bwd_eager(p)):
         if need:
             assert_matches(x, r, e, dt, f"gelu {nm}", 0)

@@ -319,6 +319,7 @@ def test_opcheck_mlp_and_backward_ops(backend, device):
     ls, ss = torch.randn(4, generator=g).to(device), torch.tensor([0.5]).to(device)
     res = torch.randn(1, 4, 3, 5, generator=g).to(device)
     torch.library.opcheck(torch.ops.resfuse.gelu_conv1x1.default, (a, w, b, ls, ss, res, backend))
+    torch.library.opcheck(torch.ops.resfuse.gelu_conv1x1.default, (a, w, b, ls, ss, res, backend, False))
     dy = torch.randn(1, 4, 3, 5, generator=g).to(device)
     nw, nb = torch.randn(6, generator=g).to(device), torch.randn(6, generator=g).to(device)
     # The backward ops: their fake kernels promise what the real ones return
@@ -349,3 +350,100 @@ def test_torch_compile_training_step(device):
     assert rel_err(y1, y0) <= 1e-6 and set(g1) == set(g0)
     for n in g0:
         assert rel_err(g1[n], g0[n]) <= 1e-6, n
+
+
+# ----------------------------------------------------------------------------
+# The MLP's inference split: GELU in pwconv1's epilogue, pwconv2 a plain GEMM
+# ----------------------------------------------------------------------------
+
+def test_gradcheck_inference_split_ops():
+    """layernorm_conv1x1(epilogue_gelu=True) and gelu_conv1x1(prologue_gelu=
+    False) are differentiable (the first through eager PyTorch: its GELU
+    derivative needs the pre-activation the kernel does not keep)."""
+    g = torch.Generator().manual_seed(11)
+    x, w1, b1 = _f64(2, 6, 3, 4, g=g), _f64(8, 6, 1, 1, g=g, scale=0.4), _f64(8, g=g)
+    nw, nb = _f64(6, g=g), _f64(6, g=g)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, nw, nb: resfuse.layernorm_conv1x1(x, w, b, norm_weight=nw, norm_bias=nb, norm_eps=1e-6,
+                                                          epilogue_gelu=True), (x, w1, b1, nw, nb))
+    a, w2, b2, ls, res = _f64(2, 8, 3, 4, g=g), _f64(6, 8, 1, 1, g=g, scale=0.4), _f64(6, g=g), _f64(6, g=g), \
+        _f64(2, 6, 3, 4, g=g)
+    ss = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda a, w, b, ls, res: resfuse.gelu_conv1x1(a, w, b, layer_scale=ls, sample_scale=ss, residual=res,
+                                                      prologue_gelu=False), (a, w2, b2, ls, res))
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+def test_inference_split_ops_match_float64(dt, device):
+    """Both halves on Triton against the float64 reference by the rule; the
+    gradients of gelu_conv1x1(prologue_gelu=False) run the Triton backward
+    and match float64 autograd; layernorm_conv1x1(epilogue_gelu=True)'s
+    backward runs eager, with the reason."""
+    seed = seed_of(f"split{dt}")
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(2, 24, 5, 7, generator=g) + 0.5).to(device, dt).contiguous(memory_format=torch.channels_last)
+    w1, b1 = (torch.randn(40, 24, 1, 1, generator=g) / 5).to(device, dt), torch.randn(40, generator=g).to(device, dt)
+    nw, nb = (torch.rand(24, generator=g) + 0.5).to(device, dt), torch.randn(24, generator=g).to(device, dt)
+    w2, b2 = (torch.randn(24, 40, 1, 1, generator=g) / 7).to(device, dt), torch.randn(24, generator=g).to(device, dt)
+    ls = torch.randn(24, generator=g).to(device, dt)
+    k = kernels_module("_common").LAUNCHES_BY_KERNEL
+    before = k["ln_conv1x1"]
+    h = resfuse.layernorm_conv1x1(x, w1, b1, norm_weight=nw, norm_bias=nb, norm_eps=1e-6, epilogue_gelu=True,
+                                  backend="triton")
+    y = resfuse.gelu_conv1x1(h, w2, b2, layer_scale=ls, residual=x, prologue_gelu=False, backend="triton")
+    assert k["ln_conv1x1"] == before + 2
+
+    def ref(dtype, split):
+        c = [t.to(dtype) for t in (x, w1, b1, nw, nb, w2, b2, ls)]
+        hr = resfuse.reference.layernorm_conv1x1_reference(c[0], c[1], c[2], c[3], c[4], 1e-6, split)
+        return hr, resfuse.reference.gelu_conv1x1_reference(hr, c[5], c[6], c[7], None, c[0], not split)
+    (h64, y64), (h_e, y_e) = ref(torch.float64, True), ref(dt, False)
+    assert_matches(h, h64, torch.nn.functional.gelu(h_e), dt, "pwconv1 + GELU epilogue", seed)
+    assert_matches(y, y64, y_e, dt, "pwconv2, no prologue", seed)
+    # backward: gelu_conv1x1 without the prologue on Triton, against float64
+    hh = h.detach().requires_grad_(True)
+    w2g = w2.detach().requires_grad_(True)
+    dy = torch.randn(y.shape, generator=g).to(device, dt)
+    resfuse.gelu_conv1x1(hh, w2g, b2, layer_scale=ls, prologue_gelu=False, backend="triton").backward(dy)
+    h64g, w64g = hh.detach().double().requires_grad_(True), w2.double().requires_grad_(True)
+    resfuse.reference.gelu_conv1x1_reference(h64g, w64g, b2.double(), ls.double(), None, None, False).backward(
+        dy.double())
+    he, we = hh.detach().requires_grad_(True), w2.detach().requires_grad_(True)
+    resfuse.reference.gelu_conv1x1_reference(he, we, b2, ls, None, None, False).backward(dy)
+    assert_matches(hh.grad, h64g.grad, he.grad, dt, "d a", seed)
+    assert_matches(w2g.grad, w64g.grad, we.grad, dt, "d w2", seed)
+    xg = x.detach().requires_grad_(True)
+    resfuse.layernorm_conv1x1(xg, w1, b1, norm_weight=nw, norm_bias=nb, norm_eps=1e-6, epilogue_gelu=True).sum() \
+        .backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    with pytest.raises(Exception, match="epilogue_gelu"):
+        resfuse.layernorm_conv1x1(xg, w1, b1, norm_weight=nw, norm_bias=nb, norm_eps=1e-6, epilogue_gelu=True,
+                                  backend="triton").sum().backward()
+
+
+def test_horblock_mlp_splits_the_gelu_only_without_autograd(device, monkeypatch):
+    """A fused HorBlock under no_grad puts the GELU in pwconv1's epilogue
+    (pwconv2 without a prologue); with autograd recording it keeps the GELU
+    as pwconv2's prologue. Both match the original."""
+    k = kernels_module("conv1x1")
+    calls = []
+    real = k.ln_conv1x1_fwd
+
+    def spy(*args, **kw):
+        calls.append((bool(kw.get("epilogue_gelu")), bool(kw.get("prologue_gelu"))))
+        return real(*args, **kw)
+    monkeypatch.setattr(k, "ln_conv1x1_fwd", spy)
+    plain = randomize(HorBlock(16, gnconv=partial(gnconv, order=3)), 5).eval().to(device)
+    block = FusedHorBlock.from_module(copy.deepcopy(plain), backend="triton")
+    x = torch.randn(2, 16, 5, 6, generator=torch.Generator().manual_seed(5)).to(device)
+    with torch.no_grad():
+        ref64 = copy.deepcopy(plain).double()(x.double())
+        y = block(x)
+    assert calls[-2:] == [(True, False), (False, False)], calls
+    assert_matches(y, ref64, plain(x).detach(), torch.float32, "no_grad HorBlock")
+    calls.clear()
+    y = block(x.requires_grad_(True))
+    assert calls[-2:] == [(False, False), (False, True)], calls
+    y.sum().backward()
+    assert_matches(y, ref64, plain(x).detach(), torch.float32, "grad HorBlock")

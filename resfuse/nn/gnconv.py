@@ -430,12 +430,20 @@ class FusedHorBlock(nn.Module):
         mods = self._modules
         n2, l1, l2 = mods["norm2"], mods["pwconv1"], mods["pwconv2"]
         backend = self.backend
+        # Without autograd the GELU goes into pwconv1's epilogue, so pwconv2's
+        # main loop is a plain pipelined GEMM (a GELU prologue in registers
+        # makes every sm_90 wgmma wait for the previous one); with autograd
+        # it stays pwconv2's prologue: the backward needs the pre-activation.
+        infer = not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, n2.weight, n2.bias, l1.weight, l1.bias, l2.weight,
+                                                        l2.bias, self.gamma2)))
         a = torch.ops.resfuse.layernorm_conv1x1(x, l1.weight[:, :, None, None], l1.bias, n2.weight, n2.bias,
-                                                float(n2.eps), backend)
+                                                float(n2.eps), backend, infer)
         record = not torch.compiler.is_compiling()
         if record:
             self.__dict__["_mlp_decisions"]["pwconv1"] = dispatch.last_decision()
-        out = torch.ops.resfuse.gelu_conv1x1(a, l2.weight[:, :, None, None], l2.bias, self.gamma2, m2, x, backend)
+        out = torch.ops.resfuse.gelu_conv1x1(a, l2.weight[:, :, None, None], l2.bias, self.gamma2, m2, x, backend,
+                                             not infer)
         if record:
             self.__dict__["_mlp_decisions"]["pwconv2"] = dispatch.last_decision()
         return out

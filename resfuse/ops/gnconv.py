@@ -67,9 +67,11 @@ class LNConv1x1Problem(OnInput):
     norm_bias: Optional[torch.Tensor]
     norm_eps: Optional[float]
     out_shape: tuple
+    epilogue_gelu: bool = False
 
 
-def make_ln_conv1x1_problem(x, weight, bias, norm_weight, norm_bias, norm_eps) -> LNConv1x1Problem:
+def make_ln_conv1x1_problem(x, weight, bias, norm_weight, norm_bias, norm_eps,
+                            epilogue_gelu: bool = False) -> LNConv1x1Problem:
     _check_x(x, "x")
     N, C, H, W = x.shape
     if C == 0:
@@ -88,8 +90,10 @@ def make_ln_conv1x1_problem(x, weight, bias, norm_weight, norm_bias, norm_eps) -
             raise ValueError(f"norm_eps must be a non-negative float, got {norm_eps!r}")
         _check_vec(norm_weight, "norm_weight", C, x)
         _check_vec(norm_bias, "norm_bias", C, x)
+    if not isinstance(epilogue_gelu, bool):
+        raise TypeError(f"epilogue_gelu must be a bool, got {epilogue_gelu!r}")
     return LNConv1x1Problem(x, weight, bias, norm_weight, norm_bias,
-                            None if norm_eps is None else float(norm_eps), (N, K, H, W))
+                            None if norm_eps is None else float(norm_eps), (N, K, H, W), epilogue_gelu)
 
 
 @dataclass
@@ -179,7 +183,7 @@ class GnConvSignature:
 # ----------------------------------------------------------------------------
 
 def _proj_eager(p: LNConv1x1Problem):
-    y = layernorm_conv1x1_reference(p.x, p.weight, p.bias, p.norm_weight, p.norm_bias, p.norm_eps)
+    y = layernorm_conv1x1_reference(p.x, p.weight, p.bias, p.norm_weight, p.norm_bias, p.norm_eps, p.epilogue_gelu)
     return y.contiguous(memory_format=output_memory_format(p.x))
 
 
@@ -193,7 +197,7 @@ def _launch(fn, device, *args, **kw):
 def _proj_triton(p: LNConv1x1Problem):
     out = alloc_output(p)
     return _launch(kernels_module("conv1x1").ln_conv1x1_fwd, p.device, p.x, p.weight, p.bias, p.norm_weight,
-                   p.norm_bias, p.norm_eps, out)
+                   p.norm_bias, p.norm_eps, out, epilogue_gelu=p.epilogue_gelu)
 
 
 def _chain_eager(p: GnConvChainProblem):
@@ -232,14 +236,14 @@ dispatch.register(OP_CHAIN, "cuda", gnconv_cuda.check(OP_CHAIN), gnconv_cuda.cha
 @torch.library.custom_op("resfuse::layernorm_conv1x1", mutates_args=())
 def _layernorm_conv1x1_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                           norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
-                          norm_eps: Optional[float], backend: str) -> torch.Tensor:
-    p = make_ln_conv1x1_problem(x, weight, bias, norm_weight, norm_bias, norm_eps)
+                          norm_eps: Optional[float], backend: str, epilogue_gelu: bool = False) -> torch.Tensor:
+    p = make_ln_conv1x1_problem(x, weight, bias, norm_weight, norm_bias, norm_eps, epilogue_gelu)
     return dispatch.run(OP_PROJ, backend, p)
 
 
 @_layernorm_conv1x1_op.register_fake
-def _layernorm_conv1x1_fake(x, weight, bias, norm_weight, norm_bias, norm_eps, backend):
-    p = make_ln_conv1x1_problem(x, weight, bias, norm_weight, norm_bias, norm_eps)
+def _layernorm_conv1x1_fake(x, weight, bias, norm_weight, norm_bias, norm_eps, backend, epilogue_gelu=False):
+    p = make_ln_conv1x1_problem(x, weight, bias, norm_weight, norm_bias, norm_eps, epilogue_gelu)
     dispatch.validate_backend(backend)
     return torch.empty(p.out_shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
@@ -274,12 +278,18 @@ def _gnconv_chain_fake(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, sca
 # ----------------------------------------------------------------------------
 
 def layernorm_conv1x1(x, weight, bias=None, *, norm_weight=None, norm_bias=None, norm_eps=None,
-                      backend: str = "auto"):
+                      epilogue_gelu: bool = False, backend: str = "auto"):
     """``conv1x1(LN_channels_first(x), weight, bias)`` in one kernel (no
-    LayerNorm when ``norm_eps`` is None): a HorBlock's norm1 + proj_in."""
+    LayerNorm when ``norm_eps`` is None): a HorBlock's norm1 + proj_in.
+    ``epilogue_gelu``: the exact GELU of that, in the same kernel (a
+    HorBlock's norm2 + pwconv1 + act; ``gelu_conv1x1(prologue_gelu=False)``
+    then takes the output as is). Differentiable either way; with
+    ``epilogue_gelu`` the backward needs the pre-activation, which is not
+    kept: it runs eager PyTorch's (reason shown), so use it for inference."""
     dispatch.validate_backend(backend)
     return torch.ops.resfuse.layernorm_conv1x1(x, weight, bias, norm_weight, norm_bias,
-                                               None if norm_eps is None else float(norm_eps), backend)
+                                               None if norm_eps is None else float(norm_eps), backend,
+                                               bool(epilogue_gelu))
 
 
 def gnconv_chain(fused, w_pws: Sequence, b_pws: Sequence, w_out, b_out=None, *, w_dw=None, b_dw=None, gates=None,

@@ -87,8 +87,8 @@ def _wgrad(k, device, a, b, *, want_rowsum, **kw):
 
 def _proj_bwd_eager(p):
     a = p.args
-    eps = a["norm_eps"]
-    g = _vjp(lambda x, w, b, nw, nb: layernorm_conv1x1_reference(x, w, b, nw, nb, eps), _proj_likes(p),
+    eps, gelu = a["norm_eps"], a["epilogue_gelu"]
+    g = _vjp(lambda x, w, b, nw, nb: layernorm_conv1x1_reference(x, w, b, nw, nb, eps, gelu), _proj_likes(p),
              p.needs, p.grad)
     return _finish(g, _proj_likes(p), p.needs)
 
@@ -100,6 +100,14 @@ def _ln_stats(x, eps):
     mean = xf.mean(1)
     rstd = torch.rsqrt(((xf - mean[:, None]) ** 2).mean(1) + eps)
     return mean.reshape(-1), rstd.reshape(-1)
+
+
+def _proj_bwd_triton_check(p) -> List[str]:
+    reasons = triton_reasons(p.device, p.dtype)
+    if p.args["epilogue_gelu"]:
+        reasons.append("epilogue_gelu: the GELU's derivative needs the pre-activation, which the forward "
+                       "does not keep (inference-only fusion; the module uses it without autograd)")
+    return reasons
 
 
 def _proj_bwd_triton(p):
@@ -197,7 +205,9 @@ def _chain_bwd_triton(p):
 def _gelu_bwd_eager(p):
     a = p.args
     ss = a["sample_scale"]
-    g = _vjp(lambda x, w, b, ls: gelu_conv1x1_reference(x, w, b, ls, ss, None), _gelu_likes(p), p.needs, p.grad)
+    gelu = a["prologue_gelu"]
+    g = _vjp(lambda x, w, b, ls: gelu_conv1x1_reference(x, w, b, ls, ss, None, gelu), _gelu_likes(p), p.needs,
+             p.grad)
     return _finish(g, _gelu_likes(p), p.needs)
 
 
@@ -205,13 +215,15 @@ def _gelu_bwd_triton(p):
     a, needs, dev = p.args, p.needs, p.device
     k = kernels_module("conv1x1_bwd")
     x, w, b, ls, ss = a["a"], a["weight"], a["bias"], a["layer_scale"], a["sample_scale"]
+    gelu = a["prologue_gelu"]
     grads = [None] * 4
     if needs[0]:
         da = _activation_like(x, poison=True)
-        _launch(k.conv1x1_dgrad, dev, p.grad, w, da, channel_scale=ls, sample_scale=ss, gelu_input=x)
+        _launch(k.conv1x1_dgrad, dev, p.grad, w, da, channel_scale=ls, sample_scale=ss,
+                gelu_input=x if gelu else None)
         grads[0] = da
     if needs[1] or needs[2] or needs[3]:
-        G, rs = _wgrad(k, dev, p.grad, x, sample_scale=ss, b_gelu=True,
+        G, rs = _wgrad(k, dev, p.grad, x, sample_scale=ss, b_gelu=gelu,
                        want_rowsum=needs[2] or (needs[3] and b is not None))
         grads[1], grads[2], grads[3] = _scale_grads(G, rs, w, b, ls, needs[1], needs[2], needs[3])
     return _finish(grads, _gelu_likes(p), needs)
@@ -222,7 +234,7 @@ def _gelu_bwd_triton(p):
 # ----------------------------------------------------------------------------
 
 for _op, _eager_fn, _triton_check, _triton_fn, _cuda_fn in (
-        (OP_PROJ_BWD, _proj_bwd_eager, lambda p: triton_reasons(p.device, p.dtype), _proj_bwd_triton,
+        (OP_PROJ_BWD, _proj_bwd_eager, _proj_bwd_triton_check, _proj_bwd_triton,
          gnconv_cuda.proj_backward),
         (OP_CHAIN_BWD, _chain_bwd_eager, _chain_bwd_triton_check, _chain_bwd_triton, gnconv_cuda.chain_backward),
         (OP_GELU_BWD, _gelu_bwd_eager, lambda p: triton_reasons(p.device, p.dtype), _gelu_bwd_triton,
@@ -232,26 +244,26 @@ for _op, _eager_fn, _triton_check, _triton_fn, _cuda_fn in (
     dispatch.register(_op, "cuda", gnconv_cuda.check(_op), _cuda_fn)
 
 
-def _proj_problem(grad, x, weight, bias, norm_weight, norm_bias, norm_eps, needs):
+def _proj_problem(grad, x, weight, bias, norm_weight, norm_bias, norm_eps, needs, epilogue_gelu=False):
     return BackwardProblem(grad, dict(x=x, weight=weight, bias=bias, norm_weight=norm_weight, norm_bias=norm_bias,
-                                      norm_eps=norm_eps), list(needs))
+                                      norm_eps=norm_eps, epilogue_gelu=bool(epilogue_gelu)), list(needs))
 
 
 @torch.library.custom_op("resfuse::layernorm_conv1x1_backward", mutates_args=())
 def _layernorm_conv1x1_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                    bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
                                    norm_bias: Optional[torch.Tensor], norm_eps: Optional[float], needs: List[bool],
-                                   backend: str) -> List[torch.Tensor]:
+                                   backend: str, epilogue_gelu: bool = False) -> List[torch.Tensor]:
     """[dx, d weight, d bias, d norm_weight, d norm_bias]; an empty tensor
     where `needs` is False."""
-    p = _proj_problem(grad, x, weight, bias, norm_weight, norm_bias, norm_eps, needs)
+    p = _proj_problem(grad, x, weight, bias, norm_weight, norm_bias, norm_eps, needs, epilogue_gelu)
     return dispatch.run(OP_PROJ_BWD, backend, p)
 
 
 @_layernorm_conv1x1_backward_op.register_fake
-def _(grad, x, weight, bias, norm_weight, norm_bias, norm_eps, needs, backend):
-    return _fake(_proj_likes(_proj_problem(grad, x, weight, bias, norm_weight, norm_bias, norm_eps, needs)),
-                 list(needs))
+def _(grad, x, weight, bias, norm_weight, norm_bias, norm_eps, needs, backend, epilogue_gelu=False):
+    return _fake(_proj_likes(_proj_problem(grad, x, weight, bias, norm_weight, norm_bias, norm_eps, needs,
+                                           epilogue_gelu)), list(needs))
 
 
 def _chain_problem(grad, fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, layer_scale, sample_scale,
@@ -285,23 +297,25 @@ def _(grad, fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, layer_s
     return _fake(_chain_likes(p), _chain_needs(p))
 
 
-def _gelu_problem(grad, a, weight, bias, layer_scale, sample_scale, needs):
+def _gelu_problem(grad, a, weight, bias, layer_scale, sample_scale, needs, prologue_gelu=True):
     return BackwardProblem(grad, dict(a=a, weight=weight, bias=bias, layer_scale=layer_scale,
-                                      sample_scale=sample_scale), list(needs))
+                                      sample_scale=sample_scale, prologue_gelu=bool(prologue_gelu)), list(needs))
 
 
 @torch.library.custom_op("resfuse::gelu_conv1x1_backward", mutates_args=())
 def _gelu_conv1x1_backward_op(grad: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
                               bias: Optional[torch.Tensor], layer_scale: Optional[torch.Tensor],
                               sample_scale: Optional[torch.Tensor], needs: List[bool],
-                              backend: str) -> List[torch.Tensor]:
+                              backend: str, prologue_gelu: bool = True) -> List[torch.Tensor]:
     """[d a, d weight, d bias, d layer_scale]; an empty tensor where not needed."""
-    return dispatch.run(OP_GELU_BWD, backend, _gelu_problem(grad, a, weight, bias, layer_scale, sample_scale, needs))
+    return dispatch.run(OP_GELU_BWD, backend, _gelu_problem(grad, a, weight, bias, layer_scale, sample_scale, needs,
+                                                            prologue_gelu))
 
 
 @_gelu_conv1x1_backward_op.register_fake
-def _(grad, a, weight, bias, layer_scale, sample_scale, needs, backend):
-    return _fake(_gelu_likes(_gelu_problem(grad, a, weight, bias, layer_scale, sample_scale, needs)), list(needs))
+def _(grad, a, weight, bias, layer_scale, sample_scale, needs, backend, prologue_gelu=True):
+    return _fake(_gelu_likes(_gelu_problem(grad, a, weight, bias, layer_scale, sample_scale, needs, prologue_gelu)),
+                 list(needs))
 
 
 # ----------------------------------------------------------------------------
@@ -314,15 +328,16 @@ def _not_differentiable(t, what):
 
 
 def _proj_setup(ctx, inputs, output):
-    x, weight, bias, norm_weight, norm_bias, norm_eps, backend = inputs
+    x, weight, bias, norm_weight, norm_bias, norm_eps, backend, *gelu = inputs
     ctx.save_for_backward(x, weight, bias, norm_weight, norm_bias)
-    ctx.norm_eps, ctx.backend = norm_eps, backend
+    ctx.norm_eps, ctx.backend, ctx.epilogue_gelu = norm_eps, backend, bool(gelu and gelu[0])
 
 
 def _proj_backward(ctx, grad):
     needs = list(ctx.needs_input_grad[:5])
-    g = torch.ops.resfuse.layernorm_conv1x1_backward(grad, *ctx.saved_tensors, ctx.norm_eps, needs, ctx.backend)
-    return tuple(gi if n else None for gi, n in zip(g, needs)) + (None, None)
+    g = torch.ops.resfuse.layernorm_conv1x1_backward(grad, *ctx.saved_tensors, ctx.norm_eps, needs, ctx.backend,
+                                                     ctx.epilogue_gelu)
+    return tuple(gi if n else None for gi, n in zip(g, needs)) + (None, None, None)
 
 
 def _chain_setup(ctx, inputs, output):
@@ -353,9 +368,9 @@ def _chain_backward(ctx, grad):
 
 
 def _gelu_setup(ctx, inputs, output):
-    a, weight, bias, layer_scale, sample_scale, residual, backend = inputs
+    a, weight, bias, layer_scale, sample_scale, residual, backend, *gelu = inputs
     _not_differentiable(sample_scale, "gelu_conv1x1's sample_scale")
-    ctx.backend = backend
+    ctx.backend, ctx.prologue_gelu = backend, bool(gelu[0]) if gelu else True
     ctx.save_for_backward(a, weight, bias, layer_scale, sample_scale)
 
 
@@ -364,9 +379,9 @@ def _gelu_backward(ctx, grad):
     need = ctx.needs_input_grad
     needs = [need[0], need[1], need[2], need[3]]
     g = torch.ops.resfuse.gelu_conv1x1_backward(grad, a, weight, bias, layer_scale, sample_scale, needs,
-                                                ctx.backend)
+                                                ctx.backend, ctx.prologue_gelu)
     return (g[0] if need[0] else None, g[1] if need[1] else None, g[2] if need[2] else None,
-            g[3] if need[3] else None, None, grad if need[5] else None, None)
+            g[3] if need[3] else None, None, grad if need[5] else None, None, None)
 
 
 _layernorm_conv1x1_op.register_autograd(_proj_backward, setup_context=_proj_setup)

@@ -23,7 +23,8 @@ dwconv_gate_backward for d(abc), d(w_dw), d(b_dw), and pixel_wgrad per
 weight. Where the kernels lack a fusion it is one torch op, stated here:
 x_0 = pwa * g_0 in the backward's replay, dout * sample_scale before the
 first data gradient (drop path in training), scale * dg for given gates,
-and the layer scale folded into a (D x D) weight copy.
+and the layer scale folded into a (D x D) weight copy; in the forward,
+``layernorm_conv1x1(epilogue_gelu=True)``'s GELU after its GEMM.
 """
 
 import os
@@ -54,6 +55,8 @@ def _shape_reasons(op: str, p) -> List[str]:
     signature without tensors (``explain``)."""
     out = []
     args = getattr(p, "args", None)
+    if args is not None and args.get("epilogue_gelu"):
+        out.append("epilogue_gelu: the GELU's derivative needs the pre-activation, which the forward does not keep")
     w_dw = getattr(p, "w_dw", None) if args is None else args.get("w_dw")
     if w_dw is not None and w_dw.shape[-1] > MAX_KSIZE:
         out.append(f"depthwise kernel size {w_dw.shape[-1]} > {MAX_KSIZE}")
@@ -148,6 +151,8 @@ def _proj_forward(p):
     else:
         _gemm(x, p.weight, out, bias=p.bias, prologue=_LAYERNORM, norm_weight=p.norm_weight, norm_bias=p.norm_bias,
               eps=p.norm_eps)
+    if p.epilogue_gelu:  # pixel_gemm has no GELU epilogue: one torch op
+        out = torch.nn.functional.gelu(out)
     return _like(out, p.x)
 
 
@@ -183,7 +188,7 @@ def _gelu_forward(p):
     a = _rows(p.x)
     N, C, H, W = a.shape
     out = _empty_rows(N, p.weight.shape[0], H, W, a, poison=True)
-    _gemm(a, p.weight, out, bias=p.bias, prologue=_GELU, col_scale=p.layer_scale, row_scale=p.sample_scale,
+    _gemm(a, p.weight, out, bias=p.bias, prologue=_GELU if p.prologue_gelu else _NONE, col_scale=p.layer_scale, row_scale=p.sample_scale,
           residual=_rows(p.residual))
     return _like(out, p.x)
 
@@ -313,13 +318,17 @@ def _gelu_backward(p):
     w, b, ls, ss = a["weight"], a["bias"], a["layer_scale"], a["sample_scale"]
     N, C, H, W = x.shape
     K = w.shape[0]
+    gelu = a["prologue_gelu"]
     grads = [None] * 4
     if needs[0]:
-        grads[0] = _gemm(dout, _transposed(w, ls), _empty_rows(N, C, H, W, x, poison=True), mul=x,
-                         mul_gelu_grad=True, row_scale=ss)
+        da = _empty_rows(N, C, H, W, x, poison=True)
+        if gelu:
+            grads[0] = _gemm(dout, _transposed(w, ls), da, mul=x, mul_gelu_grad=True, row_scale=ss)
+        else:
+            grads[0] = _gemm(dout, _transposed(w, ls), da, row_scale=ss)
     if needs[1] or needs[2] or needs[3]:
-        G, rs = _wgrad(dout, x, K, C, want_db=needs[2] or (needs[3] and b is not None), prologue=_GELU,
-                       row_scale=ss)
+        G, rs = _wgrad(dout, x, K, C, want_db=needs[2] or (needs[3] and b is not None),
+                       prologue=_GELU if gelu else _NONE, row_scale=ss)
         grads[1], grads[2], grads[3] = _scale_grads(G, rs, w, b, ls, needs[1], needs[2], needs[3])
     return _finish(grads, _gelu_likes(p), needs)
 

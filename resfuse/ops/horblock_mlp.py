@@ -42,9 +42,11 @@ class GeluConv1x1Problem(OnInput):
     sample_scale: Optional[torch.Tensor]
     residual: Optional[torch.Tensor]
     out_shape: tuple
+    prologue_gelu: bool = True
 
 
-def make_gelu_conv1x1_problem(a, weight, bias, layer_scale, sample_scale, residual) -> GeluConv1x1Problem:
+def make_gelu_conv1x1_problem(a, weight, bias, layer_scale, sample_scale, residual,
+                              prologue_gelu: bool = True) -> GeluConv1x1Problem:
     _check_x(a, "a")
     N, C, H, W = a.shape
     if C == 0:
@@ -59,18 +61,20 @@ def make_gelu_conv1x1_problem(a, weight, bias, layer_scale, sample_scale, residu
     _check_vec(sample_scale, "sample_scale", N, a)
     if residual is not None:
         check_tensor(residual, "residual", dims=4, device=a.device, dtype=a.dtype, shape=(N, K, H, W))
-    return GeluConv1x1Problem(a, weight, bias, layer_scale, sample_scale, residual, (N, K, H, W))
+    if not isinstance(prologue_gelu, bool):
+        raise TypeError(f"prologue_gelu must be a bool, got {prologue_gelu!r}")
+    return GeluConv1x1Problem(a, weight, bias, layer_scale, sample_scale, residual, (N, K, H, W), prologue_gelu)
 
 
 def _eager(p: GeluConv1x1Problem):
-    y = gelu_conv1x1_reference(p.x, p.weight, p.bias, p.layer_scale, p.sample_scale, p.residual)
+    y = gelu_conv1x1_reference(p.x, p.weight, p.bias, p.layer_scale, p.sample_scale, p.residual, p.prologue_gelu)
     return y.contiguous(memory_format=output_memory_format(p.x))
 
 
 def _triton(p: GeluConv1x1Problem):
     out = alloc_output(p)
     return _launch(kernels_module("conv1x1").ln_conv1x1_fwd, p.device, p.x, p.weight, p.bias, None, None, None,
-                   out, prologue_gelu=True, layer_scale=p.layer_scale, sample_scale=p.sample_scale,
+                   out, prologue_gelu=p.prologue_gelu, layer_scale=p.layer_scale, sample_scale=p.sample_scale,
                    residual=p.residual)
 
 
@@ -82,23 +86,26 @@ dispatch.register(OP_GELU_CONV1X1, "cuda", gnconv_cuda.check(OP_GELU_CONV1X1), g
 @torch.library.custom_op("resfuse::gelu_conv1x1", mutates_args=())
 def _gelu_conv1x1_op(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      layer_scale: Optional[torch.Tensor], sample_scale: Optional[torch.Tensor],
-                     residual: Optional[torch.Tensor], backend: str) -> torch.Tensor:
-    p = make_gelu_conv1x1_problem(a, weight, bias, layer_scale, sample_scale, residual)
+                     residual: Optional[torch.Tensor], backend: str, prologue_gelu: bool = True) -> torch.Tensor:
+    p = make_gelu_conv1x1_problem(a, weight, bias, layer_scale, sample_scale, residual, prologue_gelu)
     return dispatch.run(OP_GELU_CONV1X1, backend, p)
 
 
 @_gelu_conv1x1_op.register_fake
-def _gelu_conv1x1_fake(a, weight, bias, layer_scale, sample_scale, residual, backend):
-    p = make_gelu_conv1x1_problem(a, weight, bias, layer_scale, sample_scale, residual)
+def _gelu_conv1x1_fake(a, weight, bias, layer_scale, sample_scale, residual, backend, prologue_gelu=True):
+    p = make_gelu_conv1x1_problem(a, weight, bias, layer_scale, sample_scale, residual, prologue_gelu)
     dispatch.validate_backend(backend)
     return torch.empty(p.out_shape, dtype=a.dtype, device=a.device, memory_format=output_memory_format(a))
 
 
 def gelu_conv1x1(a, weight, bias=None, *, layer_scale=None, sample_scale=None, residual=None,
-                 backend: str = "auto"):
+                 prologue_gelu: bool = True, backend: str = "auto"):
     """``residual + sample_scale[n] * layer_scale * conv1x1(gelu(a), weight, bias)``
-    in one kernel. `weight`: (K, C, 1, 1) or a Linear's (K, C)."""
+    in one kernel. `weight`: (K, C, 1, 1) or a Linear's (K, C).
+    ``prologue_gelu=False``: ``a`` is taken as is (already gelu'd by
+    ``layernorm_conv1x1(epilogue_gelu=True)``): a plain GEMM main loop."""
     dispatch.validate_backend(backend)
     if isinstance(weight, torch.Tensor) and weight.dim() == 2:
         weight = weight[:, :, None, None]
-    return torch.ops.resfuse.gelu_conv1x1(a, weight, bias, layer_scale, sample_scale, residual, backend)
+    return torch.ops.resfuse.gelu_conv1x1(a, weight, bias, layer_scale, sample_scale, residual, backend,
+                                          bool(prologue_gelu))
