@@ -319,10 +319,15 @@ def _chain_configs():
     fp16 kernel, orders 2 and 5, D0 1 and 32; 64x64x32 at 8 warps spills 16
     bytes at order 2). 64x64 tiles at 4 warps and 128x64 spill hundreds of
     bytes: the per-tap and per-k 2-D pointer tiles cost 2 registers an
-    element."""
+    element. The dots are W (BLOCK_N channels) @ x (BLOCK_M pixels), so a
+    wgmma needs BLOCK_N >= 64 at 4 warps: 32x64x32 comes before 32x32x32
+    (mma.sync) for the small feature maps the prune sends to 32-pixel tiles
+    (HorNet-T's stage 4 at batch 64, every stage at batch 1); 114 registers,
+    no spills at order 5 on sm_90 (resfuse.inspect)."""
     cfgs = []
     for bm, bn, bk, warps, stages in [
-        (64, 64, 32, 8, 2), (128, 32, 32, 8, 2), (64, 32, 32, 4, 3), (32, 32, 32, 4, 2), (16, 64, 32, 4, 2),
+        (64, 64, 32, 8, 2), (128, 32, 32, 8, 2), (64, 32, 32, 4, 3), (32, 64, 32, 4, 2), (32, 32, 32, 4, 2),
+        (16, 64, 32, 4, 2),
     ]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
     return cfgs

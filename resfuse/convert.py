@@ -85,11 +85,19 @@ def lay_out_conv_weights(model: nn.Module) -> None:
     optimizers (in-place updates) and ``.to()`` keep the strides. By
     eager's own rule a conv with a channels_last weight returns a
     channels_last output, so an NCHW model input is laid out channels_last
-    once, at the first fused conv."""
+    once, at the first fused conv. A fused gnconv's depthwise weight
+    (S, 1, k, k) gets channel-innermost strides (1, k*k*S, k*S, S): each
+    tap's weights for a block of channels are then one vector load in the
+    chain kernel, not a gather at stride k*k."""
     for conv in kernel_convs(model):
         w = conv.weight
         if w.dim() == 4 and not w.is_contiguous(memory_format=torch.channels_last):
             w.data = w.data.contiguous(memory_format=torch.channels_last)
+    for m in model.modules():
+        dw = getattr(m, "dwconv", None) if isinstance(m, GnConv) else None
+        if isinstance(dw, nn.Conv2d) and dw.weight.dim() == 4 and dw.weight.stride(0) != 1:
+            w = dw.weight
+            w.data = w.data.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
 
 
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False,

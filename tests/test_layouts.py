@@ -81,6 +81,41 @@ def test_convert_lays_weights_out_channels_last_by_default_keeping_state_and_val
         resfuse.convert(plain, channels_last_weights="yes")
 
 
+def test_convert_lays_gnconv_depthwise_weights_channel_innermost(device):
+    """A fused gnconv's dwconv weight (S, 1, k, k) gets strides (1, ...)
+    at convert: state_dict, values and outputs unchanged, load_state_dict
+    keeps the layout, a .data edit is seen, and training (the chain and
+    depthwise backward kernels on the strided weight) matches the original."""
+    from functools import partial
+    from resfuse.hornet import HorBlock, PlainGnConv
+    torch.manual_seed(3)
+    plain = torch.nn.Sequential(HorBlock(16, gnconv=partial(PlainGnConv, order=3, s=1 / 3))).eval().to(device)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    fused = resfuse.convert(plain, backend="triton")
+    w = fused[0].gnconv.dwconv.weight
+    assert w.stride(0) == 1 and plain[0].gnconv.dwconv.weight.stride(0) != 1
+    sd_p, sd_f = plain.state_dict(), fused.state_dict()
+    assert list(sd_p) == list(sd_f) and all(torch.equal(sd_p[k], sd_f[k]) for k in sd_p)
+    x = torch.randn(2, 16, 5, 6, device=device)
+    with torch.no_grad():
+        ref = copy.deepcopy(plain).double()(x.double())
+        assert_matches(fused(x), ref, plain(x), torch.float32, "eval, strided dw weight")
+        fused[0].gnconv.dwconv.weight.data.mul_(-1)
+        plain[0].gnconv.dwconv.weight.data.mul_(-1)
+        assert_matches(fused(x), copy.deepcopy(plain).double()(x.double()), plain(x), torch.float32, ".data edit")
+    fused.load_state_dict(plain.state_dict())
+    assert fused[0].gnconv.dwconv.weight.stride(0) == 1
+    fused.train(), plain.train()
+    xf, xp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    fused(xf).square().sum().backward()
+    plain(xp).square().sum().backward()
+    gf, gp = fused[0].gnconv.dwconv.weight.grad, plain[0].gnconv.dwconv.weight.grad
+    torch.testing.assert_close(gf, gp, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(xf.grad, xp.grad, rtol=1e-3, atol=1e-4)
+
+
 def test_nchw_input_is_laid_out_once_at_the_first_fused_conv():
     """Eager's rule with channels_last weights makes the first fused conv's
     output channels_last, so the rest of the model repacks nothing: one x
