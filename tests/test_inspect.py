@@ -8,9 +8,12 @@ negative controls, the no-spill rule for the whole conv config space, and
 the first-call compile count. Compiles are cached on disk
 (RESFUSE_INSPECT_CACHE; one compile per specialization class per run).
 
-The same report for HorNet-T is printed by ``python -m resfuse.inspect
---model hornet_t``; its gnconv kernels do not meet these rules yet (see
-bench/results/2026-12-02-inspect-sm90.md), so they are not asserted here.
+HorNet-T (``python -m resfuse.inspect --model hornet_t``): its LayerNorm /
+GELU 1x1 GEMMs meet the same rules and are asserted here; the gnconv chain
+kernel is asserted to be wgmma without spills with 16-byte async GEMM
+operands, but its loop does not overlap (each channel block's GEMM drains
+before the gate multiplies it; the depthwise taps are synchronous 16-byte
+register loads): bench/results/2026-12-03-inspect-sm90.md.
 """
 
 import os
@@ -97,6 +100,33 @@ else:
             assert r.layout == "x:C-inner w:C-inner y:C-inner", r
             assert r.flags == [], r
         # a first forward compiles once per variant and times nothing
+        assert mr.first_forward_compiles == len(mr.variants)
+
+
+    @pytest.mark.parametrize("dtype,layout,batch", [(torch.bfloat16, "channels_last", 64),
+                                                    (torch.float16, "channels_last", 1)], ids=str)
+    def test_hornet_t_variants(dtype, layout, batch):
+        """Per HorBlock: the LayerNorm folds (no MMA), norm1 + proj_in and
+        norm2 + pwconv1 (+ GELU epilogue) and pwconv2 as plain pipelined
+        GEMMs, the chain (wgmma at every stage size: no mma.sync tile).
+        channels_last input only: HorNet's stem (conv + LayerNorm) is not
+        fused, so an NCHW input stays NCHW into the fused blocks (README)."""
+        torch.manual_seed(0)
+        model = ri.build_model("hornet_t")
+        x = ri.model_input("hornet_t", batch, 224, dtype, layout)
+        launches = ri.record_model(model, x)
+        names = [ln.name for ln in launches]
+        assert names.count("gnconv_chain") == 25 and names.count("ln_conv1x1") == 75
+        assert names.count("ln_fold_weight") == 50
+        mr = ri.inspect_launches(launches)
+        for r in mr.variants:
+            assert r.spill_bytes == 0, r
+            if r.name == "ln_fold_weight":
+                assert r.mma == "none" and set(r.load_widths) == {"16B"}, r
+                continue
+            assert r.mma == "HGMMA" and r.loop_async_16b > 0 and r.loop_async_narrow == 0, r
+            if r.name == "ln_conv1x1":
+                assert r.loop_sync_loads == 0 and r.overlap and min(r.wgmma_waits) >= 1 and r.flags == [], r
         assert mr.first_forward_compiles == len(mr.variants)
 
 
