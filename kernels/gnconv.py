@@ -315,19 +315,19 @@ def _gnconv_chain_kernel(
 
 
 def _chain_configs():
-    """Tiles that compile without register spills on sm_90 (ptxas -v of the
-    fp16 kernel, orders 2 and 5, D0 1 and 32; 64x64x32 at 8 warps spills 16
-    bytes at order 2). 64x64 tiles at 4 warps and 128x64 spill hundreds of
-    bytes: the per-tap and per-k 2-D pointer tiles cost 2 registers an
-    element. The dots are W (BLOCK_N channels) @ x (BLOCK_M pixels), so a
-    wgmma needs BLOCK_N >= 64 at 4 warps: 32x64x32 comes before 32x32x32
-    (mma.sync) for the small feature maps the prune sends to 32-pixel tiles
-    (HorNet-T's stage 4 at batch 64, every stage at batch 1); 114 registers,
-    no spills at order 5 on sm_90 (resfuse.inspect)."""
+    """Tiles that compile on sm_90 to wgmma without register spills at
+    orders 2-5 (resfuse.inspect over HorNet-T's stages, bf16, batch 1 and
+    64; tests/test_gnconv.py compiles the whole space). The dots are
+    W (BLOCK_N channels) @ x (BLOCK_M pixels), so a wgmma needs BLOCK_N >=
+    64 per warpgroup: BLOCK_N = 32 tiles compile to mma.sync and are kept
+    only for D <= 32 (the prune), where no wgmma tile fits. 3 stages: with
+    2, every K step's cp.async is waited for (wait_group 0) before its
+    MMA; with 3, one group stays in flight. 64x64 at 4 warps and 128x64
+    spill hundreds of bytes (the per-tap 2-D pointer tiles cost 2 registers
+    an element), 64x32 at 4 warps 16 B at order 3."""
     cfgs = []
     for bm, bn, bk, warps, stages in [
-        (64, 64, 32, 8, 2), (128, 32, 32, 8, 2), (64, 32, 32, 4, 3), (32, 64, 32, 4, 2), (32, 32, 32, 4, 2),
-        (16, 64, 32, 4, 2),
+        (64, 64, 32, 8, 3), (32, 64, 32, 4, 3), (16, 64, 32, 4, 3), (32, 32, 32, 4, 3),
     ]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
     return cfgs
@@ -335,7 +335,8 @@ def _chain_configs():
 
 def _chain_prune(configs, named_args, **kwargs):
     """Drop tiles far wider than the stages, and pixel tiles so large that
-    the grid would leave SMs idle on small feature maps."""
+    the grid would leave SMs idle on small feature maps (forward and
+    backward chain kernels)."""
     args = {**named_args, **kwargs}  # the autotuner passes keyword (constexpr) arguments apart
     D = args["D0"] << (args["ORDER"] - 1)
     M = args["M"]
@@ -346,9 +347,18 @@ def _chain_prune(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
+def _chain_fwd_prune(configs, named_args, **kwargs):
+    """_chain_prune, then the forward's wgmma rule: 64-channel tiles unless
+    D <= 32 (see _chain_configs)."""
+    args = {**named_args, **kwargs}
+    narrow = triton.next_power_of_2(args["D0"] << (args["ORDER"] - 1)) <= 32
+    kept = _chain_prune(configs, named_args, **kwargs)
+    return [c for c in kept if (c.kwargs["BLOCK_N"] == 32) == narrow] or kept
+
+
 _gnconv_chain_tuned = TunedKernel(
     _gnconv_chain_kernel, _chain_configs(),
-    key=["M", "D0", "ORDER", "KS", "GATES_GIVEN", "HAS_RES"], prune=_chain_prune)
+    key=["M", "D0", "ORDER", "KS", "GATES_GIVEN", "HAS_RES"], prune=_chain_fwd_prune)
 
 def _interpreter_blocks_chain(D):
     return interpreter_blocks((32, 16, 16 if D <= 32 else 32))

@@ -284,10 +284,12 @@ def test_autotune_pruning_reads_keyword_constexprs():
     """The autotuner hands constexprs to the pruner as keywords: D0/ORDER
     must be read from there (a GPU-only path, checked here directly)."""
     k = _kern()
-    small = k._chain_prune(k._chain_configs(), {"M": 40}, D0=32, ORDER=5, KS=7)
-    assert small and all(c.kwargs["BLOCK_M"] <= 32 for c in small)
-    big = k._chain_prune(k._chain_configs(), {"M": 10 ** 7}, D0=1, ORDER=2, KS=7)
+    small = k._chain_fwd_prune(k._chain_configs(), {"M": 40}, D0=32, ORDER=5, KS=7)
+    assert small and all(c.kwargs["BLOCK_M"] <= 32 and c.kwargs["BLOCK_N"] == 64 for c in small)
+    big = k._chain_fwd_prune(k._chain_configs(), {"M": 10 ** 7}, D0=1, ORDER=2, KS=7)
     assert big and all(c.kwargs["BLOCK_N"] <= 32 for c in big)
+    wide = k._chain_fwd_prune(k._chain_configs(), {"M": 10 ** 7}, D0=32, ORDER=2, KS=7)
+    assert [c.kwargs["BLOCK_M"] for c in wide][:1] == [64] and all(c.kwargs["BLOCK_N"] == 64 for c in wide)
     k1 = kernels_module("conv1x1")
     assert k1._ln_conv1x1_prune(k1._ln_conv1x1_configs(), {"M": 10 ** 6, "K": 1024, "C": 512})
 

@@ -184,3 +184,20 @@ else:
         for cfg in kept:
             r = ri.inspect_variant(ri.specialize(ln, **cfg.all_kwargs()))
             assert r.spill_bytes == 0 and r.mma == "HGMMA", (cfg, r)
+
+
+    @pytest.mark.parametrize("dim,order,hw", [(64, 2, 56), (512, 5, 7)])
+    def test_no_chain_config_spills(dim, order, hw):
+        """Every config of the gnconv chain kernel's space compiles for sm_90
+        without spills; every 64-channel tile is wgmma (the 32-channel one,
+        for D <= 32 only, is mma.sync)."""
+        from functools import partial
+        from resfuse.hornet import HorBlock, PlainGnConv
+        k = kernels_module("gnconv")
+        m = torch.nn.Sequential(HorBlock(dim, gnconv=partial(PlainGnConv, order=order, s=1 / 3)))
+        x = torch.randn(2, dim, hw, hw).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        ln = [ln for ln in ri.record_model(m, x) if ln.name == "gnconv_chain"][0]
+        for cfg in k._chain_configs():
+            r = ri.inspect_variant(ri.specialize(ln, **cfg.all_kwargs()))
+            assert r.spill_bytes == 0, (cfg, r)
+            assert r.mma == ("HGMMA" if cfg.kwargs["BLOCK_N"] == 64 else "HMMA"), (cfg, r)
