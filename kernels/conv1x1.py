@@ -208,10 +208,13 @@ def _ln_conv1x1_kernel(
     of raw x tiles (on sm_90, wgmma on pipelined cp.async tiles; a prologue
     in registers makes every wgmma wait for the previous one):
 
-        sum_c W[k,c] LN(x)[c] = rstd * (sum_c W'[k,c] x[c] - mean * u[k]) + v[k]
+        sum_c W[k,c] LN(x)[c] = s[k] * rstd * (sum_c W'[k,c] x[c] - mean * u[k]) + v[k]
 
-    with W' = W diag(lnw) in x's dtype (w_ptr), u[k] = sum_c W'[k,c] of the
-    rounded W' (lnu_ptr) and v[k] = sum_c W[k,c] lnb[c] (lnv_ptr), both
+    with W' = W diag(lnw) / s[k] in x's dtype (w_ptr), s[k] the power of
+    two at or below max_c |W[k,c] lnw[c]| (so W' uses the dtype's normal
+    range whatever the LN weights' scale: no fp16 subnormals or overflow;
+    exact to apply), u[k] = sum_c W'[k,c] of the rounded W' (lnu_ptr[k],
+    s[k] at lnu_ptr[K + k]) and v[k] = sum_c W[k,c] lnb[c] (lnv_ptr), all
     fp32, from ``_ln_fold_weight_kernel`` at every call (live weights).
     Exact algebra; the rounding moves from LN(x) (eager) to W', the same
     relative size in 16 bits, and u from the rounded W' keeps the mean
@@ -274,7 +277,8 @@ def _ln_conv1x1_kernel(
 
     if HAS_NORM and LN_FOLDED:
         u = tl.load(lnu_ptr + offs_n, mask=n_ok, other=0.0)
-        acc = (acc - u[:, None] * mean[None, :]) * rstd[None, :]
+        s = tl.load(lnu_ptr + K + offs_n, mask=n_ok, other=0.0)
+        acc = (acc - u[:, None] * mean[None, :]) * (s[:, None] * rstd[None, :])
         if HAS_NORM_B:
             acc += tl.load(lnv_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
     if HAS_BIAS:
@@ -301,15 +305,31 @@ def _ln_fold_weight_kernel(w_ptr, lnw_ptr, lnb_ptr, wf_ptr, u_ptr, v_ptr, K, C, 
     """The LayerNorm fold of _ln_conv1x1_kernel (LN_FOLDED), for BLOCK_K
     output channels per program:
 
-        W'[k,c] = W[k,c] * lnw[c]       rounded to W's dtype, (K, C) contiguous
-        u[k]    = sum_c W'[k,c]         fp32, of the rounded values
-        v[k]    = sum_c W[k,c] lnb[c]   fp32 (0 without lnb)
+        s[k]    = 2^floor(log2(max_c |W[k,c] lnw[c]|))   (1 for an all-zero row)
+        W'[k,c] = W[k,c] * lnw[c] / s[k]                rounded to W's dtype, (K, C) contiguous
+        u[k]    = sum_c W'[k,c]                         fp32, of the rounded values
+        v[k]    = sum_c W[k,c] lnb[c]                   fp32 (0 without lnb)
 
-    W: (K, C) via strides. Reads W once, writes W' once (K*C elements each:
-    the weights, not the activations)."""
+    u_ptr holds u (K) then s (K). W: (K, C) via strides. Reads W twice
+    (the row maximum, then the fold), writes W' once (K*C elements: the
+    weights, not the activations). s and 1/s come from the exponent bits,
+    so scaling by them is exact."""
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
     offs_c = tl.arange(0, BLOCK_C)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + offs_c
+        c_ok = cc < C
+        ok = k_ok[:, None] & c_ok[None, :]
+        w = tl.load(w_ptr + offs_k[:, None] * sw_k + cc[None, :] * sw_c, mask=ok, other=0.0).to(tl.float32)
+        if HAS_NORM_W:
+            w = w * tl.load(lnw_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        amax = tl.maximum(amax, tl.max(tl.abs(w), axis=1))
+    expo = amax.to(tl.int32, bitcast=True) & 0x7F800000
+    normal = (expo > 0) & (expo < (254 << 23))  # zero / subnormal / huge rows keep s = 1
+    s = tl.where(normal, expo.to(tl.float32, bitcast=True), 1.0)
+    inv_s = tl.where(normal, ((254 << 23) - expo).to(tl.float32, bitcast=True), 1.0)
     u = tl.zeros((BLOCK_K,), dtype=tl.float32)
     v = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -320,20 +340,21 @@ def _ln_fold_weight_kernel(w_ptr, lnw_ptr, lnb_ptr, wf_ptr, u_ptr, v_ptr, K, C, 
         wf = w
         if HAS_NORM_W:
             wf = w * tl.load(lnw_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-        wf = wf.to(wf_ptr.dtype.element_ty)
+        wf = (wf * inv_s[:, None]).to(wf_ptr.dtype.element_ty)
         tl.store(wf_ptr + offs_k[:, None] * C + cc[None, :], wf, mask=ok)
         u += tl.sum(wf.to(tl.float32), axis=1)
         if HAS_NORM_B:
             v += tl.sum(w * tl.load(lnb_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)[None, :], axis=1)
     tl.store(u_ptr + offs_k, u, mask=k_ok)
+    tl.store(u_ptr + K + offs_k, s, mask=k_ok)
     tl.store(v_ptr + offs_k, v, mask=k_ok)
 
 
 def _fold_layer_norm(weight, norm_weight, norm_bias):
-    """(W', u, v) of _ln_fold_weight_kernel for a (K, C) weight: one launch."""
+    """(W', [u | s], v) of _ln_fold_weight_kernel for a (K, C) weight: one launch."""
     K, C = weight.shape
     wf = torch.empty((K, C), dtype=weight.dtype, device=weight.device)
-    u = torch.empty((K,), dtype=torch.float32, device=weight.device)
+    u = torch.empty((2 * K,), dtype=torch.float32, device=weight.device)
     v = torch.empty((K,), dtype=torch.float32, device=weight.device)
     block_k, block_c = (16, 16) if interpreting() else (32, 64)
     launch("ln_fold_weight", _ln_fold_weight_kernel, (triton.cdiv(K, block_k),),
@@ -346,7 +367,7 @@ def _fold_layer_norm(weight, norm_weight, norm_bias):
 
 _ln_conv1x1_tuned = TunedKernel(
     _ln_conv1x1_kernel, _ln_conv1x1_configs(),
-    key=["M", "HW", "K", "C", "HAS_NORM", "PROLOGUE_GELU"], prune=_ln_conv1x1_prune)
+    key=["M", "HW", "K", "C", "HAS_NORM", "PROLOGUE_GELU", "EPILOGUE_GELU"], prune=_ln_conv1x1_prune)
 
 
 def _interpreter_blocks_ln(C, K):

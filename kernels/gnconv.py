@@ -62,9 +62,10 @@ stage 3 (256, o=4, 14x14) 67.2 -> 19.8 (3.39x), stage 4 (512, o=5, 7x7)
 36.3 -> 11.7 (3.12x); the stepwise fusion would move 141.3 / 80.4 / 43.1 /
 23.9 MB. With norm1 in kernel 1 and ``x + gamma1 * .`` in kernel 2 (the
 HorBlock's first half; eager adds HorNet's 10-kernel LayerNorm and 2
-kernels): 464.3 -> 90.0, 247.9 -> 45.2, 128.3 -> 23.5, 66.9 -> 15.4 MB
-(4.4-5.5x), 19..25 kernels -> 3, the 16-bit LayerNorm fold included (its
-W' write and read, 4 D^2 elements per call, is 2.1 MB of stage 4's 15.4).
+kernels): 464.3 -> 90.0, 247.9 -> 45.3, 128.3 -> 23.8, 66.9 -> 16.4 MB
+(4.1-5.5x), 19..25 kernels -> 3, the 16-bit LayerNorm fold included (W
+re-read, W' written and read, 6 D^2 elements per call: 3.2 MB of stage
+4's 16.4).
 
 Layouts: every tensor is addressed through its own strides (NCHW,
 channels_last, channel-sliced views such as f's pwa/abc halves). Offsets

@@ -131,7 +131,8 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False,
     channels_last_weights: lay the fused convs' weights out channels-innermost
         (``lay_out_conv_weights``), so the Triton conv kernel reads them
         without a per-call repack and an NCHW input becomes channels_last at
-        the first fused conv. On by default; False keeps the user's strides
+        the first fused conv (the model's feature maps are then channels_last:
+        ``.reshape``, not ``.view``). On by default; False keeps the user's strides
         (the Triton path then repacks OIHW weights at every call). With the
         new strides, eager convolutions (train mode, fallbacks) may round
         differently from the model as constructed (within the correctness

@@ -632,7 +632,7 @@ def test_horblock_forward_is_the_gnconv_forward_model_plus_the_mlp():
         P, C, e = 32 * hw * hw, dim, 2
         mlp_params = 2 * C + (4 * C * C + 4 * C) + (4 * C * C + C) + C
         assert h.eager_bytes - g.eager_bytes == P * (25 * C * e + 2 * 4) + mlp_params * e
-        fold = 2 * 4 * C * C * e + 4 * 4 * C * 4  # pwconv1's LN fold (16-bit): W' written + read, u, v fp32
+        fold = 3 * 4 * C * C * e + 6 * 4 * C * 4  # pwconv1's LN fold (16-bit): W re-read, W' written + read; u, s, v
         assert h.fused_bytes - g.fused_bytes == P * 11 * C * e + mlp_params * e + fold
         assert h.eager_launches == g.eager_launches + 6 and h.fused_launches == g.fused_launches + 3
         assert h.flops == g.flops + 2 * P * 8 * C * C
@@ -647,16 +647,16 @@ def test_train_tables_hornet_t_pinned():
         (235_609_856, 100_736_768, 40, 10), (126_397_696, 56_552_704, 47, 11)]
     fwd = hornet_t_horblock_table(train=False)
     assert [(t.eager_bytes, t.fused_bytes, t.eager_launches, t.fused_launches) for *_, t in fwd] == [
-        (786_263_296, 231_421_184, 25, 6), (408_890_112, 116_418_304, 27, 6),
-        (209_676_288, 60_984_064, 29, 6), (111_239_744, 41_472_768, 31, 6)]
+        (786_263_296, 231_473_408, 25, 6), (408_890_112, 116_621_056, 27, 6),
+        (209_676_288, 61_782_784, 29, 6), (111_239_744, 44_643_072, 31, 6)]
     # each fp16 stage's two LayerNorm folds (norm1 -> proj_in 2D x D, norm2 -> pwconv1 4D x D):
-    # W' written + read 2 * 6 D^2 * 2 B, u and v 4 * 6D * 4 B, one launch each
+    # W re-read, W' written + read 3 * 6 D^2 * 2 B, u, s, v 6 * 6D * 4 B, one launch each
     assert [t.fused_bytes - f for (*_, t), f in zip(fwd, (231_316_736, 116_012_800, 59_386_624, 35_132_160))] == [
-        24 * d * d + 96 * d for d, *_ in fwd]
+        36 * d * d + 144 * d for d, *_ in fwd]
     tr = hornet_t_horblock_table(train=True)
     assert [(t.eager_bytes, t.fused_bytes, t.eager_launches, t.fused_launches) for *_, t in tr] == [
-        (2_634_557_184, 922_054_400, 85, 18), (1_369_471_232, 476_091_648, 92, 19),
-        (701_658_624, 246_993_152, 99, 20), (370_341_440, 146_208_000, 106, 21)]
+        (2_634_557_184, 922_106_624, 85, 18), (1_369_471_232, 476_294_400, 92, 19),
+        (701_658_624, 247_791_872, 99, 20), (370_341_440, 149_378_304, 106, 21)]
     # the training FLOPs are 3x the forward's; the fused backward recomputes 4-14% on top
     for (*_, f), (*_, t) in zip(hornet_t_table(), gn):
         assert t.flops == 3 * f.flops and 0.04 < t.recompute_flops / t.flops < 0.15

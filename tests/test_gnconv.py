@@ -729,7 +729,10 @@ k1 = kernels_module("conv1x1")
 out = []
 
 def compile_(fn, consts, warps, stages, scalar_f32):
-    sig = {n: ("constexpr" if n in consts else "*fp16" if n.endswith("_ptr") else
+    # constexprs not named take their defaults (as the launcher's call does)
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
+    sig = {n: ("constexpr" if n in consts else "*fp32" if n in ("lnu_ptr", "lnv_ptr") else
+               "*fp16" if n.endswith("_ptr") else
                "fp32" if n == scalar_f32 else "i32") for n in fn.arg_names}
     ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                         options={"num_warps": warps, "num_stages": stages})

@@ -291,3 +291,37 @@ def test_gelu_conv1x1_forward_and_backward_composition(ls, ss, res, pg, contract
     for nm, need, x, r, e in zip(["da", "dw", "db", "dls"], needs, got, ref_g, _gelu_bwd_eager(p)):
         if need:
             assert_matches(x, r, e, dt, f"gelu {nm}", 0)
+
+
+def test_eval_horblock_on_cuda_keeps_the_gelu_prologue(contract_kernels, monkeypatch):
+    """Without autograd a fused HorBlock moves the MLP's GELU into pwconv1's
+    epilogue only where that is free (Triton): the cuda backend has no GELU
+    epilogue, so it keeps pwconv2's GELU prologue (2 MLP GEMMs, no extra
+    GELU pass). The cuda candidates are made runnable on the CPU here, over
+    the contract stand-ins."""
+    import copy
+    from functools import partial
+    from resfuse import dispatch
+    from resfuse.hornet import HorBlock, PlainGnConv
+    from resfuse.nn import FusedHorBlock
+    seen = []
+    for op in ("layernorm_conv1x1", "gnconv_chain", "gelu_conv1x1"):
+        _, run = dispatch._REGISTRY[op]["cuda"]
+        if op == "gelu_conv1x1":
+            run = (lambda r: lambda p: seen.append(p.prologue_gelu) or r(p))(run)
+        monkeypatch.setitem(dispatch._REGISTRY[op], "cuda", (lambda p: [], run))
+    torch.manual_seed(2)
+    plain = HorBlock(16, gnconv=partial(PlainGnConv, order=2, s=1 / 3)).eval()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    block = FusedHorBlock.from_module(copy.deepcopy(plain), backend="cuda")
+    x = torch.randn(2, 16, 4, 5).contiguous(memory_format=torch.channels_last)
+    before = dict(oc.LAUNCHES)
+    with torch.no_grad():
+        y = block(x)
+        ref = copy.deepcopy(plain).double()(x.double())
+        eager = plain(x)
+    assert seen == [True], seen
+    assert _grew(before)["pixel_gemm"] == 3 + 2, _grew(before)  # proj_in, pws0, proj_out; pwconv1, pwconv2
+    assert_matches(y, ref, eager, torch.float32, "eval HorBlock on cuda", 0)

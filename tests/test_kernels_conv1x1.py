@@ -248,6 +248,27 @@ def test_forward_ln_fold_when_mean_dominates(dtype, offset, device, seed):
         t["nw"].data.mul_(-0.5).add_(0.25)
 
 
+@pytest.mark.parametrize("C,nw_scale,offset", [(64, 1e-5, 0.0), (512, 1.0, 100.0)], ids=["small-lnw", "C512-mean"])
+def test_forward_ln_fold_scale_and_width(C, nw_scale, offset, device, seed):
+    """fp16 fold at the edges: LN weights of 1e-5 (W diag(lnw) would be
+    fp16 subnormals without the per-row power-of-two scale; a layer scale
+    of 1e3 brings the output back to the normal range) and 512 channels
+    with |mean|/std = 50; held to the dtype floor."""
+    dtype = torch.float16
+    case = Fwd(1, C, 24, 3, 5, dtype, "cl", "4d", prologue="ln", ls=True)
+    t = _fwd_inputs(case, device, seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    t["x"] = _place(_rand((1, C, 3, 5), dtype, device, g, 2.0, offset), case.layout)
+    t["nw"] = (t["nw"].float() * nw_scale).to(dtype)
+    t["nb"] = (t["nb"].float() * nw_scale).to(dtype)
+    t["ls"] = (t["ls"].float() * min(1e3, 1 / nw_scale)).to(dtype)
+    t["b"] = (t["b"].float() * nw_scale).to(dtype)
+    out, _ = _run_fwd(t, case, device)
+    err, _ = assert_matches(out, _fwd_reference(t, case, torch.float64), _fwd_reference(t, case, dtype), dtype,
+                            case.name, seed)
+    assert err <= FLOOR[dtype], f"{case.name}: rel err {err:.2e} > floor {FLOOR[dtype]:.1e}"
+
+
 def test_forward_ln_fp32_is_not_folded(device, seed):
     """fp32 keeps the LayerNorm in the prologue (the fold's x @ W' would
     lose TF32 bits to the mean term)."""
@@ -696,8 +717,10 @@ def compile_(name, fn, flags, cfg, flat=True):
     # As the JIT specializes an fp16 NCHW launch: unit pixel strides constant,
     # other strides and pointers 16-divisible (flat=False: nothing specialized).
     consts = dict(flags, INT64=False, DOT_IN_FP32=False, INPUT_PRECISION="ieee", FLAT=flat, **cfg.kwargs)
-    if "LN_FOLDED" in fn.arg_names:
-        consts.setdefault("LN_FOLDED", False)
+    # constexprs not named take their defaults, as the launcher's call does
+    # (left out, they would compile as runtime ints with both branches in)
+    consts.update({p.name: p.default for p in fn.params if p.is_constexpr and p.has_default
+                   and p.name not in consts})
     if flat:
         consts.update({n: 1 for n in fn.arg_names if re.fullmatch(r"s[a-z]+_w|sw_c", n)})
     sig = {n: ("constexpr" if n in consts else "*fp32" if n in F32 else "*fp16" if n.endswith("_ptr") else
@@ -723,6 +746,8 @@ for cfg in k._ln_conv1x1_configs():
     out.append(compile_("fwd_ln", k._ln_conv1x1_kernel, dict(fwd, HAS_NORM=True, PROLOGUE_GELU=False), cfg))
     out.append(compile_("fwd_ln_folded", k._ln_conv1x1_kernel,
                         dict(fwd, HAS_NORM=True, PROLOGUE_GELU=False, LN_FOLDED=True), cfg))
+    out.append(compile_("fwd_ln_folded_gelu", k._ln_conv1x1_kernel,
+                        dict(fwd, HAS_NORM=True, PROLOGUE_GELU=False, LN_FOLDED=True, EPILOGUE_GELU=True), cfg))
 for cfg in k._dgrad_configs():
     out.append(compile_("dgrad_gelu", k._conv1x1_dgrad_kernel, dict(dg, GELU_EPI=True), cfg))
 for cfg in k._dgrad_ln_configs():
@@ -758,7 +783,7 @@ def test_kernels_compile_for_sm90():
     if "skip" in res:
         pytest.skip(res["skip"])
     k = _k()
-    n_cfg = 3 * len(k._ln_conv1x1_configs()) + len(k._dgrad_configs()) + len(k._dgrad_ln_configs()) \
+    n_cfg = 4 * len(k._ln_conv1x1_configs()) + len(k._dgrad_configs()) + len(k._dgrad_ln_configs()) \
         + 2 * len(k._wgrad_configs()) + 4
     assert len(res["compiled"]) == n_cfg
     for name, cfg, warps, flat, shared, usage in res["compiled"]:

@@ -26,8 +26,8 @@ eager (HorNet's code, one kernel per op, 2o + 3 launches)::
     residual            gamma1 * y: 2D;  x + .: 3D   (2 kernels)
 
 fused (resfuse: kernels/gnconv.py, 2 launches; with the LayerNorm in fp16/bf16
-a third, ``ln_fold_weight``, writes W' = W_in diag(lnw) (2D x D) and the
-GEMM reads it back: 4D^2 elements per call, whatever the batch)::
+a third, ``ln_fold_weight``, reads W_in again and writes W' = W_in diag(lnw)
+(2D x D), which the GEMM reads back: 6D^2 elements per call, whatever the batch)::
 
     kernel 1  LN? + proj_in       x: D read, f: 2D written
     kernel 2  dw + gates + chain  f: 2D read (pwa d0 + abc S), y: D written,
@@ -384,10 +384,10 @@ def _eager_gnconv_backward(g: _Shape, norm: bool, residual: bool) -> List[Step]:
 
 def _ln_fold(K: int, C: int, what: str) -> Step:
     """kernels/conv1x1.py's 16-bit LayerNorm fold before a LN-prologue 1x1
-    (K x C): W' = W diag(lnw) written, then read by the GEMM in W's place
-    (2KC; W and lnw/lnb themselves are the parameters), u and v (fp32, K
-    each) written and read back."""
-    return Step(f"W', u, v = ln_fold_weight({what})", 1, 0, param_elems=2 * K * C, param_stats=4 * K,
+    (K x C): W read a second time (its row maxima take the first read, the
+    parameters' own), W' = W diag(lnw) / s written, then read by the GEMM
+    in W's place (3KC), u, s and v (fp32, K each) written and read back."""
+    return Step(f"W', u, s, v = ln_fold_weight({what})", 1, 0, param_elems=3 * K * C, param_stats=6 * K,
                 sixteen_bit=True)
 
 

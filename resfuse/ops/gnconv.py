@@ -283,9 +283,10 @@ def layernorm_conv1x1(x, weight, bias=None, *, norm_weight=None, norm_bias=None,
     LayerNorm when ``norm_eps`` is None): a HorBlock's norm1 + proj_in.
     ``epilogue_gelu``: the exact GELU of that, in the same kernel (a
     HorBlock's norm2 + pwconv1 + act; ``gelu_conv1x1(prologue_gelu=False)``
-    then takes the output as is). Differentiable either way; with
-    ``epilogue_gelu`` the backward needs the pre-activation, which is not
-    kept: it runs eager PyTorch's (reason shown), so use it for inference."""
+    then takes the output as is). With ``epilogue_gelu`` the backward
+    needs the pre-activation, which is not kept: under ``backend="auto"``
+    it runs eager PyTorch's (reason shown), an explicit "triton" or "cuda"
+    backend refuses it by name; it is an inference fusion."""
     dispatch.validate_backend(backend)
     return torch.ops.resfuse.layernorm_conv1x1(x, weight, bias, norm_weight, norm_bias,
                                                None if norm_eps is None else float(norm_eps), backend,
