@@ -462,9 +462,18 @@ def test_nonfinite_propagates(where, device):
     pre64, _ = references(inp, replace(case, act="identity"))
     assert not torch.isfinite(pre64).all(), "the case must produce a non-finite pre-activation"
     check(out, ref64, eager, case.dtype, f"{case.name} {where}", seed)
-    # And the op's own eager backend agrees on the pattern.
+    # And the op's own eager backend agrees with PyTorch in the tested dtype:
+    # a CPU conv that skips zero-padded taps (oneDNN on AVX-512 machines, fp16
+    # and fp32 alike) never multiplies a NaN weight by a padded 0, so border
+    # outputs stay finite there while the float64 reference (and the Triton
+    # kernel, which multiplies by the 0) have NaN. Where eager itself differs
+    # from float64 that way, eager's value is the reference for the backend
+    # that is eager.
     out_eager = run_op(inp, case, "eager")
-    check(out_eager, ref64, eager, case.dtype, f"{case.name} {where} (eager backend)", seed)
+    e64 = eager.detach().to(torch.float64)
+    skipped = torch.isnan(ref64) & ~torch.isnan(e64)
+    check(out_eager, torch.where(skipped, e64, ref64), eager, case.dtype, f"{case.name} {where} (eager backend)",
+          seed)
 
 
 # ----------------------------------------------------------------------------
