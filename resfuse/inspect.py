@@ -16,7 +16,9 @@ with the wheel's ``cuobjdump``:
 - tensor-core instructions: HGMMA (wgmma) or HMMA (mma.sync), and count;
 - in the main loop (the backward branch around the tensor-core
   instructions): async copies (``LDGSTS`` and their width), TMA loads
-  (``UTMALDG``), synchronous global loads, the wgmma waits' pending counts;
+  (``UTMALDG``), synchronous global loads, the wgmma waits' pending counts
+  and the cp.async waits' (``DEPBAR.LE SB0, n``: copy groups still in
+  flight when a stage's tiles are consumed);
 - ``overlap``: the loop's wgmma waits all leave >= 1 group pending and an
   async copy is issued in the loop after a wgmma is in flight (so the next
   stage's loads run under the MMA);
@@ -24,7 +26,8 @@ with the wheel's ``cuobjdump``:
 
 Each variant gets ``flags`` for what is known to be slow: spills, HMMA
 where HGMMA is possible, synchronous operand loads in the main loop, async
-copies under 16 bytes, no load/MMA overlap, 2-byte scalar stores. It also
+copies under 16 bytes, every cp.async waited to 0 (no copy in flight), no
+load/MMA overlap, 2-byte scalar stores. It also
 counts the compiles the first forward triggers (distinct variants) and,
 with ``RESFUSE_AUTOTUNE=1``, the compile-and-benchmark runs the autotuner
 would add. Analyses are cached on disk (``RESFUSE_INSPECT_CACHE``, default
@@ -255,6 +258,7 @@ class Report:
     loop_tma: int = 0
     loop_sync_loads: int = 0
     wgmma_waits: List[int] = field(default_factory=list)
+    cp_async_waits: List[int] = field(default_factory=list)  # cp.async groups left pending at each wait
     overlap: bool = False
     load_widths: Dict[str, int] = field(default_factory=dict)
     store_widths: Dict[str, int] = field(default_factory=dict)
@@ -286,6 +290,8 @@ def analyze(cubin: bytes, ptx: str, shared: int, warps: int, arch: str = "sm_90"
     lops = [_opcode(s) for _, s in loop]
     waits = [int(m.group(1), 16) for _, s in loop
              for m in [re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)", s)] if m]
+    cp_waits = [int(m.group(1), 16) for _, s in loop
+                for m in [re.search(r"\bDEPBAR\.LE\s+SB0,\s*0x([0-9a-f]+)", s)] if m]
     first_mma = next((k for k, o in enumerate(lops) if o.startswith("HGMMA")), None)
     async_after = first_mma is not None and any(o.startswith(("LDGSTS", "UTMALDG")) for o in lops[first_mma:])
     a = ARCHS[arch]
@@ -305,7 +311,8 @@ def analyze(cubin: bytes, ptx: str, shared: int, warps: int, arch: str = "sm_90"
         loop_async_narrow=sum(o.startswith("LDGSTS") and ".128" not in o for o in lops),
         loop_tma=sum(o.startswith("UTMALDG") for o in lops),
         loop_sync_loads=sum(o.startswith("LDG") and not o.startswith(("LDGSTS", "LDGDEPBAR")) for o in lops),
-        wgmma_waits=waits, overlap=bool(hg and async_after and waits and min(waits) >= 1),
+        wgmma_waits=waits, cp_async_waits=cp_waits,
+        overlap=bool(hg and async_after and waits and min(waits) >= 1),
         load_widths=dict(sorted(loads.items())), store_widths=dict(sorted(stores.items())),
         _local_ops=local, _ptx_waits=sorted(set(int(w) for w in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)",
                                                                                ptx))))
@@ -321,6 +328,8 @@ def flags_of(r: Dict, warps: int) -> List[str]:
     if r["mma"] != "none":
         if r["loop_sync_loads"]:
             out.append(f"{r['loop_sync_loads']} synchronous global loads in the main loop")
+        if r["loop_async_16b"] and r.get("cp_async_waits") and max(r["cp_async_waits"]) == 0:
+            out.append("every cp.async is waited to 0 before its MMA (no copy in flight)")
         if r["loop_async_narrow"]:
             out.append(f"{r['loop_async_narrow']} async copies under 16 B in the main loop")
         if not (r["loop_async_16b"] or r["loop_tma"]):
@@ -411,13 +420,14 @@ def format_report(mr: ModelReport, title: str) -> str:
             f"launches per kernel: {mr.kernels}; per-call channels_last repacks (extra copy kernels): "
             f"{mr.repacks or 'none'}", "",
             "| kernel | problems | config | layout | n | regs | spill B | smem KB | CTA/SM | occ | mma | loop 16B async | "
-            "loop sync LDG | wgmma waits | overlap | LDG widths | STG widths | compile s | flags |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "loop sync LDG | wgmma waits | cp.async waits | overlap | LDG widths | STG widths | compile s | flags |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in mr.variants:
         rows.append(f"| {r.name} | {', '.join(r.problems)} | {r.config} | {r.layout} | {r.launches} | {r.regs} | "
                     f"{r.spill_bytes} | "
                     f"{r.shared / 1024:.0f} | {r.ctas_per_sm} | {r.occupancy:.2f} | {r.mma} x{r.mma_count} | "
                     f"{r.loop_async_16b + r.loop_tma} | {r.loop_sync_loads} | {r.wgmma_waits} | "
+                    f"{sorted(set(r.cp_async_waits))} | "
                     f"{'yes' if r.overlap else 'NO'} | {r.load_widths} | {r.store_widths} | {r.compile_s} | "
                     f"{'; '.join(r.flags) or 'ok'} |")
     return "\n".join(rows)

@@ -96,7 +96,7 @@ else:
             if r.problems == [STEM]:
                 continue
             assert r.loop_sync_loads == 0 and r.loop_async_narrow == 0 and r.loop_async_16b > 0, r
-            assert r.overlap and min(r.wgmma_waits) >= 1, r
+            assert r.overlap and min(r.wgmma_waits) >= 1 and min(r.cp_async_waits) >= 1, r
             assert r.layout == "x:C-inner w:C-inner y:C-inner", r
             assert r.flags == [], r
         # a first forward compiles once per variant and times nothing
@@ -125,8 +125,11 @@ else:
                 assert r.mma == "none" and set(r.load_widths) == {"16B"}, r
                 continue
             assert r.mma == "HGMMA" and r.loop_async_16b > 0 and r.loop_async_narrow == 0, r
+            # copies in flight across the MMA (the chain: within each K sequence; its last step drains)
+            assert r.cp_async_waits and max(r.cp_async_waits) >= 1, r
             if r.name == "ln_conv1x1":
                 assert r.loop_sync_loads == 0 and r.overlap and min(r.wgmma_waits) >= 1 and r.flags == [], r
+                assert min(r.cp_async_waits) >= 1, r
         assert mr.first_forward_compiles == len(mr.variants)
 
 
@@ -163,6 +166,10 @@ else:
         assert good.flags == [] and good.overlap
         one_stage = ri.inspect_variant(ri.specialize(_conv_launch(), num_stages=1))
         assert not one_stage.overlap and any("overlap" in f for f in one_stage.flags), one_stage
+        two_stage = ri.inspect_variant(ri.specialize(_conv_launch(), num_stages=2))
+        assert good.cp_async_waits and min(good.cp_async_waits) >= 1, good
+        assert two_stage.cp_async_waits and max(two_stage.cp_async_waits) == 0, two_stage
+        assert any("waited to 0" in f for f in two_stage.flags), two_stage
         oihw = ri.inspect_variant(ri.specialize(_conv_launch(torch.contiguous_format)))
         assert oihw.loop_sync_loads > 0 and any("synchronous" in f for f in oihw.flags), oihw
         spill = ri.inspect_variant(ri.specialize(_conv_launch(projection=True, R=1), BLOCK_M=128, BLOCK_N=256,
