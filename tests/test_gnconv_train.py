@@ -358,8 +358,7 @@ def test_torch_compile_training_step(device):
 
 def test_gradcheck_inference_split_ops():
     """layernorm_conv1x1(epilogue_gelu=True) and gelu_conv1x1(prologue_gelu=
-    False) are differentiable (the first through eager PyTorch: its GELU
-    derivative needs the pre-activation the kernel does not keep)."""
+    False) are differentiable (the first recomputes its pre-activation)."""
     g = torch.Generator().manual_seed(11)
     x, w1, b1 = _f64(2, 6, 3, 4, g=g), _f64(8, 6, 1, 1, g=g, scale=0.4), _f64(8, g=g)
     nw, nb = _f64(6, g=g), _f64(6, g=g)
@@ -376,10 +375,10 @@ def test_gradcheck_inference_split_ops():
 
 @pytest.mark.parametrize("dt", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
 def test_inference_split_ops_match_float64(dt, device):
-    """Both halves on Triton against the float64 reference by the rule; the
-    gradients of gelu_conv1x1(prologue_gelu=False) run the Triton backward
-    and match float64 autograd; layernorm_conv1x1(epilogue_gelu=True)'s
-    backward runs eager, with the reason."""
+    """Both halves on Triton against the float64 reference by the rule, and
+    their gradients on the Triton backward against float64 autograd
+    (layernorm_conv1x1(epilogue_gelu=True)'s backward recomputes its
+    pre-activation)."""
     seed = seed_of(f"split{dt}")
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(2, 24, 5, 7, generator=g) + 0.5).to(device, dt).contiguous(memory_format=torch.channels_last)
@@ -413,13 +412,21 @@ def test_inference_split_ops_match_float64(dt, device):
     resfuse.reference.gelu_conv1x1_reference(he, we, b2, ls, None, None, False).backward(dy)
     assert_matches(hh.grad, h64g.grad, he.grad, dt, "d a", seed)
     assert_matches(w2g.grad, w64g.grad, we.grad, dt, "d w2", seed)
-    xg = x.detach().requires_grad_(True)
-    resfuse.layernorm_conv1x1(xg, w1, b1, norm_weight=nw, norm_bias=nb, norm_eps=1e-6, epilogue_gelu=True).sum() \
-        .backward()
-    assert xg.grad is not None and torch.isfinite(xg.grad).all()
-    with pytest.raises(Exception, match="epilogue_gelu"):
-        resfuse.layernorm_conv1x1(xg, w1, b1, norm_weight=nw, norm_bias=nb, norm_eps=1e-6, epilogue_gelu=True,
-                                  backend="triton").sum().backward()
+    # layernorm_conv1x1 with the GELU epilogue on Triton: its backward
+    # recomputes the pre-activation (one more forward launch) for GELU'
+    dh = torch.randn(h.shape, generator=g).to(device, dt)
+    leaves = [t.detach().requires_grad_(True) for t in (x, w1, nw)]
+    before = k["ln_conv1x1"]
+    resfuse.layernorm_conv1x1(leaves[0], leaves[1], b1, norm_weight=leaves[2], norm_bias=nb, norm_eps=1e-6,
+                              epilogue_gelu=True, backend="triton").backward(dh)
+    assert k["ln_conv1x1"] == before + 2  # the forward and the backward's recompute
+    l64 = [t.detach().double().requires_grad_(True) for t in (x, w1, nw)]
+    resfuse.reference.layernorm_conv1x1_reference(l64[0], l64[1], b1.double(), l64[2], nb.double(), 1e-6,
+                                                  True).backward(dh.double())
+    le = [t.detach().requires_grad_(True) for t in (x, w1, nw)]
+    resfuse.reference.layernorm_conv1x1_reference(le[0], le[1], b1, le[2], nb, 1e-6, True).backward(dh)
+    for name, got, r, e in zip(("dx", "dw1", "d norm_weight"), leaves, l64, le):
+        assert_matches(got.grad, r.grad, e.grad, dt, f"GELU-epilogue {name}", seed)
 
 
 def test_horblock_mlp_splits_the_gelu_only_without_autograd(device, monkeypatch):

@@ -284,9 +284,8 @@ def layernorm_conv1x1(x, weight, bias=None, *, norm_weight=None, norm_bias=None,
     ``epilogue_gelu``: the exact GELU of that, in the same kernel (a
     HorBlock's norm2 + pwconv1 + act; ``gelu_conv1x1(prologue_gelu=False)``
     then takes the output as is). With ``epilogue_gelu`` the backward
-    needs the pre-activation, which is not kept: under ``backend="auto"``
-    it runs eager PyTorch's (reason shown), an explicit "triton" or "cuda"
-    backend refuses it by name; it is an inference fusion."""
+    recomputes the pre-activation (one more forward GEMM, on the same
+    backend) for GELU': differentiable, but the fusion is for inference."""
     dispatch.validate_backend(backend)
     return torch.ops.resfuse.layernorm_conv1x1(x, weight, bias, norm_weight, norm_bias,
                                                None if norm_eps is None else float(norm_eps), backend,

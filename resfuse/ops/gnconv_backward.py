@@ -25,11 +25,14 @@ Triton (kernels/gnconv_bwd.py, kernels/conv1x1_bwd.py; o = order):
 * ``layernorm_conv1x1``: ``conv1x1_dgrad`` with the LayerNorm backward in its
   epilogue (it also returns the per-pixel statistics and the LayerNorm's
   weight and bias gradients), then ``conv1x1_wgrad`` with the LayerNorm
-  recomputed as a prologue from those statistics: 2 launches.
+  recomputed as a prologue from those statistics: 2 launches. With
+  ``epilogue_gelu`` (the forward wrote GELU(h), not h) autograd first
+  recomputes h with the forward op (no GELU) and applies GELU'(h): 2 more.
 * ``gelu_conv1x1``: ``conv1x1_dgrad`` scaling dout by gamma and the drop-path
   multiplier on load and multiplying by gelu'(a) in the epilogue, then
   ``conv1x1_wgrad`` with GELU recomputed on load; gamma's gradient by the
-  same identity as above: 2 launches.
+  same identity as above: 2 launches (``prologue_gelu=False``: neither
+  GELU step).
 
 Eager (the fallback, and the reference the tests compare with): recompute
 the op's reference in the inputs' dtype and differentiate it with
@@ -87,8 +90,8 @@ def _wgrad(k, device, a, b, *, want_rowsum, **kw):
 
 def _proj_bwd_eager(p):
     a = p.args
-    eps, gelu = a["norm_eps"], a["epilogue_gelu"]
-    g = _vjp(lambda x, w, b, nw, nb: layernorm_conv1x1_reference(x, w, b, nw, nb, eps, gelu), _proj_likes(p),
+    eps = a["norm_eps"]
+    g = _vjp(lambda x, w, b, nw, nb: layernorm_conv1x1_reference(x, w, b, nw, nb, eps), _proj_likes(p),
              p.needs, p.grad)
     return _finish(g, _proj_likes(p), p.needs)
 
@@ -100,14 +103,6 @@ def _ln_stats(x, eps):
     mean = xf.mean(1)
     rstd = torch.rsqrt(((xf - mean[:, None]) ** 2).mean(1) + eps)
     return mean.reshape(-1), rstd.reshape(-1)
-
-
-def _proj_bwd_triton_check(p) -> List[str]:
-    reasons = triton_reasons(p.device, p.dtype)
-    if p.args["epilogue_gelu"]:
-        reasons.append("epilogue_gelu: the GELU's derivative needs the pre-activation, which the forward "
-                       "does not keep (inference-only fusion; the module uses it without autograd)")
-    return reasons
 
 
 def _proj_bwd_triton(p):
@@ -234,7 +229,7 @@ def _gelu_bwd_triton(p):
 # ----------------------------------------------------------------------------
 
 for _op, _eager_fn, _triton_check, _triton_fn, _cuda_fn in (
-        (OP_PROJ_BWD, _proj_bwd_eager, _proj_bwd_triton_check, _proj_bwd_triton,
+        (OP_PROJ_BWD, _proj_bwd_eager, lambda p: triton_reasons(p.device, p.dtype), _proj_bwd_triton,
          gnconv_cuda.proj_backward),
         (OP_CHAIN_BWD, _chain_bwd_eager, _chain_bwd_triton_check, _chain_bwd_triton, gnconv_cuda.chain_backward),
         (OP_GELU_BWD, _gelu_bwd_eager, lambda p: triton_reasons(p.device, p.dtype), _gelu_bwd_triton,
@@ -244,26 +239,27 @@ for _op, _eager_fn, _triton_check, _triton_fn, _cuda_fn in (
     dispatch.register(_op, "cuda", gnconv_cuda.check(_op), _cuda_fn)
 
 
-def _proj_problem(grad, x, weight, bias, norm_weight, norm_bias, norm_eps, needs, epilogue_gelu=False):
+def _proj_problem(grad, x, weight, bias, norm_weight, norm_bias, norm_eps, needs):
     return BackwardProblem(grad, dict(x=x, weight=weight, bias=bias, norm_weight=norm_weight, norm_bias=norm_bias,
-                                      norm_eps=norm_eps, epilogue_gelu=bool(epilogue_gelu)), list(needs))
+                                      norm_eps=norm_eps), list(needs))
 
 
 @torch.library.custom_op("resfuse::layernorm_conv1x1_backward", mutates_args=())
 def _layernorm_conv1x1_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                    bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
                                    norm_bias: Optional[torch.Tensor], norm_eps: Optional[float], needs: List[bool],
-                                   backend: str, epilogue_gelu: bool = False) -> List[torch.Tensor]:
+                                   backend: str) -> List[torch.Tensor]:
     """[dx, d weight, d bias, d norm_weight, d norm_bias]; an empty tensor
-    where `needs` is False."""
-    p = _proj_problem(grad, x, weight, bias, norm_weight, norm_bias, norm_eps, needs, epilogue_gelu)
+    where `needs` is False. The gradient is of the 1x1's output before any
+    epilogue GELU (the autograd of ``layernorm_conv1x1`` applies GELU' first)."""
+    p = _proj_problem(grad, x, weight, bias, norm_weight, norm_bias, norm_eps, needs)
     return dispatch.run(OP_PROJ_BWD, backend, p)
 
 
 @_layernorm_conv1x1_backward_op.register_fake
-def _(grad, x, weight, bias, norm_weight, norm_bias, norm_eps, needs, backend, epilogue_gelu=False):
-    return _fake(_proj_likes(_proj_problem(grad, x, weight, bias, norm_weight, norm_bias, norm_eps, needs,
-                                           epilogue_gelu)), list(needs))
+def _(grad, x, weight, bias, norm_weight, norm_bias, norm_eps, needs, backend):
+    return _fake(_proj_likes(_proj_problem(grad, x, weight, bias, norm_weight, norm_bias, norm_eps, needs)),
+                 list(needs))
 
 
 def _chain_problem(grad, fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, layer_scale, sample_scale,
@@ -335,8 +331,14 @@ def _proj_setup(ctx, inputs, output):
 
 def _proj_backward(ctx, grad):
     needs = list(ctx.needs_input_grad[:5])
-    g = torch.ops.resfuse.layernorm_conv1x1_backward(grad, *ctx.saved_tensors, ctx.norm_eps, needs, ctx.backend,
-                                                     ctx.epilogue_gelu)
+    if ctx.epilogue_gelu:
+        # GELU' needs the pre-activation, which the forward did not keep:
+        # recompute it (one more forward GEMM, the op without its GELU).
+        x, weight, bias, norm_weight, norm_bias = ctx.saved_tensors
+        pre = torch.ops.resfuse.layernorm_conv1x1(x, weight, bias, norm_weight, norm_bias, ctx.norm_eps,
+                                                  ctx.backend, False)
+        grad = torch.ops.aten.gelu_backward(grad, pre)
+    g = torch.ops.resfuse.layernorm_conv1x1_backward(grad, *ctx.saved_tensors, ctx.norm_eps, needs, ctx.backend)
     return tuple(gi if n else None for gi, n in zip(g, needs)) + (None, None, None)
 
 

@@ -55,8 +55,6 @@ def _shape_reasons(op: str, p) -> List[str]:
     signature without tensors (``explain``)."""
     out = []
     args = getattr(p, "args", None)
-    if args is not None and args.get("epilogue_gelu"):
-        out.append("epilogue_gelu: the GELU's derivative needs the pre-activation, which the forward does not keep")
     w_dw = getattr(p, "w_dw", None) if args is None else args.get("w_dw")
     if w_dw is not None and w_dw.shape[-1] > MAX_KSIZE:
         out.append(f"depthwise kernel size {w_dw.shape[-1]} > {MAX_KSIZE}")
