@@ -299,6 +299,17 @@ def _ln_conv1x1_kernel(
 
 
 @triton.jit
+def _w_times_lnw(w_ptr, lnw_ptr, offs_k, k_ok, cc, c_ok, sw_k, sw_c, HAS_NORM_W: tl.constexpr):
+    """(W, W diag(lnw)) for rows offs_k and channels cc, fp32 (0 outside)."""
+    w = tl.load(w_ptr + offs_k[:, None] * sw_k + cc[None, :] * sw_c, mask=k_ok[:, None] & c_ok[None, :],
+                other=0.0).to(tl.float32)
+    wl = w
+    if HAS_NORM_W:
+        wl = w * tl.load(lnw_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    return w, wl
+
+
+@triton.jit
 def _ln_fold_weight_kernel(w_ptr, lnw_ptr, lnb_ptr, wf_ptr, u_ptr, v_ptr, K, C, sw_k, sw_c,
                            HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
                            BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -320,12 +331,8 @@ def _ln_fold_weight_kernel(w_ptr, lnw_ptr, lnb_ptr, wf_ptr, u_ptr, v_ptr, K, C, 
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + offs_c
-        c_ok = cc < C
-        ok = k_ok[:, None] & c_ok[None, :]
-        w = tl.load(w_ptr + offs_k[:, None] * sw_k + cc[None, :] * sw_c, mask=ok, other=0.0).to(tl.float32)
-        if HAS_NORM_W:
-            w = w * tl.load(lnw_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-        amax = tl.maximum(amax, tl.max(tl.abs(w), axis=1))
+        _, wl = _w_times_lnw(w_ptr, lnw_ptr, offs_k, k_ok, cc, cc < C, sw_k, sw_c, HAS_NORM_W)
+        amax = tl.maximum(amax, tl.max(tl.abs(wl), axis=1))
     expo = amax.to(tl.int32, bitcast=True) & 0x7F800000
     normal = (expo > 0) & (expo < (254 << 23))  # zero / subnormal / huge rows keep s = 1
     s = tl.where(normal, expo.to(tl.float32, bitcast=True), 1.0)
@@ -336,11 +343,8 @@ def _ln_fold_weight_kernel(w_ptr, lnw_ptr, lnb_ptr, wf_ptr, u_ptr, v_ptr, K, C, 
         cc = c0 + offs_c
         c_ok = cc < C
         ok = k_ok[:, None] & c_ok[None, :]
-        w = tl.load(w_ptr + offs_k[:, None] * sw_k + cc[None, :] * sw_c, mask=ok, other=0.0).to(tl.float32)
-        wf = w
-        if HAS_NORM_W:
-            wf = w * tl.load(lnw_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-        wf = (wf * inv_s[:, None]).to(wf_ptr.dtype.element_ty)
+        w, wl = _w_times_lnw(w_ptr, lnw_ptr, offs_k, k_ok, cc, c_ok, sw_k, sw_c, HAS_NORM_W)
+        wf = (wl * inv_s[:, None]).to(wf_ptr.dtype.element_ty)
         tl.store(wf_ptr + offs_k[:, None] * C + cc[None, :], wf, mask=ok)
         u += tl.sum(wf.to(tl.float32), axis=1)
         if HAS_NORM_B:

@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from .. import dispatch
-from ..ops.gnconv import OP_PROJ, GnConvSignature
+from ..ops.gnconv import OP_PROJ, signature_reasons
 from .guards import conv_reason, hooks_reason
 from ..reference import gnconv_dims
 from ._call import FusedModuleMixin, _cast, _compute_dtype, adopt
@@ -341,14 +341,6 @@ def mlp_reason(block: nn.Module) -> Optional[str]:
     return None
 
 
-def _proj_backend(x, backend: str) -> Optional[str]:
-    """The backend ``layernorm_conv1x1`` would run on for x (None: none can)."""
-    try:
-        return dispatch.plan(OP_PROJ, backend, GnConvSignature(x.device, x.dtype))[0].backend
-    except dispatch.BackendUnavailable:
-        return None
-
-
 class FusedHorBlock(nn.Module):
     """A HorNet Block in four kernels (module docstring). Build with
     ``FusedHorBlock.from_module(block)``; ``backend`` is its gnconv's and
@@ -447,7 +439,10 @@ class FusedHorBlock(nn.Module):
         # keeps the prologue too.
         infer = not (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, n2.weight, n2.bias, l1.weight, l1.bias, l2.weight,
-                                                        l2.bias, self.gamma2))) and _proj_backend(x, backend) != "cuda"
+                                                        l2.bias, self.gamma2)))
+        if infer:
+            proj = signature_reasons(x.device, x.dtype, 1, backend)[OP_PROJ]
+            infer = not (isinstance(proj, dispatch.Decision) and proj.backend == "cuda")
         a = torch.ops.resfuse.layernorm_conv1x1(x, l1.weight[:, :, None, None], l1.bias, n2.weight, n2.bias,
                                                 float(n2.eps), backend, infer)
         record = not torch.compiler.is_compiling()
