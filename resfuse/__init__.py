@@ -21,9 +21,10 @@ from .ops.conv_bn_act import conv_bn_act
 from .ops.conv_bn_proj_act import conv_bn_proj_act
 from .ops.gnconv import gnconv, gnconv_chain, layernorm_conv1x1
 from .ops.horblock_mlp import gelu_conv1x1
+from .ops.patchify import patchify_conv
 from .reference import bn_act_conv_reference, conv_bn_act_reference, gnconv_reference
 
 __all__ = ["convert", "explain", "conv_bn_act", "conv_bn_proj_act", "bn_act_conv", "conv_bn_act_reference",
            "bn_act_conv_reference", "gnconv",
-           "gnconv_chain", "layernorm_conv1x1", "gelu_conv1x1", "gnconv_reference", "nn", "ops",
+           "gnconv_chain", "layernorm_conv1x1", "gelu_conv1x1", "patchify_conv", "gnconv_reference", "nn", "ops",
            "BACKENDS", "BackendUnavailable", "last_decision", "__version__"]

@@ -17,11 +17,13 @@ from . import dispatch
 from .nn.blocks import FusedResidualBlock, fuse_block
 from .nn.conv_bn_act import FusedSequential
 from .nn.gnconv import FusedHorBlock, GnConv
+from .nn.patchify import PatchifyConv
 from .nn.stem import ConvBNHead, fuse_head, fuse_prologue
 from .nn.conv_bn_act import FusedGroup, is_plain_sequential, plan_sequential
 from .recognize.blocks import convert_blocks, match_block
 from .recognize.gnconv import convert_gnconv
 from .recognize.heads import find_heads, is_batchnorm_act, shared_modules
+from .recognize.patchify import convert_patchify
 from .recognize.prologues import find_prologues, resolve_chains
 from .recognize.stem import convert_stems
 
@@ -59,12 +61,13 @@ def convert_chains(model: nn.Module, backend: str, absorbed: set) -> None:
 def kernel_convs(model: nn.Module):
     """The Conv2d modules whose weights a fused conv kernel reads: the convs
     of fused residual blocks (projection included), conv heads/prologues
-    (``ConvBNHead``) and the fused groups of FusedSequentials."""
+    (``ConvBNHead``), patchify convs with their LayerNorms (``PatchifyConv``)
+    and the fused groups of FusedSequentials."""
     seen = set()
     for m in model.modules():
         if isinstance(m, FusedResidualBlock):
             convs = [c for c in m.modules() if isinstance(c, nn.Conv2d)]
-        elif isinstance(m, ConvBNHead):
+        elif isinstance(m, (ConvBNHead, PatchifyConv)):
             convs = [m]
         elif isinstance(m, FusedSequential):
             convs = [m._modules[g.conv] for g in plan_sequential(m).steps if isinstance(g, FusedGroup)]
@@ -123,7 +126,11 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False,
       proj_out, scale) becomes ``resfuse.nn.GnConv`` (two kernels), and
       every HorNet Block / yoloair HorBlock ``resfuse.nn.FusedHorBlock``
       (its channels-first LayerNorm norm1 inside the projection kernel, the
-      layer scale and residual inside the second).
+      layer scale and residual inside the second);
+    - every patchify conv (kernel = stride, no padding) fed by or feeding a
+      channels-first LayerNorm (HorNet's / ConvNeXt's stems and
+      downsampling layers; ``recognize.patchify``) runs with that
+      LayerNorm as one ``patchify_conv`` kernel (``resfuse.nn.patchify``).
 
     backend: 'auto' | 'triton' | 'cuda' | 'eager', set on every fused module
         (``RESFUSE_BACKEND`` overrides 'auto' at run time).
@@ -158,6 +165,7 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False,
         absorbed.add(id(model._modules[model.spec.downsample]))
     convert_stems(model, backend)
     convert_chains(model, backend, absorbed)
+    convert_patchify(model, backend, absorbed)
     for m in list(model.modules()):
         if id(m) in absorbed:
             continue  # a projection shortcut computed inside its block's last kernel

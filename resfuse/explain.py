@@ -15,15 +15,18 @@ from .build_info import describe
 from .nn.blocks import FusedResidualBlock
 from .nn.conv_bn_act import FusedSequential
 from .nn.gnconv import FusedHorBlock, GnConv, match_gnconv, mlp_reason
+from .nn.patchify import PatchifyConv
 from .nn.stem import ConvBNHead, head_fuses, prologue_fuses
 from .ops.conv_bn_act import OP, ProblemSignature
 from .ops.gnconv import OP_CHAIN, OP_PROJ, GnConvSignature, signature_reasons
 from .ops.horblock_mlp import OP_GELU_CONV1X1
+from .ops.patchify import OP as OP_PATCHIFY, PatchifySignature
 from .nn.conv_bn_act import FusedGroup, is_plain_sequential, plan_sequential
 from .nn.guards import bn_uses_running_stats
 from .recognize.blocks import match_block
 from .recognize.gnconv import gnconv_convert_reason
 from .recognize.heads import find_heads, shared_modules
+from .recognize.patchify import unfused_reasons as patchify_unfused
 from .recognize.prologues import find_prologues
 from .recognize.stem import stem_parts
 
@@ -229,10 +232,31 @@ def _other_rows(prefix, parent, shared, plans):
                        for n, why in unfused.items()}
         if not isinstance(stem, str) and not isinstance(stem[0], ConvBNHead) and "conv1" in unfused:
             unfused["conv1"] = "fusable stem, but not converted (resfuse.convert)"
+    unfused.update({n: why for n, why in patchify_unfused(parent).items() if n in unfused})
     for child, why in unfused.items():
-        if not isinstance(convs.get(child), ConvBNHead):
+        if not isinstance(convs.get(child), (ConvBNHead, PatchifyConv)):
             pre = _prologue_reason(parent, child, shared, plans)
             yield Record(_join(prefix, child), "conv", "eager", f"{why}; {pre}" if pre else why, True)
+
+
+def _patchify_row(name, conv: PatchifyConv) -> Record:
+    """A patchify conv with its LayerNorm(s): what it fuses, and where it ran
+    (or would run)."""
+    if not conv.fuses_now:
+        return Record(name, "conv", "eager", "hooks, or a module changed after conversion: the conv and its "
+                      "LayerNorm run as themselves", True)
+    decision = conv.__dict__.get("last_decision")
+    kind = f"{conv.kind} (patchify)"
+    if decision is None:
+        post = conv.post_norm
+        sig = PatchifySignature(conv.weight.device, conv.weight.dtype, conv.out_channels,
+                                None if post is None else float(post.eps))
+        try:
+            decision = dispatch.plan(OP_PATCHIFY, conv.backend, sig)[0]
+        except dispatch.BackendUnavailable as e:
+            return Record(name, kind, e.backend, "cannot run: " + "; ".join(e.reasons))
+        return Record(name, kind, decision.backend, decision.reason() if decision.fell_back else "")
+    return Record(name, kind, decision.backend, decision.reason() if decision.fell_back else "", True)
 
 
 def _gnconv_row(name, kind, decision) -> Record:
@@ -329,7 +353,7 @@ def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
         for m in model.modules():
             if isinstance(m, (FusedSequential, FusedResidualBlock)):
                 m.last_decisions.clear()  # report this run only
-            elif isinstance(m, ConvBNHead):
+            elif isinstance(m, (ConvBNHead, PatchifyConv)):
                 m.__dict__.pop("last_decision", None)
             elif isinstance(m, GnConv):
                 m.last_decisions.clear()
@@ -377,6 +401,8 @@ def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
                 records.append(row)
             else:
                 records.append(Record(prefix, "conv", "eager", "train mode or hooks: BN runs on its own", True))
+        elif isinstance(parent, PatchifyConv):
+            records.append(_patchify_row(prefix, parent))
         elif isinstance(parent, FusedSequential):
             records.extend(_sequential_rows(prefix, parent))
         elif isinstance(parent, FusedResidualBlock):

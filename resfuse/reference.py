@@ -97,6 +97,20 @@ def layernorm_conv1x1_reference(x, weight, bias=None, norm_weight=None, norm_bia
     return F.gelu(y) if epilogue_gelu else y
 
 
+def patchify_conv_reference(x, weight, bias=None, pre_weight=None, pre_bias=None, pre_eps: Optional[float] = None,
+                            post_weight=None, post_bias=None, post_eps: Optional[float] = None):
+    """``LN_post(conv2d(LN_pre(x), weight, bias, stride=P))`` for a (K, C, P, P)
+    weight (no padding), each channels-first LayerNorm optional (off when
+    its eps is None): a HorNet / ConvNeXt downsampling layer (LN_pre) or
+    stem (LN_post)."""
+    if pre_eps is not None:
+        x = layer_norm_channels_first_reference(x, pre_weight, pre_bias, pre_eps)
+    y = F.conv2d(x, weight, bias, stride=weight.shape[-1])
+    if post_eps is not None:
+        y = layer_norm_channels_first_reference(y, post_weight, post_bias, post_eps)
+    return y
+
+
 def gnconv_chain_reference(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale: float,
                            residual=None, layer_scale=None, sample_scale=None):
     """Everything of HorNet's gnconv after ``proj_in``, as HorNet writes it.

@@ -14,6 +14,8 @@ in ``resfuse.kernels`` (Triton) and ``resfuse._C`` (CUDA C++).
 - ``horblock_mlp``: GELU + pwconv2 + layer scale + residual of a HorBlock
 - ``gnconv_backward``: the fused backward ops of gnconv and the HorBlock
   MLP, and the autograd of their forward ops
+- ``patchify``: a patchify conv (kernel = stride) with a channels-first
+  LayerNorm before or after it (HorNet / ConvNeXt stems and downsampling)
 - ``common``: validation and allocation helpers they share
 
 Importing this package registers every ``torch.ops.resfuse.*`` op.
@@ -21,3 +23,4 @@ Importing this package registers every ``torch.ops.resfuse.*`` op.
 
 from . import conv_bn_act, conv_bn_proj_act, bn_act_conv  # noqa: F401  (register the conv ops)
 from . import gnconv, horblock_mlp, gnconv_backward  # noqa: F401  (gnconv ops; their autograd last)
+from . import patchify  # noqa: F401  (LayerNorm + patchify conv)

@@ -7,6 +7,7 @@ never run."""
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class HorNetGnConv(nn.Module):
@@ -44,4 +45,28 @@ class HorNetBlock(nn.Module):
             x = self.gamma2 * x
         x = x.permute(0, 3, 1, 2)
         x = input + self.drop_path(x)
+        return x
+
+
+class HorNetLayerNorm(nn.Module):
+    """HorNet's (and ConvNeXt's) LayerNorm.forward."""
+
+    def forward(self, x):
+        if self.data_format == "channels_last":
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        elif self.data_format == "channels_first":
+            u = x.mean(1, keepdim=True)
+            s = (x - u).pow(2).mean(1, keepdim=True)
+            x = (x - u) / torch.sqrt(s + self.eps)
+            x = self.weight[:, None, None] * x + self.bias[:, None, None]
+            return x
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's (and timm's) LayerNorm2d.forward: a channels-first LayerNorm."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        x = x.permute(0, 3, 1, 2)
         return x
