@@ -103,7 +103,7 @@ def _patchify_conv_kernel(
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     if PRE_NORM:
-        for t in tl.static_range(P * P):
+        for t in range(P * P):
             x_pix = x_pix0 + (t // P) * sx_h + (t % P) * sx_w
             w_tap = w_rows + (t // P) * sw_r + (t % P) * sw_s
             mean, rstd = _ln_stats(x_img, x_pix, sx_c, C, m_ok, pre_eps, offs_c, BLOCK_M, BLOCK_K)
