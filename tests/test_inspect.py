@@ -8,8 +8,10 @@ negative controls, the no-spill rule for the whole conv config space, and
 the first-call compile count. Compiles are cached on disk
 (RESFUSE_INSPECT_CACHE; one compile per specialization class per run).
 
-HorNet-T (``python -m resfuse.inspect --model hornet_t``): its LayerNorm /
-GELU 1x1 GEMMs meet the same rules and are asserted here; the gnconv chain
+HorNet-T (``python -m resfuse.inspect --model hornet_t``): every conv runs
+on Triton; its LayerNorm / GELU 1x1 GEMMs and the LayerNorm + patchify
+downsampling convs meet the same rules and are asserted here (the
+3-channel patchify stem is exempt as ResNet-50's is); the gnconv chain
 kernel is asserted to be wgmma without spills with 16-byte async GEMM
 operands, but its loop does not overlap (each channel block's GEMM drains
 before the gate multiplies it; the depthwise taps are synchronous 16-byte
@@ -103,60 +105,75 @@ else:
         assert mr.first_forward_compiles == len(mr.variants)
 
 
+    HORNET_STEM = "C=3 K=64"
+
+
     @pytest.mark.parametrize("dtype,layout,batch", [(torch.bfloat16, "channels_last", 64),
-                                                    (torch.float16, "channels_last", 1)], ids=str)
+                                                    (torch.float16, "nchw", 1)], ids=str)
     def test_hornet_t_variants(dtype, layout, batch):
-        """Per HorBlock: the LayerNorm folds (no MMA), norm1 + proj_in and
-        norm2 + pwconv1 (+ GELU epilogue) and pwconv2 as plain pipelined
-        GEMMs, the chain (wgmma at every stage size: no mma.sync tile).
-        channels_last input only: HorNet's stem (conv + LayerNorm) is not
-        fused, so an NCHW input stays NCHW into the fused blocks (README)."""
+        """Every conv of HorNet-T on Triton (no eager convolution): the stem
+        (4x4/4 conv + LayerNorm) and the 3 downsampling layers (LayerNorm +
+        2x2/2 conv) as patchify_conv, per HorBlock the LayerNorm folds (no
+        MMA), norm1 + proj_in and norm2 + pwconv1 (+ GELU epilogue) and
+        pwconv2 as plain pipelined GEMMs, the chain (wgmma at every stage
+        size). An NCHW input is laid out channels_last by the stem (its
+        weight is), so both layouts give the same kernels after it. The
+        3-channel stem is exempt from the operand rules (6-byte pixels, as
+        ResNet-50's); the chain meets all but overlap (module docstring)."""
         torch.manual_seed(0)
         model = ri.build_model("hornet_t")
         x = ri.model_input("hornet_t", batch, 224, dtype, layout)
-        launches = ri.record_model(model, x)
+        seen = []
+
+        class NoEagerConv(torch.utils._python_dispatch.TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in (torch.ops.aten.convolution.default, torch.ops.aten.cudnn_convolution.default):
+                    seen.append(func)
+                return func(*args, **(kwargs or {}))
+
+        repacks = {}
+        with NoEagerConv():
+            launches = ri.record_model(model, x, repacks=repacks)
+        assert not seen, "an eager convolution ran in the converted HorNet-T"
+        assert repacks == {}, repacks
         names = [ln.name for ln in launches]
         assert names.count("gnconv_chain") == 25 and names.count("ln_conv1x1") == 75
-        assert names.count("ln_fold_weight") == 50
+        assert names.count("patchify_conv") == 4
+        assert names.count("ln_fold_weight") == 50 + 3  # + the 3 downsampling layers' LayerNorms
         mr = ri.inspect_launches(launches)
         for r in mr.variants:
             assert r.spill_bytes == 0, r
             if r.name == "ln_fold_weight":
                 assert r.mma == "none" and set(r.load_widths) == {"16B"}, r
                 continue
-            assert r.mma == "HGMMA" and r.loop_async_16b > 0 and r.loop_async_narrow == 0, r
+            assert r.mma == "HGMMA", r
+            if r.problems == [HORNET_STEM]:
+                continue
+            assert r.loop_async_16b > 0 and r.loop_async_narrow == 0, r
             # copies in flight across the MMA (the chain: within each K sequence; its last step drains)
             assert r.cp_async_waits and max(r.cp_async_waits) >= 1, r
-            if r.name == "ln_conv1x1":
+            if r.name in ("ln_conv1x1", "patchify_conv"):
                 assert r.loop_sync_loads == 0 and r.overlap and min(r.wgmma_waits) >= 1 and r.flags == [], r
                 assert min(r.cp_async_waits) >= 1, r
+                assert r.layout == "x:C-inner w:C-inner y:C-inner", r
+        assert sum(r.problems == [HORNET_STEM] for r in mr.variants) == 1
         assert mr.first_forward_compiles == len(mr.variants)
 
 
-    def test_batch_sizes_share_variants():
-        """Batch 64 and 96 (both fill the GPU) compile the same variants; the
-        variant set depends on the batch only through Triton's int
-        specialization and the wave rule of the default config."""
-        model = _resnet50()
-        keys = []
-        for batch in (64, 96):
-            launches = _recorded(model, torch.bfloat16, "channels_last", batch, image=224)
-            keys.append({ri.specialize(ln).key("sm_90") for ln in launches})
-        assert keys[0] == keys[1]
-
-
-    def _conv_launch(weight_layout=torch.channels_last, projection=False, C=256, K=256, R=3, prologue=False):
-        k = kernels_module("conv_bn_act")
-        x = torch.randn(64, C, 14, 14).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        w = torch.randn(K, C, R, R).to(torch.bfloat16).contiguous(memory_format=weight_layout)
-        m, v = torch.zeros(K), torch.ones(K)
-        out = torch.empty(64, K, 14, 14, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        wd = torch.randn(K, C, 1, 1).to(torch.bfloat16)
-        proj = (x, wd, None, m, v, None, None, 1e-5, (1, 1)) if projection else None
-        pre = (torch.zeros(C), torch.ones(C), None, None, 1e-5, 1, 0.0) if prologue else None
-        return ri.record(lambda: k.conv_bn_act_fwd(x, w, None, m, v, None, None, 1e-5, None, [1, 1], [R // 2] * 2,
-                                                   [1, 1], 1, 0.01, out, allow_tf32=False, projection=proj,
-                                                   prologue=pre))[0]
+    def test_no_patchify_config_spills():
+        """Every config of the patchify kernel's space compiles for sm_90 to
+        wgmma without spills, with the LayerNorm prologue (HorNet-T's first
+        downsampling layer, bf16)."""
+        from resfuse.hornet import HorLayerNorm
+        k = kernels_module("patchify")
+        m = torch.nn.Sequential(HorLayerNorm(64, data_format="channels_first"), torch.nn.Conv2d(64, 128, 2, 2))
+        x = torch.randn(4, 64, 56, 56).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        ln = [ln for ln in ri.record_model(m, x) if ln.name == "patchify_conv"][0]
+        kept = k._patchify_tuned.candidates(k._patchify_tuned.named_args(ln.args, ln.kwargs))
+        assert len(kept) == len(k._patchify_configs()), kept
+        for cfg in kept:
+            r = ri.inspect_variant(ri.specialize(ln, **cfg.all_kwargs()))
+            assert r.spill_bytes == 0 and r.mma == "HGMMA" and r.overlap, (cfg, r)
 
 
     def test_negative_controls_are_flagged():
