@@ -163,10 +163,17 @@ def _gemm_from_scratch(src, w_ptr, sw_n, sw_k, cn, n_ok, KDIM: tl.constexpr,
     """acc[n, m] = sum_k W[n, k] * src[k, m] for k < KDIM: (BLOCK_N, BLOCK_M).
     src is this program's scratch slot, channel-major (channel k of the
     previous stage's output at src + k * BLOCK_M)."""
+    # Two K steps at least where both tiles stay 16 bytes per thread at 4
+    # warps (BK * BLOCK_M and BLOCK_N * BK >= 1024 elements): a one-step
+    # reduction (K = 32 = BLOCK_K, the first gated GEMM of every HorNet
+    # stage) loads its operands synchronously, with nothing in flight.
+    SPLIT: tl.constexpr = KDIM >= 32 and KDIM < 2 * BLOCK_K and (KDIM // 2) * BLOCK_M >= 1024 \
+        and (KDIM // 2) * BLOCK_N >= 1024
+    BK: tl.constexpr = KDIM // 2 if SPLIT else BLOCK_K
     cols = tl.arange(0, BLOCK_M)
-    kk0 = tl.arange(0, BLOCK_K)
+    kk0 = tl.arange(0, BK)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, KDIM, BLOCK_K):
+    for k0 in range(0, KDIM, BK):
         kk = k0 + kk0
         k_ok = kk < KDIM
         a = tl.load(w_ptr + cn[:, None] * sw_n + kk[None, :] * sw_k, mask=n_ok[:, None] & k_ok[None, :],
@@ -323,12 +330,16 @@ def _chain_configs():
     64 per warpgroup: BLOCK_N = 32 tiles compile to mma.sync and are kept
     only for D <= 32 (the prune), where no wgmma tile fits. 3 stages: with
     2, every K step's cp.async is waited for (wait_group 0) before its
-    MMA; with 3, one group stays in flight. 64x64 at 4 warps and 128x64
-    spill hundreds of bytes (the per-tap 2-D pointer tiles cost 2 registers
-    an element), 64x32 at 4 warps 16 B at order 3."""
+    MMA; with 3, one group stays in flight. 64x64 at 4 warps (126-160
+    registers, no spills since the depthwise weight is channel-innermost)
+    rather than 8: its 64x16 and 16x64 tiles are 16 bytes per thread, so
+    the first gated GEMM (K = 32) runs as two pipelined 16-deep steps
+    (_gemm_from_scratch's SPLIT); at 8 warps they were 8-byte copies.
+    The 32- and 16-pixel tiles (small feature maps) keep that GEMM one
+    step: its 16x32 tile would be 8 bytes per thread."""
     cfgs = []
     for bm, bn, bk, warps, stages in [
-        (64, 64, 32, 8, 3), (32, 64, 32, 4, 3), (16, 64, 32, 4, 3), (32, 32, 32, 4, 3),
+        (64, 64, 32, 4, 3), (32, 64, 32, 4, 3), (16, 64, 32, 4, 3), (32, 32, 32, 4, 3),
     ]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
     return cfgs

@@ -264,7 +264,7 @@ def _chain_bwd_configs():
     """GPU autotune space. ptxas -v of the fp16 kernel (sm_90a, every
     feature on, 7x7) at orders 2..5 with D0 from 1 to 256: these three
     compile without spills except 104 bytes for 64x32 at order 5, D0 16 and
-    8 bytes for 16x32 at order 2, D0 32. The forward's 64x64 (8 warps),
+    8 bytes for 16x32 at order 2, D0 32. 64x64 at 8 warps,
     64x32 (4 warps) and 16x64 spill 200-1450 bytes here (the backward keeps
     more pointer tiles live: x_save, z and g stores, then g and z loads
     beside the W^T GEMM); 128-pixel tiles are left out (their scratch would

@@ -21,11 +21,27 @@ with the wheel's ``cuobjdump``:
   flight when a stage's tiles are consumed);
 - ``overlap``: the loop's wgmma waits all leave >= 1 group pending and an
   async copy is issued in the loop after a wgmma is in flight (so the next
-  stage's loads run under the MMA);
+  stage's loads run under the MMA). A loop that completes several GEMM
+  reductions inside its body (a persistent kernel's tile loop: each
+  reduction drains with a wgmma wait 0 before its epilogue, as any GEMM's
+  last step does) overlaps when every reduction does: at least two K
+  steps, every wait before its drain leaving >= 1 group pending, an async
+  copy issued while a group is in flight (``reduction_steps``; a one-step
+  reduction is flagged);
+- synchronous loads in the loop, and of them those staged into shared
+  memory through registers (``LDG`` -> ``STS``: GEMM operands without
+  cp.async, or a layout conversion), apart from loads consumed by
+  arithmetic (a depthwise conv's taps, bias vectors). In a loop of one
+  reduction any synchronous load is flagged (it is an operand or stalls
+  the K loop); in a loop of several, each reduction's own operands must
+  come by async copies (the per-reduction rule above) and the loads
+  between reductions (a gate's taps, an epilogue's vectors) are counted,
+  not flagged;
 - global load and store widths over the whole kernel.
 
 Each variant gets ``flags`` for what is known to be slow: spills, HMMA
-where HGMMA is possible, synchronous operand loads in the main loop, async
+where HGMMA is possible, synchronous GEMM-operand loads in the main loop,
+one-step reductions, async
 copies under 16 bytes, every cp.async waited to 0 (no copy in flight), no
 load/MMA overlap, 2-byte scalar stores. It also
 counts the compiles the first forward triggers (distinct variants) and,
@@ -230,6 +246,91 @@ def main_loop(lines: List[Tuple[int, str]]) -> Tuple[int, int]:
     return best
 
 
+_REG = re.compile(r"\bR(\d+)\b")
+#: Data movement between a global load and the shared-memory store that
+#: stages it for the MMA (packing 2-byte values, moves); arithmetic ends
+#: the trace (a load feeding FFMA is an FMA operand, not a GEMM operand).
+_MOVES = ("MOV", "PRMT", "F2FP", "IMAD.U32", "SHF", "LOP3", "SEL")
+
+
+def _regs(operand_text: str, width: int = 4) -> set:
+    """Registers a load's destination (or a store's source) covers: R24 of
+    a 16-byte access is R24..R27."""
+    out = set()
+    for m in _REG.finditer(operand_text):
+        base = int(m.group(1))
+        out.update(range(base, base + max(1, width // 4)))
+    return out
+
+
+def staged_loads(loop: List[Tuple[int, str]]) -> int:
+    """Synchronous global loads in `loop` whose value reaches a shared-memory
+    store (through data movement only): GEMM operands staged by registers
+    (LDG -> STS), as opposed to loads consumed by arithmetic (a depthwise
+    conv's taps, a bias)."""
+    n = 0
+    ops = [_opcode(s) for _, s in loop]
+    for k, (o, ins) in enumerate(zip(ops, (s for _, s in loop))):
+        if not o.startswith("LDG") or o.startswith(("LDGSTS", "LDGDEPBAR")):
+            continue
+        body = re.sub(r"^@!?U?P[T0-9]+\s+", "", ins).split(None, 1)[1]
+        live = _regs(body.split(",")[0], _width(o))
+        for o2, ins2 in zip(ops[k + 1:k + 200], (s for _, s in loop[k + 1:k + 200])):
+            parts = re.sub(r"^@!?U?P[T0-9]+\s+", "", ins2).split(None, 1)
+            if len(parts) < 2:
+                continue
+            args = parts[1].split(",")
+            if o2.startswith("STS"):
+                if _regs(",".join(args[1:]), 16) & live:
+                    n += 1
+                    break
+                continue
+            srcs = _regs(",".join(args[1:]))
+            dst = _regs(args[0])
+            if srcs & live and o2.startswith(_MOVES):
+                live |= dst
+            else:
+                live -= dst  # overwritten
+            if not live:
+                break
+    return n
+
+
+def reductions(loop: List[Tuple[int, str]]) -> List[Tuple[str, bool]]:
+    """The GEMM reductions a loop completes inside its body (a persistent
+    kernel's tile loop runs several, each drained by a wgmma wait 0 before
+    its epilogue): per reduction, its K steps ('1', '2', ... wgmma commit
+    groups written out, or 'loop' when they run in an inner loop) and
+    whether it pipelines (at least two steps, every wait before its drain
+    leaves >= 1 group pending, an async copy issued while a group is in
+    flight). Empty when the loop drains no wgmma inside (the loop is the K
+    loop of one reduction: the classic case)."""
+    out, groups, waits, started, async_under, looped, seg_start = [], 0, [], False, False, False, None
+    for a, ins in loop:
+        o = _opcode(ins)
+        if seg_start is None:
+            seg_start = a
+        br = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", ins)
+        if br and started and seg_start <= int(br.group(1), 16) < a:
+            looped = True  # an inner K loop of this reduction (its body holds a commit group)
+        if o.startswith("HGMMA"):
+            started = True
+            groups += "gsb0" in ins
+        elif o.startswith(("LDGSTS", "UTMALDG")) and started:
+            async_under = True
+        m = re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)", ins)
+        if m:
+            w = int(m.group(1), 16)
+            if w == 0:
+                if groups:
+                    steps = "loop" if looped else str(groups)
+                    out.append((steps, (looped or groups >= 2) and all(x >= 1 for x in waits) and async_under))
+                groups, waits, started, async_under, looped, seg_start = 0, [], False, False, False, None
+            else:
+                waits.append(w)
+    return out
+
+
 def _width(op: str) -> int:
     """Bytes of a global load/store opcode (LDG.E.U16 -> 2, LDG.E -> 4, .64 -> 8, .128 -> 16)."""
     for suffix, b in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
@@ -257,6 +358,9 @@ class Report:
     loop_async_narrow: int = 0
     loop_tma: int = 0
     loop_sync_loads: int = 0
+    loop_staged_loads: int = 0   # of those, GEMM operands staged through registers (LDG -> STS)
+    reduction_steps: List[str] = field(default_factory=list)  # K steps of each reduction drained in the loop
+    one_step_reductions: int = 0
     wgmma_waits: List[int] = field(default_factory=list)
     cp_async_waits: List[int] = field(default_factory=list)  # cp.async groups left pending at each wait
     overlap: bool = False
@@ -294,6 +398,13 @@ def analyze(cubin: bytes, ptx: str, shared: int, warps: int, arch: str = "sm_90"
                 for m in [re.search(r"\bDEPBAR\.LE\s+SB0,\s*0x([0-9a-f]+)", s)] if m]
     first_mma = next((k for k, o in enumerate(lops) if o.startswith("HGMMA")), None)
     async_after = first_mma is not None and any(o.startswith(("LDGSTS", "UTMALDG")) for o in lops[first_mma:])
+    reds = reductions(loop)
+    if not (len(reds) >= 2 or (reds and reds[0][0] == "loop")):
+        reds = []  # one drain per iteration of a K loop: the classic case (a single-buffered K loop)
+    if reds:  # a loop of several reductions: each must pipeline
+        overlap = bool(hg) and all(ok for _, ok in reds)
+    else:
+        overlap = bool(hg and async_after and waits and min(waits) >= 1)
     a = ARCHS[arch]
     threads = 32 * warps
     regs_alloc = -(-max(regs, 1) // 8) * 8
@@ -311,8 +422,9 @@ def analyze(cubin: bytes, ptx: str, shared: int, warps: int, arch: str = "sm_90"
         loop_async_narrow=sum(o.startswith("LDGSTS") and ".128" not in o for o in lops),
         loop_tma=sum(o.startswith("UTMALDG") for o in lops),
         loop_sync_loads=sum(o.startswith("LDG") and not o.startswith(("LDGSTS", "LDGDEPBAR")) for o in lops),
-        wgmma_waits=waits, cp_async_waits=cp_waits,
-        overlap=bool(hg and async_after and waits and min(waits) >= 1),
+        loop_staged_loads=staged_loads(loop),
+        reduction_steps=[g for g, _ in reds], one_step_reductions=sum(g == "1" for g, _ in reds),
+        wgmma_waits=waits, cp_async_waits=cp_waits, overlap=overlap,
         load_widths=dict(sorted(loads.items())), store_widths=dict(sorted(stores.items())),
         _local_ops=local, _ptx_waits=sorted(set(int(w) for w in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)",
                                                                                ptx))))
@@ -326,8 +438,10 @@ def flags_of(r: Dict, warps: int) -> List[str]:
     if r["mma"] == "HMMA":
         out.append("mma.sync (HMMA), not wgmma" + (" (fewer than 4 warps)" if warps < 4 else ""))
     if r["mma"] != "none":
-        if r["loop_sync_loads"]:
+        if r["loop_sync_loads"] and not r.get("reduction_steps"):
             out.append(f"{r['loop_sync_loads']} synchronous global loads in the main loop")
+        if r.get("one_step_reductions"):
+            out.append(f"{r['one_step_reductions']} one-step reductions (nothing in flight under their wgmma)")
         if r["loop_async_16b"] and r.get("cp_async_waits") and max(r["cp_async_waits"]) == 0:
             out.append("every cp.async is waited to 0 before its MMA (no copy in flight)")
         if r["loop_async_narrow"]:
@@ -420,14 +534,16 @@ def format_report(mr: ModelReport, title: str) -> str:
             f"launches per kernel: {mr.kernels}; per-call channels_last repacks (extra copy kernels): "
             f"{mr.repacks or 'none'}", "",
             "| kernel | problems | config | layout | n | regs | spill B | smem KB | CTA/SM | occ | mma | loop 16B async | "
-            "loop sync LDG | wgmma waits | cp.async waits | overlap | LDG widths | STG widths | compile s | flags |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "loop sync LDG (staged) | reductions in loop (K steps: count) | wgmma waits | cp.async waits | overlap | "
+            "LDG widths | STG widths | compile s | flags |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in mr.variants:
         rows.append(f"| {r.name} | {', '.join(r.problems)} | {r.config} | {r.layout} | {r.launches} | {r.regs} | "
                     f"{r.spill_bytes} | "
                     f"{r.shared / 1024:.0f} | {r.ctas_per_sm} | {r.occupancy:.2f} | {r.mma} x{r.mma_count} | "
-                    f"{r.loop_async_16b + r.loop_tma} | {r.loop_sync_loads} | {r.wgmma_waits} | "
-                    f"{sorted(set(r.cp_async_waits))} | "
+                    f"{r.loop_async_16b + r.loop_tma} | {r.loop_sync_loads} ({r.loop_staged_loads}) | "
+                    f"{dict(sorted(Counter(r.reduction_steps).items())) if r.reduction_steps else '-'} | "
+                    f"{sorted(set(r.wgmma_waits))} | {sorted(set(r.cp_async_waits))} | "
                     f"{'yes' if r.overlap else 'NO'} | {r.load_widths} | {r.store_widths} | {r.compile_s} | "
                     f"{'; '.join(r.flags) or 'ok'} |")
     return "\n".join(rows)

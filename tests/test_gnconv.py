@@ -223,6 +223,21 @@ def test_ops_match_reference(case, device):
     assert_matches(f, ref_f, eager_f, case.dtype, case.name + " (projection)", s)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="RESFUSE_INTERPRET_BLOCKS sets the interpreter's tiles")
+@pytest.mark.parametrize("case", [Case(64, 2, 1, 5, 7, torch.float16, layout="cl", norm=True, res=True),
+                                  Case(64, 3, 1, 4, 5, torch.bfloat16, layout="cl")], ids=lambda c: c.name)
+def test_chain_gpu_tiles_split_the_first_reduction(case, device, monkeypatch):
+    """The GPU's 64x64x32 chain tile: the first gated GEMM (K = D0 = 32
+    when D = 64 at order 2, or 16 at order 3) runs as two 16-deep steps
+    where the tile allows it (kernels/gnconv.py's SPLIT), so the wgmma of one
+    step runs under the next step's copy; the result is the reference's."""
+    monkeypatch.setenv("RESFUSE_INTERPRET_BLOCKS", "64,64,32")
+    s = seed_of(case.name)
+    t = make_inputs(case, device, s)
+    _, y = run_fused(t, case.s, what=case.name)
+    assert_matches(y, reference(t, case.s), reference(t, case.s, to64=False), case.dtype, case.name, s)
+
+
 @pytest.mark.parametrize("kernel", ["ln_conv1x1", "gnconv_chain"])
 def test_int64_offsets(kernel, device):
     """The 64-bit addressing path (taken when a tensor spans 2**31

@@ -156,6 +156,14 @@ else:
                 assert r.loop_sync_loads == 0 and r.overlap and min(r.wgmma_waits) >= 1 and r.flags == [], r
                 assert min(r.cp_async_waits) >= 1, r
                 assert r.layout == "x:C-inner w:C-inner y:C-inner", r
+            if r.name == "gnconv_chain":
+                # a persistent loop of `order` reductions, each drained before its gate / epilogue
+                assert len(r.reduction_steps) >= 2, r
+                if int(r.config.split("x")[0]) >= 64:   # the 64-pixel tile: every reduction pipelined
+                    assert r.overlap and r.one_step_reductions == 0 and r.flags == [], r
+                else:  # 32-pixel tiles (small maps): the first gated GEMM (K = 32) is one step
+                    assert r.one_step_reductions == 1 and not r.overlap, r
+                    assert all("one-step" in f or "overlap" in f for f in r.flags), r
         assert sum(r.problems == [HORNET_STEM] for r in mr.variants) == 1
         assert mr.first_forward_compiles == len(mr.variants)
 
@@ -176,6 +184,32 @@ else:
             assert r.spill_bytes == 0 and r.mma == "HGMMA" and r.overlap, (cfg, r)
 
 
+    def test_batch_sizes_share_variants():
+        """Batch 64 and 96 (both fill the GPU) compile the same variants; the
+        variant set depends on the batch only through Triton's int
+        specialization and the wave rule of the default config."""
+        model = _resnet50()
+        keys = []
+        for batch in (64, 96):
+            launches = _recorded(model, torch.bfloat16, "channels_last", batch, image=224)
+            keys.append({ri.specialize(ln).key("sm_90") for ln in launches})
+        assert keys[0] == keys[1]
+
+
+    def _conv_launch(weight_layout=torch.channels_last, projection=False, C=256, K=256, R=3, prologue=False):
+        k = kernels_module("conv_bn_act")
+        x = torch.randn(64, C, 14, 14).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(K, C, R, R).to(torch.bfloat16).contiguous(memory_format=weight_layout)
+        m, v = torch.zeros(K), torch.ones(K)
+        out = torch.empty(64, K, 14, 14, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        wd = torch.randn(K, C, 1, 1).to(torch.bfloat16)
+        proj = (x, wd, None, m, v, None, None, 1e-5, (1, 1)) if projection else None
+        pre = (torch.zeros(C), torch.ones(C), None, None, 1e-5, 1, 0.0) if prologue else None
+        return ri.record(lambda: k.conv_bn_act_fwd(x, w, None, m, v, None, None, 1e-5, None, [1, 1], [R // 2] * 2,
+                                                   [1, 1], 1, 0.01, out, allow_tf32=False, projection=proj,
+                                                   prologue=pre))[0]
+
+
     def test_negative_controls_are_flagged():
         """What the tool must catch: a single-stage pipeline, OIHW weights
         handed to the kernel, a tile that spills."""
@@ -192,6 +226,17 @@ else:
         spill = ri.inspect_variant(ri.specialize(_conv_launch(projection=True, R=1), BLOCK_M=128, BLOCK_N=256,
                                                  BLOCK_K=64, num_warps=8, num_stages=3))
         assert spill.spill_bytes > 0 and any("spills" in f for f in spill.flags), spill
+        # a loop of several reductions (the gnconv chain): each must pipeline
+        chain = _chain_launch(64, 2, 56)
+        good = ri.inspect_variant(ri.specialize(chain, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4,
+                                                num_stages=3))
+        assert good.overlap and good.flags == [] and len(good.reduction_steps) == 2, good
+        one_stage = ri.inspect_variant(ri.specialize(chain, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4,
+                                                     num_stages=1))
+        assert not one_stage.overlap and any("overlap" in f for f in one_stage.flags), one_stage
+        narrow = ri.inspect_variant(ri.specialize(chain, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8,
+                                                  num_stages=3))  # the split K=32 GEMM's tiles: 8 bytes a thread
+        assert narrow.loop_async_narrow > 0 and any("under 16 B" in f for f in narrow.flags), narrow
 
 
     @pytest.mark.parametrize("kind", ["3x3", "1x1+proj", "3x3+pre"])
@@ -210,17 +255,21 @@ else:
             assert r.spill_bytes == 0 and r.mma == "HGMMA", (cfg, r)
 
 
+    def _chain_launch(dim, order, hw, batch=2):
+        from functools import partial
+        from resfuse.hornet import HorBlock, PlainGnConv
+        m = torch.nn.Sequential(HorBlock(dim, gnconv=partial(PlainGnConv, order=order, s=1 / 3)))
+        x = torch.randn(batch, dim, hw, hw).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        return [ln for ln in ri.record_model(m, x) if ln.name == "gnconv_chain"][0]
+
+
     @pytest.mark.parametrize("dim,order,hw", [(64, 2, 56), (512, 5, 7)])
     def test_no_chain_config_spills(dim, order, hw):
         """Every config of the gnconv chain kernel's space compiles for sm_90
         without spills; every 64-channel tile is wgmma (the 32-channel one,
         for D <= 32 only, is mma.sync)."""
-        from functools import partial
-        from resfuse.hornet import HorBlock, PlainGnConv
         k = kernels_module("gnconv")
-        m = torch.nn.Sequential(HorBlock(dim, gnconv=partial(PlainGnConv, order=order, s=1 / 3)))
-        x = torch.randn(2, dim, hw, hw).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        ln = [ln for ln in ri.record_model(m, x) if ln.name == "gnconv_chain"][0]
+        ln = _chain_launch(dim, order, hw)
         for cfg in k._chain_configs():
             r = ri.inspect_variant(ri.specialize(ln, **cfg.all_kwargs()))
             assert r.spill_bytes == 0, (cfg, r)
