@@ -167,8 +167,8 @@ def _gemm_from_scratch(src, w_ptr, sw_n, sw_k, cn, n_ok, KDIM: tl.constexpr,
     # warps (BK * BLOCK_M and BLOCK_N * BK >= 1024 elements): a one-step
     # reduction (K = 32 = BLOCK_K, the first gated GEMM of every HorNet
     # stage) loads its operands synchronously, with nothing in flight.
-    SPLIT: tl.constexpr = KDIM >= 32 and KDIM < 2 * BLOCK_K and (KDIM // 2) * BLOCK_M >= 1024 \
-        and (KDIM // 2) * BLOCK_N >= 1024
+    SPLIT: tl.constexpr = KDIM >= 32 and KDIM < 2 * BLOCK_K and (KDIM & (KDIM - 1)) == 0 \
+        and (KDIM // 2) * BLOCK_M >= 1024 and (KDIM // 2) * BLOCK_N >= 1024
     BK: tl.constexpr = KDIM // 2 if SPLIT else BLOCK_K
     cols = tl.arange(0, BLOCK_M)
     kk0 = tl.arange(0, BK)
