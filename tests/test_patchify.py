@@ -163,6 +163,9 @@ def test_opcheck_and_gradcheck(backend, device):
         a64 = [v.double().requires_grad_() if isinstance(v, torch.Tensor) else v for v in args]
         assert torch.autograd.gradcheck(lambda *a: torch.ops.resfuse.patchify_conv(*a, "eager"), a64,
                                         eps=1e-6, atol=1e-6, fast_mode=True)
+        y = torch.ops.resfuse.patchify_conv(*a64, "eager")
+        with pytest.raises(RuntimeError, match="double backward through patchify_conv"):
+            torch.autograd.grad(y.square().sum(), a64[0], create_graph=True)
 
 
 # ----------------------------------------------------------------------------
@@ -290,3 +293,19 @@ def test_convnext_stems_and_downsampling_convert():
         with torch.no_grad():
             ref, eager, out = copy.deepcopy(model).double()(x.double()), model(x), conv(x)
         assert_matches(out, ref, eager, torch.float32, type(model).__name__)
+
+
+def test_torch_compile_fullgraph(device):
+    torch.manual_seed(1)
+    model = nn.Sequential(HorLayerNorm(8, data_format="channels_first"), nn.Conv2d(8, 16, 2, 2)).to(device).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.5)
+    fused = resfuse.convert(model, backend="triton")
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(1, 8, 6, 10, device=device)
+    before = LAUNCHES_BY_KERNEL["patchify_conv"]
+    with torch.no_grad():
+        y = compiled(x)
+        ref, eager = copy.deepcopy(model).double()(x.double()), model(x)
+    assert LAUNCHES_BY_KERNEL["patchify_conv"] > before
+    assert_matches(y, ref, eager, torch.float32, "compiled")

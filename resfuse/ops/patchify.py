@@ -15,7 +15,7 @@ CUDA C++ backend has no patchify kernel: it reports that, and ``auto``
 runs Triton (or eager).
 
 Autograd: the gradients of the eager reference (recomputed, exact in the
-input's dtype); no fused backward kernels yet.
+input's dtype); no fused backward kernels yet; double backward raises.
 """
 
 from dataclasses import dataclass
@@ -157,7 +157,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    """The eager reference's gradients (recomputed in the inputs' dtype)."""
+    """The eager reference's gradients (recomputed in the inputs' dtype).
+    Not differentiable itself: with create_graph (grad mode on in here)
+    it raises instead of returning gradients without a graph."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("resfuse: double backward through patchify_conv is not supported; for higher-order "
+                           "gradients use the original, unconverted modules")
     pre_eps, post_eps = ctx.eps
     leaves = list(ctx.saved_tensors)
     needs = [ctx.needs_input_grad[i] for i in _TENSOR_ARGS]
