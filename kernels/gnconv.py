@@ -163,17 +163,10 @@ def _gemm_from_scratch(src, w_ptr, sw_n, sw_k, cn, n_ok, KDIM: tl.constexpr,
     """acc[n, m] = sum_k W[n, k] * src[k, m] for k < KDIM: (BLOCK_N, BLOCK_M).
     src is this program's scratch slot, channel-major (channel k of the
     previous stage's output at src + k * BLOCK_M)."""
-    # Two K steps at least where both tiles stay 16 bytes per thread at 4
-    # warps (BK * BLOCK_M and BLOCK_N * BK >= 1024 elements): a one-step
-    # reduction (K = 32 = BLOCK_K, the first gated GEMM of every HorNet
-    # stage) loads its operands synchronously, with nothing in flight.
-    SPLIT: tl.constexpr = KDIM >= 32 and KDIM < 2 * BLOCK_K and (KDIM & (KDIM - 1)) == 0 \
-        and (KDIM // 2) * BLOCK_M >= 1024 and (KDIM // 2) * BLOCK_N >= 1024
-    BK: tl.constexpr = KDIM // 2 if SPLIT else BLOCK_K
     cols = tl.arange(0, BLOCK_M)
-    kk0 = tl.arange(0, BK)
+    kk0 = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, KDIM, BK):
+    for k0 in range(0, KDIM, BLOCK_K):
         kk = k0 + kk0
         k_ok = kk < KDIM
         a = tl.load(w_ptr + cn[:, None] * sw_n + kk[None, :] * sw_k, mask=n_ok[:, None] & k_ok[None, :],
@@ -238,6 +231,7 @@ def _gnconv_chain_kernel(
     HAS_LS: tl.constexpr, HAS_SS: tl.constexpr, HAS_RES: tl.constexpr,
     INT64: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FIRST_IN_REGS: tl.constexpr = True,
 ):
     """gnconv after the projection, for BLOCK_M-pixel tiles (module docstring).
 
@@ -257,6 +251,14 @@ def _gnconv_chain_kernel(
     _ln_conv1x1_kernel); each 1x1 is out^T = W @ x^T."""
     D: tl.constexpr = D0 << (ORDER - 1)
     SLOT: tl.constexpr = BLOCK_M * D
+    # Where stages 0 and 1 each fit one channel tile (2 * D0 <= BLOCK_N),
+    # x_0 stays in registers and is stage 1's GEMM operand as it is,
+    # against W_0 as one zero-padded BLOCK_N x BLOCK_N tile loaded once per
+    # program: no scratch round trip and no operand load per tile for that
+    # K = D0 GEMM, which through the scratch is one K step (its operands
+    # loaded synchronously, nothing in flight). FIRST_IN_REGS=False keeps
+    # the scratch path (tests compare both).
+    REGS0: tl.constexpr = FIRST_IN_REGS and ORDER >= 2 and 2 * D0 <= BLOCK_N
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     scr = scr_ptr + pid.to(tl.int64) * (2 * SLOT)
@@ -264,6 +266,11 @@ def _gnconv_chain_kernel(
     rows = tl.arange(0, BLOCK_N)
     HW = H * W
     num_tiles = tl.cdiv(M, BLOCK_M)
+    if REGS0:
+        w0_tile = tl.load(w0_ptr + rows[:, None] * sw0_n + rows[None, :] * sw0_k,
+                          mask=(rows < 2 * D0)[:, None] & (rows < D0)[None, :], other=0.0)
+        if DOT_IN_FP32:
+            w0_tile = w0_tile.to(tl.float32)
     for tile in tl.range(pid, num_tiles, nprog):
         offs_m = tile * BLOCK_M + cols
         if INT64:
@@ -280,23 +287,51 @@ def _gnconv_chain_kernel(
             DI = D0 << i
             dst = scr + (i % 2) * SLOT
             src = scr + ((i + 1) % 2) * SLOT
-            for n0 in range(0, DI, BLOCK_N):
-                cn = n0 + rows
+            if REGS0 and i <= 1:
+                cn = rows
                 if INT64:
                     cn = cn.to(tl.int64)
                 n_ok = cn < DI
-                v, gate = _stage_preact(i, f_ptr, g_ptr, wdw_ptr, bdw_ptr, src,
-                                        w0_ptr, w1_ptr, w2_ptr, w3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr,
-                                        sw0_n, sw0_k, sw1_n, sw1_k, sw2_n, sw2_k, sw3_n, sw3_k,
-                                        f_pix, g_pix, h, w, m_ok, cn, n_ok, H, W, scale,
-                                        sf_c, sf_h, sf_w, sg_c, sdw_c, sdw_r, sdw_s,
-                                        D0, KS, GATES_GIVEN, HAS_B_DW, PWS_BIAS, DOT_IN_FP32, INPUT_PRECISION,
-                                        BLOCK_M, BLOCK_N, BLOCK_K)
-                tl.store(dst + cn[:, None] * BLOCK_M + cols[None, :], (v * gate).to(scr_ptr.dtype.element_ty),
-                         mask=n_ok[:, None])
-            # x_i complete in the slot before the next stage reads it (and
-            # x_{i-1}'s slot is free before stage i+1 overwrites it).
-            tl.debug_barrier()
+                if i == 0:
+                    v, gate = _stage_preact(0, f_ptr, g_ptr, wdw_ptr, bdw_ptr, src,
+                                            w0_ptr, w1_ptr, w2_ptr, w3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr,
+                                            sw0_n, sw0_k, sw1_n, sw1_k, sw2_n, sw2_k, sw3_n, sw3_k,
+                                            f_pix, g_pix, h, w, m_ok, cn, n_ok, H, W, scale,
+                                            sf_c, sf_h, sf_w, sg_c, sdw_c, sdw_r, sdw_s,
+                                            D0, KS, GATES_GIVEN, HAS_B_DW, PWS_BIAS, DOT_IN_FP32,
+                                            INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                    # rows >= D0 are 0 (masked loads), as the scratch path's K mask makes them
+                    x0 = (v * gate).to(scr_ptr.dtype.element_ty)
+                    if DOT_IN_FP32:
+                        x0 = x0.to(tl.float32)
+                else:
+                    gate = _gate(f_ptr, g_ptr, wdw_ptr, bdw_ptr, f_pix, g_pix, h, w, m_ok, cn, n_ok, H, W, scale,
+                                 sf_c, sf_h, sf_w, sg_c, sdw_c, sdw_r, sdw_s,
+                                 D0, D0, KS, GATES_GIVEN, HAS_B_DW, BLOCK_M, BLOCK_N)
+                    z = tl.dot(w0_tile, x0, input_precision=INPUT_PRECISION)
+                    if PWS_BIAS & 1:
+                        z += tl.load(b0_ptr + cn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+                    tl.store(dst + cn[:, None] * BLOCK_M + cols[None, :], (z * gate).to(scr_ptr.dtype.element_ty),
+                             mask=n_ok[:, None])
+            else:
+                for n0 in range(0, DI, BLOCK_N):
+                    cn = n0 + rows
+                    if INT64:
+                        cn = cn.to(tl.int64)
+                    n_ok = cn < DI
+                    v, gate = _stage_preact(i, f_ptr, g_ptr, wdw_ptr, bdw_ptr, src,
+                                            w0_ptr, w1_ptr, w2_ptr, w3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr,
+                                            sw0_n, sw0_k, sw1_n, sw1_k, sw2_n, sw2_k, sw3_n, sw3_k,
+                                            f_pix, g_pix, h, w, m_ok, cn, n_ok, H, W, scale,
+                                            sf_c, sf_h, sf_w, sg_c, sdw_c, sdw_r, sdw_s,
+                                            D0, KS, GATES_GIVEN, HAS_B_DW, PWS_BIAS, DOT_IN_FP32,
+                                            INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                    tl.store(dst + cn[:, None] * BLOCK_M + cols[None, :],
+                             (v * gate).to(scr_ptr.dtype.element_ty), mask=n_ok[:, None])
+            if not (REGS0 and i == 0):
+                # x_i complete in the slot before the next stage reads it (and
+                # x_{i-1}'s slot is free before stage i+1 overwrites it).
+                tl.debug_barrier()
 
         last = scr + ((ORDER - 1) % 2) * SLOT
         y_pix = img * sy_n + h * sy_h + w * sy_w
@@ -330,13 +365,9 @@ def _chain_configs():
     64 per warpgroup: BLOCK_N = 32 tiles compile to mma.sync and are kept
     only for D <= 32 (the prune), where no wgmma tile fits. 3 stages: with
     2, every K step's cp.async is waited for (wait_group 0) before its
-    MMA; with 3, one group stays in flight. 64x64 at 4 warps (126-160
-    registers, no spills since the depthwise weight is channel-innermost)
-    rather than 8: its 64x16 and 16x64 tiles are 16 bytes per thread, so
-    the first gated GEMM (K = 32) runs as two pipelined 16-deep steps
-    (_gemm_from_scratch's SPLIT); at 8 warps they were 8-byte copies.
-    The 32- and 16-pixel tiles (small feature maps) keep that GEMM one
-    step: its 16x32 tile would be 8 bytes per thread."""
+    MMA; with 3, one group stays in flight. 64x64 at 4 warps: 113-140
+    registers, no spills (the depthwise weight channel-innermost, x_0 in
+    registers: the chain kernel's FIRST_IN_REGS)."""
     cfgs = []
     for bm, bn, bk, warps, stages in [
         (64, 64, 32, 4, 3), (32, 64, 32, 4, 3), (16, 64, 32, 4, 3), (32, 32, 32, 4, 3),
@@ -377,12 +408,14 @@ def _interpreter_blocks_chain(D):
 
 
 def gnconv_chain_fwd(f, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale, out, *,
-                     allow_tf32, force_int64=False, sample_scale=None):
+                     allow_tf32, force_int64=False, sample_scale=None, first_in_regs=True):
     """Launch kernel 2. Validated by resfuse.ops.gnconv. f: (N, 2D, H, W);
     exactly one of w_dw (S, 1, k, k) and gates (N, S, H, W); w_pws/b_pws:
     order-1 weights (dims[i+1], dims[i], 1, 1) and biases (or None);
     `out`: preallocated (N, D, H, W); sample_scale: None or (N,) (drop
-    path's per-sample multiplier: out = residual + ss[n] * ls[c] * y)."""
+    path's per-sample multiplier: out = residual + ss[n] * ls[c] * y);
+    first_in_regs=False: x_0 through the scratch too (the kernel's
+    FIRST_IN_REGS; for tests and the inspection tool's control)."""
     N, _, H, W = f.shape
     D = w_out.shape[0]
     order = len(w_pws) + 1
@@ -438,6 +471,6 @@ def gnconv_chain_fwd(f, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, re
         GATES_GIVEN=gates is not None, HAS_B_DW=b_dw is not None, PWS_BIAS=pws_bias, HAS_B_OUT=b_out is not None,
         HAS_LS=layer_scale is not None, HAS_SS=sample_scale is not None, HAS_RES=residual is not None,
         INT64=bool(int64), DOT_IN_FP32=interpret and f.dtype == torch.bfloat16,
-        INPUT_PRECISION=dot_precision(f.dtype, allow_tf32), **tiles,
+        INPUT_PRECISION=dot_precision(f.dtype, allow_tf32), FIRST_IN_REGS=bool(first_in_regs), **tiles,
     )
     return out

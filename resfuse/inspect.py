@@ -27,7 +27,8 @@ with the wheel's ``cuobjdump``:
   last step does) overlaps when every reduction does: at least two K
   steps, every wait before its drain leaving >= 1 group pending, an async
   copy issued while a group is in flight (``reduction_steps``; a one-step
-  reduction is flagged);
+  reduction is flagged unless its operands are resident: no async copy
+  and no load staged into shared memory in its stretch of the loop);
 - synchronous loads in the loop, and of them those staged into shared
   memory through registers (``LDG`` -> ``STS``: GEMM operands without
   cp.async, or a layout conversion), apart from loads consumed by
@@ -199,13 +200,13 @@ def _cuobjdump() -> str:
 
 
 def compile_variant(v: Variant, arch: str = "sm_90"):
-    """(cubin bytes, ptx text, shared bytes, seconds to compile)."""
+    """(cubin bytes, ptx text, ttgir text, shared bytes, seconds to compile)."""
     import triton
     from triton.compiler import ASTSource
     t0 = time.perf_counter()
     ck = triton.compile(ASTSource(v.fn, v.signature, v.constexprs, v.attrs), target=_target(arch),
                         options=v.options)
-    return ck.asm["cubin"], ck.asm["ptx"], ck.metadata.shared, time.perf_counter() - t0
+    return ck.asm["cubin"], ck.asm["ptx"], ck.asm.get("ttgir", ""), ck.metadata.shared, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------
@@ -303,7 +304,9 @@ def reductions(loop: List[Tuple[int, str]]) -> List[Tuple[str, bool]]:
     groups written out, or 'loop' when they run in an inner loop) and
     whether it pipelines (at least two steps, every wait before its drain
     leaves >= 1 group pending, an async copy issued while a group is in
-    flight). Empty when the loop drains no wgmma inside (the loop is the K
+    flight). Whether a one-step reduction's operands are resident (so
+    there is no load to overlap) is read from Triton's IR
+    (``resident_dots``). Empty when the loop drains no wgmma inside (the loop is the K
     loop of one reduction: the classic case)."""
     out, groups, waits, started, async_under, looped, seg_start = [], 0, [], False, False, False, None
     for a, ins in loop:
@@ -324,11 +327,47 @@ def reductions(loop: List[Tuple[int, str]]) -> List[Tuple[str, bool]]:
             if w == 0:
                 if groups:
                     steps = "loop" if looped else str(groups)
-                    out.append((steps, (looped or groups >= 2) and all(x >= 1 for x in waits) and async_under))
+                    ok = (looped or groups >= 2) and all(x >= 1 for x in waits) and async_under
+                    out.append((steps, ok))
                 groups, waits, started, async_under, looped, seg_start = 0, [], False, False, False, None
             else:
                 waits.append(w)
     return out
+
+
+_DEF = re.compile(r"^(\s*)(%[\w.]+)(?::\d+)? = (.*)$")
+
+
+def resident_dots(ttgir: str) -> int:
+    """wgmma ops (``ttng.warp_group_dot``) whose two operands are both
+    shared-memory copies (``ttg.local_alloc``) of values that are not
+    loaded inside a loop: computed in the loop (a gnconv stage's x_0) or
+    loaded once before it (a weight tile held for the whole persistent
+    loop). Such a GEMM has no load to overlap; a pipelined one reads
+    multi-buffered async-copy slots instead, a synchronously loaded one a
+    local_alloc of a ``tt.load`` in the loop."""
+    defs = {}
+    for line in ttgir.splitlines():
+        m = _DEF.match(line)
+        if m:
+            defs[m.group(2)] = (len(m.group(1)), m.group(3))
+    top = min((ind for ind, _ in defs.values()), default=0)  # the function body's indentation
+    n = 0
+    for ind, text in defs.values():
+        if not text.startswith("ttng.warp_group_dot"):
+            continue
+        ok = True
+        for op in re.findall(r"%[\w.]+", text.split(":")[0])[:2]:
+            d = defs.get(op)
+            if d is None or not d[1].startswith("ttg.local_alloc %"):
+                ok = False
+                break
+            src = defs.get(re.findall(r"%[\w.]+", d[1])[0])
+            if src is None or (src[1].startswith("tt.load") and src[0] > top):
+                ok = False
+                break
+        n += ok
+    return n
 
 
 def _width(op: str) -> int:
@@ -370,7 +409,7 @@ class Report:
     flags: List[str] = field(default_factory=list)
 
 
-def analyze(cubin: bytes, ptx: str, shared: int, warps: int, arch: str = "sm_90") -> Dict:
+def analyze(cubin: bytes, ptx: str, shared: int, warps: int, arch: str = "sm_90", ttgir: str = "") -> Dict:
     """The machine-code facts of one cubin (the fields of ``Report``)."""
     tool = _cuobjdump()
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
@@ -401,6 +440,10 @@ def analyze(cubin: bytes, ptx: str, shared: int, warps: int, arch: str = "sm_90"
     reds = reductions(loop)
     if not (len(reds) >= 2 or (reds and reds[0][0] == "loop")):
         reds = []  # one drain per iteration of a K loop: the classic case (a single-buffered K loop)
+    resident = resident_dots(ttgir)
+    if reds and 0 < sum(st == "1" for st, _ in reds) <= resident:
+        # every one-step reduction is a GEMM on resident operands (the IR's count covers them)
+        reds = [("1 (resident)", True) if st == "1" else (st, ok) for st, ok in reds]
     if reds:  # a loop of several reductions: each must pipeline
         overlap = bool(hg) and all(ok for _, ok in reds)
     else:
@@ -470,8 +513,8 @@ def inspect_variant(v: Variant, arch: str = "sm_90", cache: bool = True) -> Repo
         with open(path) as f:
             facts = json.load(f)
     if facts is None:
-        cubin, ptx, shared, secs = compile_variant(v, arch)
-        facts = analyze(cubin, ptx, shared, v.options["num_warps"], arch)
+        cubin, ptx, ttgir, shared, secs = compile_variant(v, arch)
+        facts = analyze(cubin, ptx, shared, v.options["num_warps"], arch, ttgir=ttgir)
         facts["compile_s"] = round(secs, 2)
         if cache:
             with open(path + ".tmp", "w") as f:

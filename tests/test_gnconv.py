@@ -224,17 +224,26 @@ def test_ops_match_reference(case, device):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="RESFUSE_INTERPRET_BLOCKS sets the interpreter's tiles")
+@pytest.mark.parametrize("first_in_regs", [True, False])
 @pytest.mark.parametrize("case", [Case(64, 2, 1, 5, 7, torch.float16, layout="cl", norm=True, res=True),
-                                  Case(64, 3, 1, 4, 5, torch.bfloat16, layout="cl")], ids=lambda c: c.name)
-def test_chain_gpu_tiles_split_the_first_reduction(case, device, monkeypatch):
-    """The GPU's 64x64x32 chain tile: the first gated GEMM (K = D0 = 32
-    when D = 64 at order 2, or 16 at order 3) runs as two 16-deep steps
-    where the tile allows it (kernels/gnconv.py's SPLIT), so the wgmma of one
-    step runs under the next step's copy; the result is the reference's."""
+                                  Case(64, 3, 1, 4, 5, torch.bfloat16, layout="cl"),
+                                  Case(48, 2, 1, 3, 5)], ids=lambda c: c.name)
+def test_chain_first_gemm_in_registers(case, first_in_regs, device, monkeypatch):
+    """The GPU's 64x64x32 chain tile: with 2 * D0 <= BLOCK_N, x_0 stays in
+    registers as stage 1's GEMM operand against a zero-padded W_0 tile
+    loaded once per program (FIRST_IN_REGS); both that and the scratch
+    path give the reference's result (D0 = 32, 16, and 24: not a power of
+    two)."""
     monkeypatch.setenv("RESFUSE_INTERPRET_BLOCKS", "64,64,32")
     s = seed_of(case.name)
     t = make_inputs(case, device, s)
-    _, y = run_fused(t, case.s, what=case.name)
+    f = resfuse.layernorm_conv1x1(t["x"], t["w_in"], t["b_in"], norm_weight=t["norm_weight"],
+                                  norm_bias=t["norm_bias"], norm_eps=t["norm_eps"], backend="triton")
+    y = torch.full((case.N, case.dim, case.H, case.W), float("nan"), dtype=case.dtype, device=device)
+    if case.layout == "cl":
+        y = y.contiguous(memory_format=torch.channels_last)
+    _kern().gnconv_chain_fwd(*chain_args(t, f), case.s, t["residual"], t["layer_scale"], y, allow_tf32=False,
+                             first_in_regs=first_in_regs)
     assert_matches(y, reference(t, case.s), reference(t, case.s, to64=False), case.dtype, case.name, s)
 
 

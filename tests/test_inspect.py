@@ -157,13 +157,10 @@ else:
                 assert min(r.cp_async_waits) >= 1, r
                 assert r.layout == "x:C-inner w:C-inner y:C-inner", r
             if r.name == "gnconv_chain":
-                # a persistent loop of `order` reductions, each drained before its gate / epilogue
-                assert len(r.reduction_steps) >= 2, r
-                if int(r.config.split("x")[0]) >= 64:   # the 64-pixel tile: every reduction pipelined
-                    assert r.overlap and r.one_step_reductions == 0 and r.flags == [], r
-                else:  # 32-pixel tiles (small maps): the first gated GEMM (K = 32) is one step
-                    assert r.one_step_reductions == 1 and not r.overlap, r
-                    assert all("one-step" in f or "overlap" in f for f in r.flags), r
+                # a persistent loop of `order` reductions, each drained before its gate / epilogue: the
+                # first (x_0 and W_0 resident, FIRST_IN_REGS) loads nothing, every other one pipelines
+                assert len(r.reduction_steps) >= 2 and r.reduction_steps[0] == "1 (resident)", r
+                assert r.overlap and r.one_step_reductions == 0 and r.flags == [], r
         assert sum(r.problems == [HORNET_STEM] for r in mr.variants) == 1
         assert mr.first_forward_compiles == len(mr.variants)
 
@@ -226,16 +223,20 @@ else:
         spill = ri.inspect_variant(ri.specialize(_conv_launch(projection=True, R=1), BLOCK_M=128, BLOCK_N=256,
                                                  BLOCK_K=64, num_warps=8, num_stages=3))
         assert spill.spill_bytes > 0 and any("spills" in f for f in spill.flags), spill
-        # a loop of several reductions (the gnconv chain): each must pipeline
+        # a loop of several reductions (the gnconv chain): each must pipeline, or load nothing
         chain = _chain_launch(64, 2, 56)
         good = ri.inspect_variant(ri.specialize(chain, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4,
                                                 num_stages=3))
         assert good.overlap and good.flags == [] and len(good.reduction_steps) == 2, good
+        scratch = ri.inspect_variant(ri.specialize(chain, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4,
+                                                   num_stages=3, FIRST_IN_REGS=False))  # x_0 via the scratch
+        assert not scratch.overlap and scratch.one_step_reductions == 1, scratch
+        assert any("one-step" in f for f in scratch.flags), scratch
         one_stage = ri.inspect_variant(ri.specialize(chain, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4,
                                                      num_stages=1))
         assert not one_stage.overlap and any("overlap" in f for f in one_stage.flags), one_stage
-        narrow = ri.inspect_variant(ri.specialize(chain, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8,
-                                                  num_stages=3))  # the split K=32 GEMM's tiles: 8 bytes a thread
+        narrow = ri.inspect_variant(ri.specialize(chain, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4,
+                                                  num_stages=3))  # 16-pixel B tiles: 8 bytes a thread
         assert narrow.loop_async_narrow > 0 and any("under 16 B" in f for f in narrow.flags), narrow
 
 
