@@ -32,8 +32,9 @@ LayerNorm and two for the residual):
    halo served by L1/L2), multiplied into pwa or into the 1x1 GEMM of the
    previous stage, and the stage's output x_i goes to a per-program scratch
    slot (D x BLOCK_M, ping-pong between two slots) that the next stage reads
-   back as its GEMM operand; proj_out (+ layer scale + residual) is the
-   epilogue. The grid is persistent (a fixed number of programs, each looping
+   back as its GEMM operand (x_0, when it fits one channel tile, stays in
+   registers and meets W_0, held for the whole loop, in one wgmma);
+   proj_out (+ layer scale + residual) is the epilogue. The grid is persistent (a fixed number of programs, each looping
    over pixel tiles) so the scratch is a few MB reused tile after tile: it
    can live in L2 rather than reach HBM. Reads f once (pwa and abc), writes
    y once. ``tl.debug_barrier()`` orders the slot's writes and reads between
@@ -246,7 +247,8 @@ def _gnconv_chain_kernel(
     rounds each stage's output).
 
     Per tile: reads f's pwa and abc once (the halo from cache), the weights
-    (from L2); x_0 .. x_{o-1} go through the scratch slot; writes y once.
+    (from L2); x_1 .. x_{o-1} go through the scratch slot (x_0 stays in
+    registers where 2 * D0 <= BLOCK_N, FIRST_IN_REGS); writes y once.
     Tiles are (channels x pixels), pixels the fast axis (see
     _ln_conv1x1_kernel); each 1x1 is out^T = W @ x^T."""
     D: tl.constexpr = D0 << (ORDER - 1)
