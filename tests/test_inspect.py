@@ -9,13 +9,12 @@ the first-call compile count. Compiles are cached on disk
 (RESFUSE_INSPECT_CACHE; one compile per specialization class per run).
 
 HorNet-T (``python -m resfuse.inspect --model hornet_t``): every conv runs
-on Triton; its LayerNorm / GELU 1x1 GEMMs and the LayerNorm + patchify
-downsampling convs meet the same rules and are asserted here (the
-3-channel patchify stem is exempt as ResNet-50's is); the gnconv chain
-kernel is asserted to be wgmma without spills with 16-byte async GEMM
-operands, but its loop does not overlap (each channel block's GEMM drains
-before the gate multiplies it; the depthwise taps are synchronous 16-byte
-register loads): bench/results/2026-12-03-inspect-sm90.md.
+on Triton and every variant meets the same rules (the 3-channel patchify
+stem exempt as ResNet-50's is): the LayerNorm / GELU 1x1 GEMMs, the
+LayerNorm + patchify downsampling convs, and the gnconv chain, whose
+persistent loop runs one GEMM reduction per stage: each pipelines, or
+(the first, FIRST_IN_REGS) has resident operands and loads nothing.
+bench/results/2026-12-03-inspect-sm90.md.
 """
 
 import os
@@ -119,7 +118,7 @@ else:
         size). An NCHW input is laid out channels_last by the stem (its
         weight is), so both layouts give the same kernels after it. The
         3-channel stem is exempt from the operand rules (6-byte pixels, as
-        ResNet-50's); the chain meets all but overlap (module docstring)."""
+        ResNet-50's); the chain overlaps per reduction (module docstring)."""
         torch.manual_seed(0)
         model = ri.build_model("hornet_t")
         x = ri.model_input("hornet_t", batch, 224, dtype, layout)
