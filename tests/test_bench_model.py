@@ -688,7 +688,8 @@ class _KernelTrace:
         return n
 
     @classmethod
-    def run(cls, module, x, g):
+    def run(cls, module, x, g=None):
+        """g None: the forward alone (no grad)."""
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_flatten
         ops = []
@@ -703,9 +704,13 @@ class _KernelTrace:
                     ops.append((name, [cls._nbytes(a) for a in ins], [cls._nbytes(a) for a in outs]))
                 return out
 
-        x = x.clone().requires_grad_()
-        with Mode():
-            module(x).backward(g)
+        if g is None:
+            with torch.no_grad(), Mode():
+                module(x)
+        else:
+            x = x.clone().requires_grad_()
+            with Mode():
+                module(x).backward(g)
         kernels = nbytes = 0
         for name, ins, outs in ops:
             if name == "convolution_backward":  # (dy, x, W) -> (dx, dW, db)
@@ -742,6 +747,91 @@ def test_eager_steps_are_what_pytorch_dispatches(what, order):
     assert k1 == k2 == model.eager_launches
     per_pixel = sum(model.step_bytes(s) for s in model.eager_steps) // (hw * hw)
     assert (b2 - b1) // (hw * hw) == per_pixel and (b2 - b1) % (hw * hw) == 0
+
+
+# ----------------------------------------------------------------------------
+# HorNet's stem and downsampling layers (patchify_conv): the step model
+# ----------------------------------------------------------------------------
+
+def test_patchify_bytes_by_hand():
+    from bench.model.patchify import patchify_bytes
+    # downsampling: LN_pre over C = 4, conv 2x2 stride 2 to K = 8, 4x4 image, batch 1: M = 2*2 = 4 output
+    # pixels. Per output pixel, in elements:
+    # eager: LN_pre on each of the 4 input pixels 4 * (14*4 + 9) = 260, conv x 2*2*4 = 16 + y 8 = 24  = 284
+    # fused: x 16 + y 8                                                                                =  24
+    # parameters: W 8*4*2*2 = 128, b 8, LN 2*4 = 8                                                     = 144
+    # 16-bit fold (per call): W re-read, W' written + read as 8*2*2 = 32 rows of 4: 3*32*4 = 384 elements,
+    #                         u, s, v 6*32 = 192 fp32
+    h = patchify_bytes(4, 8, 2, 4, 4, 1, "float16", pre_norm=True)
+    assert h.param_bytes == 144 * 2 == 288
+    assert h.eager_bytes == 4 * 284 * 2 + 288 == 2560
+    assert h.fused_bytes == 4 * 24 * 2 + 288 + 384 * 2 + 192 * 4 == 2016
+    assert (h.eager_launches, h.fused_launches) == (11, 2)  # 10 LayerNorm kernels + conv; fold + patchify
+    assert h.flops == 2 * 8 * 16 * 4 == 1024
+    f = patchify_bytes(4, 8, 2, 4, 4, 1, "float32", pre_norm=True)  # no fold in fp32
+    assert (f.eager_bytes, f.fused_bytes, f.fused_launches) == (4 * 284 * 4 + 576, 4 * 24 * 4 + 576, 1)
+    # stem: conv 4x4 stride 4, C = 3 -> K = 8, then LN_post over 8; 8x8 image, batch 2: M = 2*2*2 = 8
+    # eager: conv 48 + 8 = 56, LN_post 14*8 + 9 = 121 = 177; fused 56; parameters 8*48 + 8 + 2*8 = 408
+    for dtype, e in (("float32", 4), ("float16", 2)):  # LN_post: no fold in any dtype
+        t = patchify_bytes(3, 8, 4, 8, 8, 2, dtype, post_norm=True)
+        assert (t.eager_bytes, t.fused_bytes) == (8 * 177 * e + 408 * e, 8 * 56 * e + 408 * e)
+        assert (t.eager_launches, t.fused_launches) == (11, 1)
+    assert patchify_bytes(3, 8, 4, 8, 8, 2, "float32", post_norm=True).eager_bytes == 7296
+    with pytest.raises(ValueError, match="multiple"):
+        patchify_bytes(3, 8, 4, 10, 8, 1)
+
+
+def test_patchify_table_hornet_t_pinned():
+    from bench.model.patchify import hornet_t_patchify_table
+    # batch 32, fp16 (python -m bench.model.patchify, and the end of python -m bench.model.gnconv)
+    rows = hornet_t_patchify_table()
+    assert [(l.name, l.C, l.K, l.P, l.H, l.pre_norm, l.post_norm) for l, _ in rows] == [
+        ("stem", 3, 64, 4, 224, False, True), ("downsample1", 64, 128, 2, 56, True, False),
+        ("downsample2", 128, 256, 2, 28, True, False), ("downsample3", 256, 512, 2, 14, True, False)]
+    assert [(t.eager_bytes, t.fused_bytes, t.eager_launches, t.fused_launches) for _, t in rows] == [
+        (204_122_496, 22_485_376, 11, 1), (200_970_752, 19_542_528, 11, 2),
+        (100_263_936, 10_707_968, 11, 2), (50_938_112, 9_062_400, 11, 2)]
+    # the downsampling layers' fp16 fold (K*4 rows of C = 2K rows of K/2): 3 * 2K^2 elements * 2 B + 6 * 4K * 4 B
+    fp32 = hornet_t_patchify_table(dtype="float32")
+    for (l, h), (_, f) in zip(rows[1:], fp32[1:]):
+        assert 2 * (h.fused_bytes - 12 * l.K * l.K - 96 * l.K) == f.fused_bytes
+    assert rows[0][1].fused_bytes * 2 == fp32[0][1].fused_bytes
+    for _, t in rows:
+        assert 5 < t.saving < 11 and sum(b for _, _, b in t.fused_kernel_costs()) == t.fused_bytes
+
+
+def test_patchify_layers_are_hornet_ts():
+    # the table's layers against the trunk resfuse.hornet builds (its downsample_layers)
+    from resfuse.hornet import HorLayerNorm, hornet_t
+    from bench.model.patchify import hornet_t_patchify_layers
+    trunk = hornet_t(depths=(0, 0, 0, 0))
+    for l, seq in zip(hornet_t_patchify_layers(), trunk.downsample_layers, strict=True):
+        conv, = [c for c in seq if isinstance(c, nn.Conv2d)]
+        norm, = [c for c in seq if isinstance(c, HorLayerNorm)]
+        assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding) == (
+            l.C, l.K, (l.P, l.P), (l.P, l.P), (0, 0))
+        assert norm.data_format == "channels_first" and list(seq).index(norm) == (0 if l.pre_norm else 1)
+        assert norm.normalized_shape == ((l.C if l.pre_norm else l.K),) and l.pre_norm != l.post_norm
+
+
+@pytest.mark.parametrize("layer", [0, 1, 3])
+def test_patchify_eager_steps_are_what_pytorch_dispatches(layer):
+    # HorNet-T's stem / downsampling layer (resfuse.hornet) forward against a trace of the aten ops
+    # (fp32, channels_last): the kernel count, and the bytes per output pixel (batch 2 less batch 1).
+    from resfuse.hornet import hornet_t
+    from bench.model.patchify import hornet_t_patchify_layers, patchify_bytes
+    torch.manual_seed(0)
+    mod = hornet_t(depths=(0, 0, 0, 0)).downsample_layers[layer].eval()
+    l = hornet_t_patchify_layers()[layer]
+    hw, out = 2 * l.P, 2 * 2
+    traced = [_KernelTrace.run(mod, torch.randn(b, l.C, hw, hw).contiguous(memory_format=torch.channels_last))
+              for b in (1, 2)]
+    (k1, b1), (k2, b2) = traced
+    model = patchify_bytes(l.C, l.K, l.P, hw, hw, 1, "float32", pre_norm=l.pre_norm, post_norm=l.post_norm)
+    assert k1 == k2 == model.eager_launches == 11
+    per_pixel = sum(model.step_bytes(s) for s in model.eager_steps) // out
+    assert (b2 - b1) // out == per_pixel and (b2 - b1) % out == 0
+    assert b1 == sum(model.step_bytes(s) for s in model.eager_steps) + model.param_bytes
 
 
 def test_hornet_training_and_horblock_cases_registered():

@@ -7,10 +7,15 @@
   residual blocks, whole models' layer tables;
 - ``gnconv``: HorNet's gnconv and HorBlock, eager and fused, forward and
   training, step by step (``python -m bench.model.gnconv`` prints its
-  tables).
+  tables);
+- ``patchify``: HorNet's stem and downsampling layers (a patchify conv
+  with a channels-first LayerNorm before or after), eager and fused
+  (``python -m bench.model.patchify`` prints HorNet-T's table).
 
 The names below are the model's public API, each defined once in the file
-that says so; ``bench.model.X`` is the short way to reach them.
+that says so; ``bench.model.X`` is the short way to reach them. ``gnconv``
+and ``patchify`` are imported by name (``bench.model.gnconv``): they use
+resfuse (torch), which ``import bench.model`` does not load.
 """
 
 from .conv import (BLOCK_KINDS, BlockSpec, ConvSpec, LinearSpec, PoolSpec, block_cost, block_flops, block_floor,
