@@ -32,8 +32,9 @@ LayerNorm and two for the residual):
    halo served by L1/L2), multiplied into pwa or into the 1x1 GEMM of the
    previous stage, and the stage's output x_i goes to a per-program scratch
    slot (D x BLOCK_M, ping-pong between two slots) that the next stage reads
-   back as its GEMM operand (x_0, when it fits one channel tile, stays in
-   registers and meets W_0, held for the whole loop, in one wgmma);
+   back as its GEMM operand (x_0, when 2 * D0 <= BLOCK_N so that stages 0
+   and 1 each fit one channel tile, stays in registers and meets W_0, held
+   for the whole loop, in one wgmma);
    proj_out (+ layer scale + residual) is the epilogue. The grid is persistent (a fixed number of programs, each looping
    over pixel tiles) so the scratch is a few MB reused tile after tile: it
    can live in L2 rather than reach HBM. Reads f once (pwa and abc), writes
@@ -193,7 +194,9 @@ def _stage_preact(i: tl.constexpr, f_ptr, g_ptr, wdw_ptr, bdw_ptr, src,
     z_0 = pwa, z_i = W_{i-1} x_{i-1} + b_{i-1} with x_{i-1} in the scratch
     slot `src`; g_i the scaled depthwise gate. x_i = z_i * g_i. One
     definition for the forward kernel and the backward's recompute, so the
-    backward differentiates exactly what the forward computed."""
+    backward differentiates what the forward computed (the forward's
+    FIRST_IN_REGS stage 1 sums the same products over a zero-padded K, so
+    z_1 may differ from the recompute's in the last fp32 bit)."""
     DI: tl.constexpr = D0 << i
     OFF: tl.constexpr = D0 * ((1 << i) - 1)  # channel of g_i inside abc
     gate = _gate(f_ptr, g_ptr, wdw_ptr, bdw_ptr, f_pix, g_pix, h, w, m_ok, cn, n_ok, H, W, scale,

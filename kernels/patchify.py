@@ -273,7 +273,7 @@ def patchify_conv_fwd(x, weight, bias, pre, post, out, *, allow_tf32, force_int6
         PRE_NORM=pre is not None, PRE_W=prew is not None, PRE_B=preb is not None, PRE_FOLDED=folded,
         POST_NORM=post is not None, POST_W=postw is not None, POST_B=postb is not None, SMALL_C=small_c,
         INT64=bool(int64), DOT_IN_FP32=interpret and x.dtype == torch.bfloat16,
-        INPUT_PRECISION=dot_precision(x.dtype, allow_tf32), FLAT_Y=Wo <= 1 or out.stride(2) == Wo * out.stride(3),
+        INPUT_PRECISION=dot_precision(x.dtype, allow_tf32), FLAT_Y=Ho <= 1 or out.stride(2) == Wo * out.stride(3),
         **tiles,
     )
     return out

@@ -89,6 +89,7 @@ MATRIX = [
     Case(1, 20, 8, 8, 24, 2, False, False, torch.float16, w_cl=True),          # no norm: flat tap loop
     Case(1, 20, 6, 10, 24, 3, True, True, x_cl=True),                          # both norms, P = 3
     Case(2, 17, 8, 8, 33, 2, True, False, torch.float16, offset=250.0, bias=False),  # fold cancellation, fp16
+    Case(1, 7, 9, 10, 12, 3, False, False, x_cl=True),                          # SMALL_C, no norm, C*P = 21 > 16
 ]
 
 
@@ -244,6 +245,24 @@ def test_recognition_by_what_modules_compute():
     m = TwoUses().eval()
     with torch.no_grad():
         assert torch.equal(resfuse.convert(m, backend="eager")(x), m(x))
+
+
+def test_a_layernorm_between_two_patchify_convs_is_applied_once():
+    """conv k=s -> LN -> conv k=s: the LayerNorm goes to one conv (the first,
+    as its post-norm); the second runs without it (a LayerNorm applied
+    twice would be a wrong answer)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 2, 2), HorLayerNorm(8, data_format="channels_first"),
+                          nn.Conv2d(8, 16, 2, 2), nn.BatchNorm2d(16), nn.ReLU()).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.5)
+    conv = resfuse.convert(model, backend="eager")
+    assert conv[0].kind == "conv2x2/2+ln" and not isinstance(conv[2], PatchifyConv)
+    x = torch.randn(2, 3, 16, 12)
+    with torch.no_grad():
+        assert_matches(conv(x), copy.deepcopy(model).double()(x.double()), model(x), torch.float32, "conv-LN-conv")
+    with pytest.raises(ValueError, match="already applied by another patchify conv"):
+        resfuse.nn.patchify.fuse_patchify(nn.Conv2d(8, 16, 2, 2), pre_norm=conv[1])
 
 
 def test_hooks_train_mode_and_autocast():

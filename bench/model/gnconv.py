@@ -656,8 +656,6 @@ def main(argv=None) -> None:
         d, o, h = HORNET_T_STAGES[args.steps - 1]
         print(f"HorBlock forward + backward, stage {args.steps} (D={d}, order {o}, {h}x{h}), batch 32, fp16:")
         _print_steps(horblock_bytes(d, o, h, h, 32, "float16", train=True))
-    from .patchify import print_table  # the stem and downsampling layers (patchify.py imports this module)
-    print_table()
 
 
 if __name__ == "__main__":  # python -m bench.model.gnconv [--steps N]

@@ -4,7 +4,7 @@ optional): eager vs fused (kernels/patchify.py, one kernel), forward only.
 HorNet-T's stem (conv 3 -> 64, 4x4 stride 4, then LayerNorm over 64) and
 its 3 downsampling layers (LayerNorm over C, then conv 2x2 stride 2,
 C -> 2C): ``hornet_t_patchify_table``, printed by ``python -m
-bench.model.patchify`` and at the end of ``python -m bench.model.gnconv``.
+bench.model.patchify``.
 
 The counting rules are ``bench/model/rules.py``'s; the steps, their sums
 (``StepTraffic``), HorNet's channels-first LayerNorm (10 kernels, 14C + 9

@@ -16,6 +16,10 @@ Only valid where the owner's forward feeds LN -> conv (or conv -> LN)
 directly, and only for a LayerNorm whose forward is proven to compute a
 channels-first LayerNorm: both are recognition's to prove
 (``resfuse.recognize.patchify``); this module only provides the classes.
+As with ``nn.stem``'s folded BatchNorm, a folded LayerNorm is the identity
+wherever it is called while its conv fuses: replacing the conv in its
+owner, or calling the LayerNorm on its own, needs a fresh ``convert`` of
+the original model.
 """
 
 from typing import Optional
@@ -189,6 +193,8 @@ def fuse_patchify(conv: nn.Conv2d, pre_norm: Optional[nn.Module] = None, post_no
             why = p
         if why is None and isinstance(conv, PatchifyConv) and conv.__dict__.get(f"_{side}_norm") is not None:
             why = f"the conv already applies a {side}-norm"
+        if why is None and "_patchify_conv" in ln.__dict__:
+            why = f"{type(ln).__name__} is already applied by another patchify conv"
     if why is not None:
         raise ValueError(f"fuse_patchify: cannot fuse: {why}")
     if type(conv) is nn.Conv2d:

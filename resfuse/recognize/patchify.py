@@ -55,7 +55,7 @@ def find_patchify(owner: nn.Module, shared: frozenset = frozenset()) -> Union[Li
     graph = trace(owner)
     if isinstance(graph, str):
         return f"{type(owner).__name__}.forward: {graph}"
-    out = []
+    out, claimed = [], set()  # a LayerNorm between two patchify convs is given to one of them
     for name, conv in convs.items():
         cnode = _single_call(graph, name)
         if cnode is None or id(conv) in shared or len(cnode.args) != 1 or cnode.kwargs:
@@ -64,16 +64,19 @@ def find_patchify(owner: nn.Module, shared: frozenset = frozenset()) -> Union[Li
         src = cnode.args[0]
         if isinstance(src, fx.Node) and len(src.users) == 1:
             cand = _norm_child(owner, src)
-            if cand is not None and _single_call(graph, cand) is src and src.args and len(src.args) == 1 \
-                    and id(ch[cand]) not in shared and layernorm_reason(ch[cand], conv.in_channels) is None:
+            if cand is not None and cand not in claimed and _single_call(graph, cand) is src and src.args \
+                    and len(src.args) == 1 and id(ch[cand]) not in shared \
+                    and layernorm_reason(ch[cand], conv.in_channels) is None:
                 pre = cand
         if len(cnode.users) == 1:
             user = next(iter(cnode.users))
             cand = _norm_child(owner, user)
-            if cand is not None and user.args == (cnode,) and _single_call(graph, cand) is user \
-                    and id(ch[cand]) not in shared and layernorm_reason(ch[cand], conv.out_channels) is None:
+            if cand is not None and cand not in claimed and user.args == (cnode,) \
+                    and _single_call(graph, cand) is user and id(ch[cand]) not in shared \
+                    and layernorm_reason(ch[cand], conv.out_channels) is None:
                 post = cand
         if pre or post:
+            claimed.update(n for n in (pre, post) if n)
             out.append(PatchifyChain(name, pre, post))
     return out
 
