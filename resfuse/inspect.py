@@ -26,9 +26,12 @@ with the wheel's ``cuobjdump``:
   reduction drains with a wgmma wait 0 before its epilogue, as any GEMM's
   last step does) overlaps when every reduction does: at least two K
   steps, every wait before its drain leaving >= 1 group pending, an async
-  copy issued while a group is in flight (``reduction_steps``; a one-step
-  reduction is flagged unless its operands are resident: no async copy
-  and no load staged into shared memory in its stretch of the loop);
+  copy issued while a group is in flight, no load staged through
+  registers while its groups are in flight (``reduction_steps``). A
+  one-step reduction is flagged unless Triton's IR shows resident operands
+  for it: a wgmma whose two operands are shared-memory copies of values
+  not loaded in a loop (computed there, or loaded once before it); the
+  machine code's one-step reductions must not outnumber those wgmma ops;
 - synchronous loads in the loop, and of them those staged into shared
   memory through registers (``LDG`` -> ``STS``: GEMM operands without
   cp.async, or a layout conversion), apart from loads consumed by
@@ -304,13 +307,18 @@ def reductions(loop: List[Tuple[int, str]]) -> List[Tuple[str, bool]]:
     groups written out, or 'loop' when they run in an inner loop) and
     whether it pipelines (at least two steps, every wait before its drain
     leaves >= 1 group pending, an async copy issued while a group is in
-    flight). Whether a one-step reduction's operands are resident (so
-    there is no load to overlap) is read from Triton's IR
-    (``resident_dots``). Empty when the loop drains no wgmma inside (the loop is the K
+    flight, no load staged through registers into shared memory between
+    its first wgmma and its drain). Whether a one-step reduction's
+    operands are resident (so there is no load to overlap) is read from
+    Triton's IR (``resident_dots``), by count: the machine code does not
+    say which wgmma an IR op became. Empty when the loop drains no wgmma inside (the loop is the K
     loop of one reduction: the classic case)."""
     out, groups, waits, started, async_under, looped, seg_start = [], 0, [], False, False, False, None
+    window = []  # from the reduction's first wgmma to its drain
     for a, ins in loop:
         o = _opcode(ins)
+        if started or o.startswith("HGMMA"):
+            window.append((a, ins))
         if seg_start is None:
             seg_start = a
         br = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", ins)
@@ -327,15 +335,22 @@ def reductions(loop: List[Tuple[int, str]]) -> List[Tuple[str, bool]]:
             if w == 0:
                 if groups:
                     steps = "loop" if looped else str(groups)
-                    ok = (looped or groups >= 2) and all(x >= 1 for x in waits) and async_under
+                    # no operand staged synchronously (LDG -> STS) while its groups are in flight
+                    ok = (looped or groups >= 2) and all(x >= 1 for x in waits) and async_under \
+                        and staged_loads(window) == 0
                     out.append((steps, ok))
                 groups, waits, started, async_under, looped, seg_start = 0, [], False, False, False, None
+                window = []
             else:
                 waits.append(w)
     return out
 
 
 _DEF = re.compile(r"^(\s*)(%[\w.]+)(?::\d+)? = (.*)$")
+#: IR ops that pass a value through (layout, shape, dtype): a loaded value
+#: stays "loaded" through them.
+_PASS_THROUGH = ("ttg.convert_layout", "tt.trans", "tt.reshape", "tt.bitcast", "tt.fp_to_fp", "arith.extf",
+                 "arith.truncf", "tt.broadcast", "tt.expand_dims", "ttg.memdesc_trans")
 
 
 def resident_dots(ttgir: str) -> int:
@@ -352,6 +367,19 @@ def resident_dots(ttgir: str) -> int:
         if m:
             defs[m.group(2)] = (len(m.group(1)), m.group(3))
     top = min((ind for ind, _ in defs.values()), default=0)  # the function body's indentation
+
+    def loaded_in_loop(name, depth=0):
+        d = defs.get(name)
+        if d is None or depth > 8:
+            return True  # unknown: not resident
+        ind, text = d
+        if text.startswith("tt.load"):
+            return ind > top
+        if text.startswith(_PASS_THROUGH):  # a layout change or cast of a value: look at that value
+            args = re.findall(r"%[\w.]+", text.split(":")[0])
+            return not args or loaded_in_loop(args[0], depth + 1)
+        return False  # computed
+
     n = 0
     for ind, text in defs.values():
         if not text.startswith("ttng.warp_group_dot"):
@@ -359,11 +387,8 @@ def resident_dots(ttgir: str) -> int:
         ok = True
         for op in re.findall(r"%[\w.]+", text.split(":")[0])[:2]:
             d = defs.get(op)
-            if d is None or not d[1].startswith("ttg.local_alloc %"):
-                ok = False
-                break
-            src = defs.get(re.findall(r"%[\w.]+", d[1])[0])
-            if src is None or (src[1].startswith("tt.load") and src[0] > top):
+            if d is None or not d[1].startswith("ttg.local_alloc %") or \
+                    loaded_in_loop(re.findall(r"%[\w.]+", d[1])[0]):
                 ok = False
                 break
         n += ok

@@ -206,6 +206,54 @@ else:
                                                    prologue=pre))[0]
 
 
+    def _sass(*instrs):
+        return ri._sass_lines("\n".join(f"        /*{16 * i:04x}*/   {ins} ;" for i, ins in enumerate(instrs)))
+
+
+    def test_reduction_rules_on_synthetic_code():
+        """The per-reduction rule on hand-written SASS: a two-step pipelined
+        reduction passes; a one-step one does not; a step whose operand is
+        staged through registers (LDG -> STS) while a group is in flight
+        does not; an inner K loop counts as pipelined steps."""
+        reds = ri.reductions(_sass(
+            "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x1",
+            "LDGSTS.E.BYPASS.128 [R12], desc[UR8][R2.64]", "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24, gsb0",
+            "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+            "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+            "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT, gsb0", "LDG.E.128 R8, desc[UR8][R2.64]",
+            "STS.128 [R1], R8", "LDGSTS.E.BYPASS.128 [R12], desc[UR8][R2.64]", "WARPGROUP.DEPBAR.LE gsb0, 0x1",
+            "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+            "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24, gsb0", "LDGSTS.E.BYPASS.128 [R12], desc[UR8][R2.64]",
+            "WARPGROUP.DEPBAR.LE gsb0, 0x1", "@P0 BRA 0x0e0", "WARPGROUP.DEPBAR.LE gsb0, 0x0"))
+        assert reds == [("2", True), ("1", False), ("2", False), ("loop", True)], reds
+        # a load consumed by arithmetic is not staged; one stored to shared memory (through a PRMT) is
+        assert ri.staged_loads(_sass("LDG.E R8, desc[UR8][R2.64]", "FFMA R20, R8, R8, RZ",
+                                     "STS [R1], R20")) == 0
+        assert ri.staged_loads(_sass("LDG.E.U16 R8, desc[UR8][R2.64]", "PRMT R9, R8, 0x5410, R7",
+                                     "STS [R1], R9")) == 1
+
+
+    def test_resident_dots_on_synthetic_ir():
+        """A wgmma on a weight tile loaded before the loop and a value computed
+        in it is resident; one whose operand is loaded in the loop is not,
+        through a layout conversion too."""
+        ir = "\n".join([
+            "  tt.func @k() {",
+            "    %w = tt.load %p : tensor<64x64x!tt.ptr<bf16>>",
+            "    %wa = ttg.local_alloc %w : (tensor<64x64xbf16>) -> !ttg.memdesc<64x64xbf16>",
+            "    scf.for %t = %a to %b step %c  : i32 {",
+            "      %x = arith.mulf %u, %v : tensor<64x32xbf16>",
+            "      %xa = ttg.local_alloc %x : (tensor<64x32xbf16>) -> !ttg.memdesc<64x32xbf16>",
+            "      %d = ttng.warp_group_dot %wa, %xa, %acc {isAsync = true} : !ttg.memdesc<64x64xbf16>",
+            "      %l = tt.load %q : tensor<64x32x!tt.ptr<bf16>>",
+            "      %lc = ttg.convert_layout %l : tensor<64x32xbf16> -> tensor<64x32xbf16>",
+            "      %la = ttg.local_alloc %lc : (tensor<64x32xbf16>) -> !ttg.memdesc<64x32xbf16>",
+            "      %d2 = ttng.warp_group_dot %wa, %la, %acc {isAsync = true} : !ttg.memdesc<64x64xbf16>",
+            "    }",
+            "  }"])
+        assert ri.resident_dots(ir) == 1
+
+
     def test_negative_controls_are_flagged():
         """What the tool must catch: a single-stage pipeline, OIHW weights
         handed to the kernel, a tile that spills."""
