@@ -190,7 +190,7 @@ def test_convert_fuses_hornet_stem_and_downsampling(device):
     assert [m.kind for m in pcs] == ["conv4x4/4+ln", "ln+conv2x2/2", "ln+conv2x2/2", "ln+conv2x2/2"]
     sd = conv.state_dict()
     assert list(sd) == list(keys) and all(torch.equal(sd[k], v) for k, v in keys.items())
-    x0 = x = torch.randn(1, 3, 48, 40, device=device)   # NCHW in: channels_last after the stem
+    x0 = x = torch.randn(1, 3, 32, 40, device=device)   # NCHW in: channels_last after the stem
     for index in (0, 1):
         model.index = conv.index = index
         before = _launches()
