@@ -55,17 +55,23 @@ else:
         return torchvision.models.resnet50(weights=None)
 
 
+    class NoEagerConv(torch.utils._python_dispatch.TorchDispatchMode):
+        """Appends every eager convolution dispatched while active to `seen`."""
+
+        def __init__(self, seen):
+            super().__init__()
+            self.seen = seen
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.convolution.default, torch.ops.aten.cudnn_convolution.default):
+                self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+
     def _recorded(model, dtype, layout, batch, image=224, channels_last_weights=True, repacks=None):
         x = ri.model_input("resnet50", batch, image, dtype, layout)
         seen = []
-
-        class NoEagerConv(torch.utils._python_dispatch.TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func in (torch.ops.aten.convolution.default, torch.ops.aten.cudnn_convolution.default):
-                    seen.append(func)
-                return func(*args, **(kwargs or {}))
-
-        with NoEagerConv():
+        with NoEagerConv(seen):
             launches = ri.record_model(model, x, channels_last_weights=channels_last_weights, repacks=repacks)
         assert not seen, "an eager convolution ran in the converted model"
         return launches
@@ -123,15 +129,8 @@ else:
         model = ri.build_model("hornet_t")
         x = ri.model_input("hornet_t", batch, 224, dtype, layout)
         seen = []
-
-        class NoEagerConv(torch.utils._python_dispatch.TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func in (torch.ops.aten.convolution.default, torch.ops.aten.cudnn_convolution.default):
-                    seen.append(func)
-                return func(*args, **(kwargs or {}))
-
         repacks = {}
-        with NoEagerConv():
+        with NoEagerConv(seen):
             launches = ri.record_model(model, x, repacks=repacks)
         assert not seen, "an eager convolution ran in the converted HorNet-T"
         assert repacks == {}, repacks

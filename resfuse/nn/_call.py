@@ -32,6 +32,20 @@ def adopt(cls, module: nn.Module) -> nn.Module:
     return self
 
 
+class InPlaceBackendMixin:
+    """``backend`` (validated) kept in the instance ``__dict__``: for modules
+    made fused in place by changing the class of a user's module
+    (``ConvBNHead``, ``PatchifyConv``), whose ``__init__`` never ran."""
+
+    @property
+    def backend(self) -> str:
+        return self.__dict__["_backend"]
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.__dict__["_backend"] = dispatch.validate_backend(value)
+
+
 class FusedModuleMixin:
     """The ``backend`` attribute every fused module has (validated; not in
     the state_dict) and ``last_decisions`` (what ran last, per conv),

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .. import dispatch
-from ._call import _cast, _compute_dtype
+from ._call import InPlaceBackendMixin, _cast, _compute_dtype
 from .guards import hooks_reason
 
 
@@ -96,7 +96,7 @@ def patchify_fuses(conv: nn.Module) -> bool:
     return True
 
 
-class PatchifyConv(nn.Conv2d):
+class PatchifyConv(InPlaceBackendMixin, nn.Conv2d):
     """A Conv2d (kernel = stride) that also applies the channels-first
     LayerNorm before it (``pre_norm``) and/or after it (``post_norm``)."""
 
@@ -119,14 +119,6 @@ class PatchifyConv(nn.Conv2d):
         if dt is not None and post[2] is not None:
             y = y.to(_eager_post_norm_dtype(d["_post_norm"], dt))
         return y
-
-    @property
-    def backend(self) -> str:
-        return self.__dict__["_backend"]
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self.__dict__["_backend"] = dispatch.validate_backend(value)
 
     @property
     def pre_norm(self) -> Optional[nn.Module]:

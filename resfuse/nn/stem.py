@@ -22,10 +22,9 @@ from typing import Optional
 
 import torch.nn as nn
 
-from .. import dispatch
 from ..activations import get_activation
 from .guards import bn_uses_running_stats, hooks_reason
-from ._call import fused_conv_bn
+from ._call import InPlaceBackendMixin, fused_conv_bn
 
 def head_fuses(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
     """Whether the head applies the BN now. ConvBNHead and FoldedBatchNorm2d
@@ -53,7 +52,7 @@ def bn_folded(bn: nn.Module) -> bool:
     return prologue_fuses(conv) if conv.__dict__.get("_pre_bn") is bn else head_fuses(conv, bn)
 
 
-class ConvBNHead(nn.Conv2d):
+class ConvBNHead(InPlaceBackendMixin, nn.Conv2d):
     """A Conv2d that also applies the following BN (and an idempotent
     activation) while that BN uses running statistics, and/or (the
     prologue) the BN and activation before it, while that BN does."""
@@ -72,14 +71,6 @@ class ConvBNHead(nn.Conv2d):
         if decision is not None:
             d["last_decision"] = decision
         return y
-
-    @property
-    def backend(self) -> str:
-        return self.__dict__["_backend"]
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self.__dict__["_backend"] = dispatch.validate_backend(value)
 
     @property
     def fused_bn(self) -> Optional[nn.Module]:
