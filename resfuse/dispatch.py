@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Dict, List, Optional, Tuple
 
+from ._backends import recording_launches
+
 log = logging.getLogger("resfuse")
 
 AUTO_ORDER = ("cuda", "triton", "eager")
@@ -144,6 +146,20 @@ def run(op: str, backend: str, problem):
     decision, impl = plan(op, backend, problem)
     _last.decision = decision
     return impl(problem)
+
+
+def record(decision: Decision) -> None:
+    """Make `decision` what ``last_decision`` answers (a cached plan's)."""
+    _last.decision = decision
+
+
+def environment() -> tuple:
+    """What ``plan`` reads besides the op, the backend and the problem and
+    may change while a process runs: RESFUSE_BACKEND and whether launches
+    are recorded (``resfuse.inspect``); part of every cached plan's key.
+    (TRITON_INTERPRET is not: the kernels fix it when first imported, and a
+    plan keeps running them as imported.)"""
+    return os.environ.get(ENV_VAR), recording_launches()
 
 
 def last_decision():

@@ -9,7 +9,10 @@ import torch.nn as nn
 
 from .. import dispatch
 from ..activations import negative_slope_of
-from ..ops.conv_bn_act import resolve_padding
+from ..ops.bn_act_conv import bn_act_conv_impl
+from ..ops.conv_bn_act import conv_bn_act_impl, resolve_padding
+from ..ops.conv_bn_proj_act import conv_bn_proj_act_impl
+from ..ops.plans import direct_call_ok
 from .guards import bn_tensors
 
 
@@ -79,8 +82,12 @@ def _cast(t, dtype):
 
 
 def conv_geometry(conv: nn.Conv2d):
-    return (list(conv.stride), resolve_padding(conv.padding, conv.kernel_size, conv.dilation),
-            list(conv.dilation))
+    """(stride, padding, dilation) of `conv` as the ops take them (padding
+    'same'/'valid' resolved)."""
+    padding = conv.padding
+    if isinstance(padding, str):
+        padding = resolve_padding(padding, conv.kernel_size, conv.dilation)
+    return conv.stride, padding, conv.dilation
 
 
 def fused_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[nn.Module], activation: str, backend: str,
@@ -92,33 +99,39 @@ def fused_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[nn.Module], act
     as one op; with `prologue` = (bn_in, activation_in, act_in module) the
     conv reads act_in(bn_in(x)) (``bn_act_conv``), and `bn` may be None.
     `act_module` is the module that computes `activation` (its parameters,
-    a LeakyReLU's slope, are read from it now). Returns (y, dispatch
-    decision or None when compiling)."""
+    a LeakyReLU's slope, are read from it now). The op's implementation is
+    called directly where ``ops.plans.direct_call_ok`` allows (inference),
+    else through ``torch.ops.resfuse``. Returns (y, dispatch decision or
+    None when compiling)."""
     slope = negative_slope_of(act_module)
     dtype = _compute_dtype(x)
-    x = _cast(x, dtype)
+    if dtype is not None:
+        x, residual = _cast(x, dtype), _cast(residual, dtype)
     weight, bias = _cast(conv.weight, dtype), _cast(conv.bias, dtype)
     mean, var, gamma, beta, eps = bn_tensors(bn) if bn is not None else (None, None, None, None, 1e-5)
     stride, padding, dilation = conv_geometry(conv)
     if prologue is not None:
         bn_in, act_in, act_in_module = prologue
         mean_i, var_i, gamma_i, beta_i, eps_i = bn_tensors(bn_in)
-        y = torch.ops.resfuse.bn_act_conv(
-            x, mean_i, var_i, gamma_i, beta_i, eps_i, act_in, weight, bias, mean, var, gamma, beta, eps,
-            _cast(residual, dtype), stride, padding, dilation, conv.groups, activation, backend,
-            negative_slope_of(act_in_module), slope)
+        args = (x, mean_i, var_i, gamma_i, beta_i, eps_i, act_in, weight, bias, mean, var, gamma, beta, eps,
+                residual, stride, padding, dilation, conv.groups, activation, backend,
+                negative_slope_of(act_in_module), slope)
+        direct = direct_call_ok(x, weight, bias, mean, var, gamma, beta, residual, mean_i, var_i, gamma_i, beta_i)
+        y = bn_act_conv_impl(*args) if direct else torch.ops.resfuse.bn_act_conv(*args)
     elif shortcut is None:
-        y = torch.ops.resfuse.conv_bn_act(
-            x, weight, bias, mean, var, gamma, beta, eps, _cast(residual, dtype),
-            stride, padding, dilation, conv.groups, activation, backend, slope)
+        args = (x, weight, bias, mean, var, gamma, beta, eps, residual, stride, padding, dilation, conv.groups,
+                activation, backend, slope)
+        direct = direct_call_ok(x, weight, bias, mean, var, gamma, beta, residual)
+        y = conv_bn_act_impl(*args) if direct else torch.ops.resfuse.conv_bn_act(*args)
     else:
         xs, conv_d, bn_d = shortcut
         mean_d, var_d, gamma_d, beta_d, eps_d = bn_tensors(bn_d)
-        y = torch.ops.resfuse.conv_bn_proj_act(
-            x, weight, bias, mean, var, gamma, beta, eps,
-            _cast(xs, dtype), _cast(conv_d.weight, dtype), _cast(conv_d.bias, dtype),
-            mean_d, var_d, gamma_d, beta_d, eps_d, list(conv_d.stride),
-            stride, padding, dilation, conv.groups, activation, backend, slope)
-    if torch.compiler.is_compiling():
+        xs, weight_d, bias_d = _cast(xs, dtype), _cast(conv_d.weight, dtype), _cast(conv_d.bias, dtype)
+        args = (x, weight, bias, mean, var, gamma, beta, eps, xs, weight_d, bias_d, mean_d, var_d, gamma_d, beta_d,
+                eps_d, conv_d.stride, stride, padding, dilation, conv.groups, activation, backend, slope)
+        direct = direct_call_ok(x, weight, bias, mean, var, gamma, beta, xs, weight_d, bias_d, mean_d, var_d,
+                                gamma_d, beta_d)
+        y = conv_bn_proj_act_impl(*args) if direct else torch.ops.resfuse.conv_bn_proj_act(*args)
+    if not direct and torch.compiler.is_compiling():
         return y, None
     return y, dispatch.last_decision()

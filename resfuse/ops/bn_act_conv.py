@@ -26,6 +26,7 @@ import torch
 
 from .. import dispatch
 from ..activations import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, activation_grad, check_negative_slope, get_activation
+from .plans import PlanCache, direct_call_ok, tensor_key
 from .common import acc_dtype, check_tensor, conv_output_memory_format, pair
 from .conv_bn_act import (ConvBNActProblem, _eager_run, bn_param_grads, branch_grads, fold_bn, launch_triton_conv,
                           make_problem, pre_activation, resolve_padding, triton_check)
@@ -97,6 +98,38 @@ dispatch.register(OP, "triton", triton_check, _triton_run)
 dispatch.register(OP, "cuda", lambda p: [], None)
 
 
+_PLANS = PlanCache(OP)
+
+
+def bn_act_conv_impl(x, in_mean, in_var, in_weight, in_bias, in_eps, in_activation, weight, bias,
+                     bn_mean, bn_var, bn_weight, bn_bias, eps, residual, stride, padding, dilation, groups,
+                     activation, backend, in_negative_slope=DEFAULT_NEGATIVE_SLOPE,
+                     negative_slope=DEFAULT_NEGATIVE_SLOPE):
+    """The implementation of ``torch.ops.resfuse.bn_act_conv`` (and of the
+    direct path): validated and planned once per signature."""
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    key = (tensor_key(x), tensor_key(in_mean), tensor_key(in_var), tensor_key(in_weight), tensor_key(in_bias),
+           in_eps, in_activation, tensor_key(weight), tensor_key(bias), tensor_key(bn_mean), tensor_key(bn_var),
+           tensor_key(bn_weight), tensor_key(bn_bias), eps, tensor_key(residual), stride, padding, dilation,
+           groups, activation, backend, in_negative_slope, negative_slope, dispatch.environment())
+    plan = _PLANS.plans.get(key)
+    if plan is None:
+        p = make_bn_act_conv_problem(x, in_mean, in_var, in_weight, in_bias, in_eps, in_activation, weight,
+                                     bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual, stride, padding,
+                                     dilation, groups, activation, in_negative_slope, negative_slope)
+        return _PLANS.miss(key, backend, p, _derived)
+    decision, run, (out_shape, out_format, stride, padding, dilation) = plan
+    dispatch.record(decision)
+    return run(BNActConvProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual,
+                                stride, padding, dilation, groups, activation, out_shape, negative_slope,
+                                out_format, in_mean, in_var, in_weight, in_bias, float(in_eps), in_activation,
+                                in_negative_slope))
+
+
+def _derived(p: BNActConvProblem):
+    return p.out_shape, p.out_format, p.stride, p.padding, p.dilation
+
+
 @torch.library.custom_op("resfuse::bn_act_conv", mutates_args=())
 def _bn_act_conv_op(
     x: torch.Tensor,
@@ -109,10 +142,9 @@ def _bn_act_conv_op(
     activation: str, backend: str,
     in_negative_slope: float = DEFAULT_NEGATIVE_SLOPE, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> torch.Tensor:
-    p = make_bn_act_conv_problem(x, in_mean, in_var, in_weight, in_bias, in_eps, in_activation, weight, bias,
-                                 bn_mean, bn_var, bn_weight, bn_bias, eps, residual, stride, padding, dilation,
-                                 groups, activation, in_negative_slope, negative_slope)
-    return dispatch.run(OP, backend, p)
+    return bn_act_conv_impl(x, in_mean, in_var, in_weight, in_bias, in_eps, in_activation, weight, bias,
+                            bn_mean, bn_var, bn_weight, bn_bias, eps, residual, stride, padding, dilation,
+                            groups, activation, backend, in_negative_slope, negative_slope)
 
 
 @_bn_act_conv_op.register_fake
@@ -151,8 +183,8 @@ def _backward(ctx, grad):
     need = dict(zip(_IN, needs[0:5]))
     need.update(zip(_MAIN, needs[7:13]))
     p = BNActConvProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual, stride, padding,
-                         dilation, groups, activation, tuple(grad.shape), slope, in_mean, in_var, in_weight,
-                         in_bias, in_eps, in_activation, in_slope)
+                         dilation, groups, activation, tuple(grad.shape), slope, torch.contiguous_format,
+                         in_mean, in_var, in_weight, in_bias, in_eps, in_activation, in_slope)
     v, h = p.prologue(x)
     h = h.to(x.dtype)
     z, u = pre_activation(p, h, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual)
@@ -191,8 +223,11 @@ def bn_act_conv(x, weight, bias=None, *, in_mean, in_var, in_weight=None, in_bia
         raise ValueError(f"weight must be a 4-D tensor (K, C/groups, R, S), got "
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
     dilation = pair(dilation, "dilation")
-    return torch.ops.resfuse.bn_act_conv(
-        x, in_mean, in_var, in_weight, in_bias, float(in_eps), in_activation, weight, bias,
-        bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual, pair(stride, "stride"),
-        resolve_padding(padding, weight.shape[2:], dilation), dilation, int(groups), activation, backend,
-        check_negative_slope(in_negative_slope), check_negative_slope(negative_slope))
+    args = (x, in_mean, in_var, in_weight, in_bias, float(in_eps), in_activation, weight, bias,
+            bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual, pair(stride, "stride"),
+            resolve_padding(padding, weight.shape[2:], dilation), dilation, int(groups), activation, backend,
+            check_negative_slope(in_negative_slope), check_negative_slope(negative_slope))
+    if direct_call_ok(x, in_mean, in_var, in_weight, in_bias, weight, bias, bn_mean, bn_var, bn_weight,
+                      bn_bias, residual):
+        return bn_act_conv_impl(*args)
+    return torch.ops.resfuse.bn_act_conv(*args)

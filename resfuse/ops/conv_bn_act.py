@@ -28,6 +28,7 @@ from .. import dispatch
 from .._backends import conv_allows_tf32, cuda_reasons, kernels_module, triton_reasons
 from ..activations import (ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, activation_grad, check_negative_slope,
                           get_activation)
+from .plans import PlanCache, direct_call_ok, tensor_key
 from .common import (FLOAT_DTYPES, OnInput, acc_dtype, alloc_output, check_tensor, conv_output_memory_format,
                      pair)
 
@@ -56,6 +57,7 @@ class ConvBNActProblem(OnInput):  # device, dtype: x's, as a ProblemSignature's
     activation: str
     out_shape: Tuple[int, int, int, int]
     negative_slope: float = DEFAULT_NEGATIVE_SLOPE   # leaky_relu's; the other activations ignore it
+    out_format: torch.memory_format = torch.contiguous_format  # conv_output_memory_format(x, weight)
 
     def act(self, t: torch.Tensor) -> torch.Tensor:
         return get_activation(self.activation).eager(t, self.negative_slope)
@@ -129,7 +131,8 @@ def make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, resi
     if residual is not None:
         check_tensor(residual, "residual", dims=4, device=dev, dtype=x.dtype, shape=out_shape)
     return ConvBNActProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual,
-                            stride, padding, dilation, groups, activation, out_shape, negative_slope)
+                            stride, padding, dilation, groups, activation, out_shape, negative_slope,
+                            conv_output_memory_format(x, weight))
 
 
 # ----------------------------------------------------------------------------
@@ -165,33 +168,55 @@ def pre_activation(p: ConvBNActProblem, x, weight, bias, bn_mean, bn_var, bn_wei
     return z, u
 
 
+def conv_bn_eager(p: ConvBNActProblem) -> torch.Tensor:
+    """``BN(conv(x, W, b))`` of a float32/float64 problem, as a new tensor
+    (the eager implementation's main part; without BN, conv + bias). The
+    BN runs as eager runs it (``torch.batch_norm`` on the conv output: one
+    op, the original modules' rounding) unless the output has many pixels
+    per weight row: then it is folded into this call's conv weight and
+    bias (a pass over the weight instead of one over the larger output)."""
+    x, bn = p.x, p.bn_mean
+    if bn is None:
+        return F.conv2d(x, p.weight, p.bias, p.stride, p.padding, p.dilation, p.groups)
+    N, _, P, Q = p.out_shape
+    _, Cg, R, S = p.weight.shape
+    if N * P * Q < 4 * Cg * R * S and _same_dtype(x.dtype, bn, p.bn_var, p.bn_weight, p.bn_bias):
+        y = F.conv2d(x, p.weight, p.bias, p.stride, p.padding, p.dilation, p.groups)
+        return torch.batch_norm(y, p.bn_weight, p.bn_bias, bn, p.bn_var, False, 0.0, p.eps,
+                                torch.backends.cudnn.enabled)
+    scale, shift = fold_bn(p.bias, bn, p.bn_var, p.bn_weight, p.bn_bias, p.eps, p.weight.shape[0], x.dtype,
+                           x.device)
+    return F.conv2d(x, p.weight * scale.view(-1, 1, 1, 1), shift, p.stride, p.padding, p.dilation, p.groups)
+
+
+def activate_(p: ConvBNActProblem, y: torch.Tensor) -> torch.Tensor:
+    """p's activation of `y`, in place where the activation allows."""
+    return torch.relu_(y) if p.activation == "relu" else p.act(y)
+
+
 def _eager_run(p: ConvBNActProblem) -> torch.Tensor:
-    """The eager implementation. In float32/float64 the BN is applied as a
-    per-channel affine: folded into this call's conv weight when the output
-    has many pixels per weight row (the affine pass over the output then
-    disappears), in place on the conv output otherwise (folding would cost
-    a pass over a large weight to save a pass over a small output). In
-    16-bit types the affine runs in fp32 on the conv output, as the kernels
-    do. The op's forward runs below autograd, so in-place steps are safe."""
+    """The eager implementation: ``conv_bn_eager`` (+ residual, in place),
+    the activation; in 16-bit types the affine runs in fp32 on the conv
+    output, as the kernels do. The op's forward runs below autograd (or
+    with no gradient to record), so the in-place steps are safe."""
     if p.x.dtype in (torch.float32, torch.float64):
-        scale, shift = fold_bn(p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps,
-                               p.weight.shape[0], p.x.dtype, p.x.device)
-        N, _, P, Q = p.out_shape
-        _, Cg, R, S = p.weight.shape
-        if scale is None or N * P * Q >= 4 * Cg * R * S:
-            w = p.weight if scale is None else p.weight * scale.view(-1, 1, 1, 1)
-            y = F.conv2d(p.x, w, shift, p.stride, p.padding, p.dilation, p.groups)
-        else:
-            y = F.conv2d(p.x, p.weight, None, p.stride, p.padding, p.dilation, p.groups)
-            y.mul_(scale.view(1, -1, 1, 1)).add_(shift.view(1, -1, 1, 1))
+        y = conv_bn_eager(p)
         if p.residual is not None:
             y.add_(p.residual)
-        y = torch.relu_(y) if p.activation == "relu" else p.act(y)
+        y = activate_(p, y)
     else:
         _, u = pre_activation(p, p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias,
                               p.residual)
         y = p.act(u).to(p.x.dtype)
-    return y.contiguous(memory_format=conv_output_memory_format(p.x, p.weight))
+    return y.contiguous(memory_format=p.out_format)
+
+
+def _same_dtype(dtype, *vectors) -> bool:
+    """Whether every given vector has `dtype` (torch.batch_norm on CPU needs it)."""
+    for t in vectors:
+        if t is not None and t.dtype != dtype:
+            return False
+    return True
 
 
 def triton_check(p) -> List[str]:
@@ -228,7 +253,7 @@ def launch_triton_conv(p: ConvBNActProblem, projection=None, **launcher_kwargs) 
     channels_last (``channels_last``: a per-call copy of an operand that
     is not; slower, see ``resfuse.convert``'s ``channels_last_weights``)."""
     kern = kernels_module("conv_bn_act")
-    out = alloc_output(p, conv_output_memory_format(p.x, p.weight))
+    out = alloc_output(p, p.out_format)
     if projection is not None:
         projection = (channels_last(projection[0], "xs"), channels_last(projection[1], "wd"),
                       *projection[2:])
@@ -250,7 +275,7 @@ def cuda_check(p) -> List[str]:
 
 
 def _cuda_run(p: ConvBNActProblem) -> torch.Tensor:
-    out = alloc_output(p, conv_output_memory_format(p.x, p.weight))
+    out = alloc_output(p, p.out_format)
     with torch.cuda.device(p.device):
         torch.ops.resfuse_cuda.conv_bn_act(p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias,
                                            p.eps, p.residual, p.stride, p.padding, p.dilation, p.groups,
@@ -267,6 +292,35 @@ dispatch.register(OP, "cuda", cuda_check, _cuda_run)
 # ----------------------------------------------------------------------------
 # torch.library registration
 # ----------------------------------------------------------------------------
+
+_PLANS = PlanCache(OP)
+
+
+def conv_bn_act_impl(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
+                     stride, padding, dilation, groups, activation, backend,
+                     negative_slope=DEFAULT_NEGATIVE_SLOPE):
+    """The implementation of ``torch.ops.resfuse.conv_bn_act`` (and of the
+    direct path, ``ops.plans``): validated and planned once per signature."""
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    key = (tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(bn_mean), tensor_key(bn_var),
+           tensor_key(bn_weight), tensor_key(bn_bias), tensor_key(residual), eps, stride, padding, dilation,
+           groups, activation, backend, negative_slope, dispatch.environment())
+    plan = _PLANS.plans.get(key)
+    if plan is None:
+        p = make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
+                         stride, padding, dilation, groups, activation, negative_slope)
+        return _PLANS.miss(key, backend, p, _derived)
+    decision, run, (out_shape, out_format, stride, padding, dilation) = plan
+    dispatch.record(decision)
+    return run(ConvBNActProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual,
+                                stride, padding, dilation, groups, activation, out_shape, negative_slope,
+                                out_format))
+
+
+def _derived(p: ConvBNActProblem):
+    """What a cached plan keeps of a validated problem (no tensors)."""
+    return p.out_shape, p.out_format, p.stride, p.padding, p.dilation
+
 
 @torch.library.custom_op("resfuse::conv_bn_act", mutates_args=())
 def _conv_bn_act_op(
@@ -287,9 +341,8 @@ def _conv_bn_act_op(
     backend: str,
     negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> torch.Tensor:
-    p = make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
-                     stride, padding, dilation, groups, activation, negative_slope)
-    return dispatch.run(OP, backend, p)
+    return conv_bn_act_impl(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
+                            stride, padding, dilation, groups, activation, backend, negative_slope)
 
 
 @_conv_bn_act_op.register_fake
@@ -434,7 +487,9 @@ def conv_bn_act(
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
     dilation = pair(dilation, "dilation")
     padding = resolve_padding(padding, weight.shape[2:], dilation)
-    return torch.ops.resfuse.conv_bn_act(
-        x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual,
-        pair(stride, "stride"), padding, dilation, int(groups), activation, backend,
-        check_negative_slope(negative_slope))
+    args = (x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual,
+            pair(stride, "stride"), padding, dilation, int(groups), activation, backend,
+            check_negative_slope(negative_slope))
+    if direct_call_ok(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual):
+        return conv_bn_act_impl(*args)
+    return torch.ops.resfuse.conv_bn_act(*args)

@@ -17,9 +17,10 @@ import torch
 from .. import dispatch
 from .._backends import conv_allows_tf32
 from ..activations import DEFAULT_NEGATIVE_SLOPE, activation_grad, check_negative_slope
+from .plans import PlanCache, direct_call_ok, tensor_key
 from .common import alloc_output, check_tensor, conv_output_memory_format, pair
-from .conv_bn_act import (ACTIVATIONS, ConvBNActProblem, branch_grads, cuda_check, launch_triton_conv, make_problem,
-                          pre_activation, triton_check)
+from .conv_bn_act import (ACTIVATIONS, ConvBNActProblem, activate_, branch_grads, conv_bn_eager, cuda_check,
+                          launch_triton_conv, make_problem, pre_activation, triton_check)
 
 OP = "conv_bn_proj_act"
 
@@ -90,9 +91,15 @@ def _pre_activations(p: ConvBNProjProblem):
 
 
 def _eager_run(p: ConvBNProjProblem) -> torch.Tensor:
-    _, _, u = _pre_activations(p)
-    y = p.act(u).to(p.x.dtype)
-    return y.contiguous(memory_format=conv_output_memory_format(p.x, p.weight))
+    """Both branches with ``conv_bn_eager`` in float32/float64 (the sum and
+    the activation in place), else in fp32 from the pre-activations."""
+    if p.x.dtype in (torch.float32, torch.float64):
+        y = conv_bn_eager(p)
+        y = activate_(p, y.add_(conv_bn_eager(p.shortcut_problem())))
+    else:
+        _, _, u = _pre_activations(p)
+        y = p.act(u).to(p.x.dtype)
+    return y.contiguous(memory_format=p.out_format)
 
 
 def _triton_run(p: ConvBNProjProblem) -> torch.Tensor:
@@ -101,7 +108,7 @@ def _triton_run(p: ConvBNProjProblem) -> torch.Tensor:
 
 
 def _cuda_run(p: ConvBNProjProblem) -> torch.Tensor:
-    out = alloc_output(p, conv_output_memory_format(p.x, p.weight))
+    out = alloc_output(p, p.out_format)
     with torch.cuda.device(p.device):
         torch.ops.resfuse_cuda.conv_bn_proj_act(
             p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps,
@@ -116,6 +123,39 @@ dispatch.register(OP, "triton", triton_check, _triton_run)
 dispatch.register(OP, "cuda", cuda_check, _cuda_run)
 
 
+_PLANS = PlanCache(OP)
+
+
+def conv_bn_proj_act_impl(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, xs, weight_d, bias_d,
+                          bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, eps_d, stride_d,
+                          stride, padding, dilation, groups, activation, backend,
+                          negative_slope=DEFAULT_NEGATIVE_SLOPE):
+    """The implementation of ``torch.ops.resfuse.conv_bn_proj_act`` (and of
+    the direct path): validated and planned once per signature."""
+    stride_d, stride, padding, dilation = tuple(stride_d), tuple(stride), tuple(padding), tuple(dilation)
+    key = (tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(bn_mean), tensor_key(bn_var),
+           tensor_key(bn_weight), tensor_key(bn_bias), eps, tensor_key(xs), tensor_key(weight_d),
+           tensor_key(bias_d), tensor_key(bn_mean_d), tensor_key(bn_var_d), tensor_key(bn_weight_d),
+           tensor_key(bn_bias_d), eps_d, stride_d, stride, padding, dilation, groups, activation, backend,
+           negative_slope, dispatch.environment())
+    plan = _PLANS.plans.get(key)
+    if plan is None:
+        p = make_proj_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, xs, weight_d, bias_d,
+                              bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, eps_d, stride_d,
+                              stride, padding, dilation, groups, activation, negative_slope)
+        return _PLANS.miss(key, backend, p, _derived)
+    decision, run, (out_shape, out_format, stride, padding, dilation, stride_d) = plan
+    dispatch.record(decision)
+    return run(ConvBNProjProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), None,
+                                 stride, padding, dilation, groups, activation, out_shape, negative_slope,
+                                 out_format, xs, weight_d, bias_d, bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d,
+                                 float(eps_d), stride_d))
+
+
+def _derived(p: ConvBNProjProblem):
+    return p.out_shape, p.out_format, p.stride, p.padding, p.dilation, p.stride_d
+
+
 @torch.library.custom_op("resfuse::conv_bn_proj_act", mutates_args=())
 def _conv_bn_proj_act_op(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -127,10 +167,9 @@ def _conv_bn_proj_act_op(
     stride: List[int], padding: List[int], dilation: List[int], groups: int,
     activation: str, backend: str, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> torch.Tensor:
-    p = make_proj_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, xs, weight_d, bias_d,
-                          bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, eps_d, stride_d,
-                          stride, padding, dilation, groups, activation, negative_slope)
-    return dispatch.run(OP, backend, p)
+    return conv_bn_proj_act_impl(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, xs, weight_d,
+                                 bias_d, bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, eps_d, stride_d,
+                                 stride, padding, dilation, groups, activation, backend, negative_slope)
 
 
 @_conv_bn_proj_act_op.register_fake
@@ -158,7 +197,7 @@ def _backward(ctx, grad):
     t = ctx.saved_tensors
     eps, eps_d, stride_d, stride, padding, dilation, groups, activation, negative_slope = ctx.conf
     p = ConvBNProjProblem(*t[0:7], eps, None, stride, padding, dilation, groups, activation, tuple(grad.shape),
-                          negative_slope, *t[7:14], eps_d, stride_d)
+                          negative_slope, torch.contiguous_format, *t[7:14], eps_d, stride_d)
     z, zd, u = _pre_activations(p)
     gu = activation_grad(activation, u, grad.to(u.dtype), negative_slope)
     needs = ctx.needs_input_grad
@@ -179,8 +218,11 @@ def conv_bn_proj_act(x, weight, bias=None, *, bn_mean, bn_var, bn_weight=None, b
                      activation="relu", negative_slope=DEFAULT_NEGATIVE_SLOPE, backend="auto"):
     """``act(BN(conv(x, W, b)) + BN_d(conv1x1(xs, W_d, b_d, stride_d)))`` in one kernel."""
     dispatch.validate_backend(backend)
-    return torch.ops.resfuse.conv_bn_proj_act(
-        x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps),
-        xs, weight_d, bias_d, bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, float(eps_d), pair(stride_d, "stride_d"),
-        pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"), int(groups),
-        activation, backend, check_negative_slope(negative_slope))
+    args = (x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps),
+            xs, weight_d, bias_d, bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, float(eps_d), pair(stride_d, "stride_d"),
+            pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"), int(groups),
+            activation, backend, check_negative_slope(negative_slope))
+    if direct_call_ok(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, xs, weight_d, bias_d, bn_mean_d,
+                      bn_var_d, bn_weight_d, bn_bias_d):
+        return conv_bn_proj_act_impl(*args)
+    return torch.ops.resfuse.conv_bn_proj_act(*args)

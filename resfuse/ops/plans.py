@@ -1,0 +1,140 @@
+"""Once per signature, not once per call: the plan cache of the ops'
+implementations, and when an op may be called without its
+``torch.library`` wrapper.
+
+A *plan* is what validation and backend selection conclude about a call:
+the dispatch ``Decision``, the implementation to run and what the op
+derives from its arguments' metadata (the output's shape and memory
+format). It depends only on the call's *signature* (``tensor_key`` of each
+tensor argument, the other arguments, ``dispatch.environment()``), so a
+call whose signature was seen before skips both. The key holds everything
+Triton specialises a kernel on: dtypes, shapes and strides (hence which
+ints equal 1 or are divisible by 16) and whether each data pointer is
+16-byte aligned, so a plan made for an aligned tensor is never used for an
+offset view of the same shape. Tensor *values* are never part of a plan
+(the BN fold reads the live tensors at every call).
+
+The direct path (``direct_call_ok``): with no gradient to record, no
+``torch.compile``/``jit`` tracing, no dispatch mode (``FakeTensorMode``,
+``make_fx``, ``FlopCounterMode``...), no functorch transform and plain
+tensors, the op's implementation is called as a Python function: what the
+custom op's dispatcher round trip (its autograd kernel, the redispatch and
+the dynamo-disable frame) would add is then pure host time. Every other
+call goes through ``torch.ops.resfuse.*``, which ``torch.compile`` and the
+modes need to see.
+
+CUDA graphs: a plan is stored after its first call ran, so a Triton kernel
+of a cached plan has been compiled (and, with RESFUSE_AUTOTUNE=1, tuned).
+A new signature met while the current stream is capturing raises
+``CaptureError`` before anything compiles.
+"""
+
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from .. import dispatch
+
+_Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
+
+
+def tensor_key(t: Optional[torch.Tensor]):
+    """What a plan depends on of one tensor argument (None for None)."""
+    if t is None:
+        return None
+    return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15
+
+
+def direct_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether an op may run its implementation directly (module docstring)."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None):
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        cls = type(t)
+        if (cls is not _Tensor and cls is not _Parameter) or (grad and t.requires_grad):
+            return False
+    return True
+
+
+def signature(args) -> tuple:
+    """The key of an op call's arguments (schema order): each tensor by
+    ``tensor_key``, a list of tensors element-wise, the rest as they are,
+    and ``dispatch.environment()``."""
+    return tuple([tensor_key(a) if isinstance(a, _Tensor)
+                  else tuple([tensor_key(t) for t in a]) if isinstance(a, list) else a
+                  for a in args]) + (dispatch.environment(),)
+
+
+def call(impl: Callable, op, *args):
+    """``impl(*args)`` where ``direct_call_ok`` for the call's tensors
+    (lists of tensors included), else ``op(*args)`` (the
+    ``torch.ops.resfuse`` overload packet of the same op)."""
+    tensors = []
+    for a in args:
+        if isinstance(a, list):
+            tensors += a
+        elif isinstance(a, _Tensor):
+            tensors.append(a)
+    return impl(*args) if direct_call_ok(*tensors) else op(*args)
+
+
+class CaptureError(RuntimeError):
+    """A fused op met a new signature during CUDA graph capture."""
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+_CACHES: List["PlanCache"] = []
+
+
+class PlanCache:
+    """Plans of one op by signature key. Bounded: a model sees a few
+    hundred signatures at most; a workload with ever-new shapes clears it
+    when full rather than growing without limit."""
+
+    MAX_PLANS = 4096
+
+    def __init__(self, op: str):
+        self.op = op
+        self.plans: Dict[Any, Any] = {}
+        _CACHES.append(self)
+
+    def miss(self, key, backend: str, problem, derive: Callable[[Any], Any] = lambda p: None):
+        """Plan `problem` (already validated), run it and remember the plan
+        under `key`: (decision, run, derive(problem)). Returns the output."""
+        decision, run = dispatch.plan(self.op, backend, problem)
+        if decision.backend == "triton" and _capturing():
+            raise CaptureError(
+                f"resfuse: {self.op} met a new input signature while a CUDA graph is being captured; its "
+                f"Triton kernel would compile (RESFUSE_AUTOTUNE=1: benchmark) inside the capture. Run the "
+                f"model once outside the capture with the same shapes, dtypes and memory formats first "
+                f"(torch.cuda.make_graphed_callables and torch.compile(mode='reduce-overhead') do).")
+        dispatch.record(decision)
+        out = run(problem)
+        if len(self.plans) >= self.MAX_PLANS:
+            self.plans.clear()
+        self.plans[key] = (decision, run, derive(problem))
+        return out
+
+
+    def run(self, key, backend: str, problem):
+        """Run the validated `problem` on the plan cached under `key`
+        (made, and the problem run, by ``miss`` the first time)."""
+        plan = self.plans.get(key)
+        if plan is None:
+            return self.miss(key, backend, problem)
+        dispatch.record(plan[0])
+        return plan[1](problem)
+
+
+def clear_plans() -> None:
+    """Forget every op's plans (what they were made under has changed:
+    ``resfuse.inspect`` starts or stops recording launches)."""
+    for c in _CACHES:
+        c.plans.clear()

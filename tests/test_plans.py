@@ -1,0 +1,251 @@
+"""The host path (resfuse/ops/plans.py): plans cached per signature, the
+direct (inference) call path, and what CUDA graph capture needs of a
+second forward. CPU tests; the capture tests themselves are `gpu`."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import resfuse
+from resfuse import dispatch
+from resfuse._backends import kernels_module
+from resfuse.ops import conv_bn_act as conv_op
+from resfuse.ops import plans
+from numerics import assert_matches
+
+
+def _bn(k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(k, generator=g), torch.rand(k, generator=g) + 0.5, torch.randn(k, generator=g),
+            torch.randn(k, generator=g))
+
+
+def _ref(x, w, mean, var, gamma, beta, pad=1):
+    d = [t.double() for t in (x, w, mean, var, gamma, beta)]
+    return F.relu(F.batch_norm(F.conv2d(d[0], d[1], None, 1, pad), d[2], d[3], d[4], d[5], False, 0.0, 1e-5))
+
+
+def _eager(x, w, bn):
+    return F.relu(F.batch_norm(F.conv2d(x, w, None, 1, 1), *bn, False, 0.0, 1e-5))
+
+
+def _call(x, w, bn, backend):
+    m, v, g, b = bn
+    return resfuse.conv_bn_act(x, w, bn_mean=m, bn_var=v, bn_weight=g, bn_bias=b, padding=1, activation="relu",
+                               backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_aligned_and_offset_views_get_their_own_plans(backend):
+    """A plan made for a 16-byte aligned x is never used for an offset view
+    of the same shape and strides (Triton specialises on pointer
+    alignment): alternating the two gives two plans, both correct."""
+    torch.manual_seed(0)
+    shape = (1, 5, 6, 7)
+    n = 5 * 6 * 7
+    buf = torch.randn(n + 1)
+    aligned, offset = buf[:n].view(shape), buf[1:].view(shape)
+    assert aligned.data_ptr() % 16 == 0 and offset.data_ptr() % 16 == 4
+    assert aligned.stride() == offset.stride()
+    w = torch.randn(3, 5, 3, 3)
+    bn = _bn(3)
+    conv_op._PLANS.plans.clear()
+    with torch.no_grad():
+        for _ in range(2):
+            for x in (aligned, offset, aligned):
+                y = _call(x, w, bn, backend)
+                assert_matches(y, _ref(x, w, *bn), _eager(x, w, bn), torch.float32, backend)
+    keys = list(conv_op._PLANS.plans)
+    assert len(keys) == 2, keys
+    assert {k[0][4] for k in keys} == {0, 4}  # x's alignment is what tells them apart
+
+
+def test_a_plan_never_outlives_the_metadata_it_was_made_for():
+    """Shapes, dtypes and devices are part of the key: a call that differs
+    in any of them is validated afresh (a bad one raises its own error),
+    including a weight whose .data was replaced after the first call."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 4, 5, 5)
+    w = nn.Parameter(torch.randn(6, 4, 3, 3))
+    bn = _bn(6)
+    with torch.no_grad():
+        assert_matches(_call(x, w, bn, "eager"), _ref(x, w, *bn), _eager(x, w, bn), torch.float32, "first")
+        with pytest.raises(ValueError, match="channels"):
+            _call(torch.randn(2, 3, 5, 5), w, bn, "eager")
+        with pytest.raises(TypeError, match="dtype"):
+            _call(x, w.double(), bn, "eager")
+        w.data = torch.randn(3, 4, 3, 3)  # same Parameter object, other shape
+        with pytest.raises(ValueError, match="bn_mean must have shape"):
+            _call(x, w, bn, "eager")
+        bn3 = _bn(3, seed=1)
+        y = _call(x, w, bn3, "eager")
+        assert y.shape == (2, 3, 5, 5)
+        assert_matches(y, _ref(x, w, *bn3), _eager(x, w, bn3), torch.float32, "after .data")
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_direct_path_only_where_nothing_needs_the_op():
+    """No gradient to record, no mode, no tracing, plain tensors: the
+    implementation is called directly. Otherwise the call goes through
+    torch.ops.resfuse (a dispatch mode sees the op; autograd records it)."""
+    x, w = torch.randn(1, 2, 3, 3), torch.randn(2, 2, 1, 1)
+    p = nn.Parameter(torch.randn(2, 2, 1, 1))
+    assert plans.direct_call_ok(x, w, None)
+    assert not plans.direct_call_ok(x, p)           # grad mode on, a parameter
+    with torch.no_grad():
+        assert plans.direct_call_ok(x, p)
+        with _OpLog():
+            assert not plans.direct_call_ok(x, w)
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode() as mode:
+            assert not plans.direct_call_ok(mode.from_tensor(x))
+        assert not torch.vmap(lambda t: torch.tensor(plans.direct_call_ok(t)))(x[None]).item()
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not plans.direct_call_ok(x.as_subclass(Sub))
+    seen = []
+    torch.jit.trace(lambda t: (seen.append(plans.direct_call_ok(t)), t + 1)[1], (x,), check_trace=False)
+    assert seen == [False]
+
+    # through the module path: the op is what a mode sees, and what autograd differentiates
+    seq = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, bias=False), nn.BatchNorm2d(2), nn.ReLU()).eval()
+    fused = resfuse.convert(seq, backend="eager")
+    with torch.no_grad(), _OpLog() as log:
+        fused(x)
+    assert "resfuse.conv_bn_act.default" in log.ops and "aten.convolution.default" not in log.ops, log.ops
+    xg = x.clone().requires_grad_(True)
+    fused(xg).sum().backward()
+    xr = x.clone().requires_grad_(True)
+    seq(xr).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad)
+    assert fused(xg).grad_fn is not None
+
+
+def test_a_new_signature_during_capture_raises_before_compiling(monkeypatch):
+    """While the stream is capturing (simulated), a signature with a plan
+    runs; a new one on the Triton backend raises CaptureError, and nothing
+    is planned or launched."""
+    common = kernels_module("_common")
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    fused = resfuse.convert(seq, backend="triton")
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        y0 = fused(x)
+        monkeypatch.setattr(plans, "_capturing", lambda: True)
+        torch.testing.assert_close(fused(x), y0)
+        before = common.LAUNCHES_BY_KERNEL["conv_bn_act"]
+        n_plans = len(conv_op._PLANS.plans)
+        with pytest.raises(plans.CaptureError, match="CUDA graph is being captured"):
+            fused(torch.randn(2, 3, 5, 5))
+        assert common.LAUNCHES_BY_KERNEL["conv_bn_act"] == before and len(conv_op._PLANS.plans) == n_plans
+        eager = resfuse.convert(seq, backend="eager")
+        eager(torch.randn(2, 3, 5, 5))  # eager ops capture as they are: no error
+
+
+# ops that read a tensor's value on the host (a sync on CUDA)
+_HOST_SYNC = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::equal", "aten::is_nonzero",
+              "aten::cpu", "aten::tolist"}
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "hornet"])
+def test_second_forward_needs_no_host_sync_compile_or_tuning(arch, monkeypatch):
+    """What capture would break on: with launches stubbed (recorded for
+    sm_90), the second forward of a converted model reads no tensor value
+    on the host, copies nothing across devices, makes no new plan and asks
+    no tuned kernel for a config it has not chosen before."""
+    from resfuse.models import randomize_bn, resnet18
+    from resfuse.hornet import HorBlock
+    torch.manual_seed(2)
+    if arch == "resnet18":
+        plain = randomize_bn(resnet18(width=8, num_classes=10)).eval()
+    else:
+        plain = nn.Sequential(HorBlock(16), HorBlock(16)).eval()
+    x = torch.randn(1, 3, 32, 32) if arch == "resnet18" else torch.randn(1, 16, 8, 8)
+    common = kernels_module("_common")
+    launches = []
+    common.start_recording(launches.append, 132)
+    try:
+        fused = resfuse.convert(plain, backend="triton", channels_last_weights=True)
+        with torch.no_grad():
+            fused(x)
+            first = len(launches)
+            assert first > 0
+            plans_before = {id(c): len(c.plans) for c in plans._CACHES}
+            chosen = []
+            orig = common.TunedKernel.candidates
+            monkeypatch.setattr(common.TunedKernel, "candidates",
+                                lambda self, *a, **k: chosen.append(self.name) or orig(self, *a, **k))
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                        record_shapes=True) as prof:
+                fused(x)
+    finally:
+        common.stop_recording()
+    assert len(launches) == 2 * first
+    events = prof.events()
+    assert not {e.name for e in events} & _HOST_SYNC, sorted({e.name for e in events} & _HOST_SYNC)
+    # a tensor copied by .to() (dtype or device); eager's own wrapping of a
+    # Python scalar into a 0-d tensor (avgpool's mean) is not one
+    copies = [e.input_shapes for e in events if e.name == "aten::_to_copy" and e.input_shapes[0]]
+    assert not copies, copies
+    assert {id(c): len(c.plans) for c in plans._CACHES} == plans_before
+    assert chosen == []
+
+
+def _capture_case():
+    from resfuse.models import randomize_bn, resnet18
+    torch.manual_seed(3)
+    plain = randomize_bn(resnet18(width=16, num_classes=10)).eval().cuda()
+    return plain, resfuse.convert(plain, backend="triton")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay_with_new_input():
+    plain, fused = _capture_case()
+    static_x = torch.randn(8, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fused(static_x)   # compile, plan, warm up outside the capture
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_y = fused(static_x)
+        for seed in range(3):
+            torch.manual_seed(10 + seed)
+            static_x.copy_(torch.randn_like(static_x))
+            g.replay()
+            ref = copy.deepcopy(plain).double()(static_x.double())
+            assert_matches(static_y, ref, plain(static_x), torch.float32, f"replay {seed}")
+
+
+@pytest.mark.gpu
+def test_make_graphed_callables_and_reduce_overhead_compile():
+    plain, fused = _capture_case()
+    x = torch.randn(1, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        ref = copy.deepcopy(plain).double()(x.double())
+        eager = plain(x)
+    graphed = torch.cuda.make_graphed_callables(fused, (x,))  # forward and backward graphs
+    assert_matches(graphed(x).detach(), ref, eager, torch.float32, "make_graphed_callables")
+    with torch.no_grad():
+        compiled = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):
+            y = compiled(x)
+        assert_matches(y, ref, eager, torch.float32, "reduce-overhead")
