@@ -42,7 +42,11 @@ def interpreting() -> bool:
 
 def span(t):
     """Largest element offset reachable in t, plus one."""
-    if t is None or t.numel() == 0:
+    if t is None:
+        return 0
+    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+        return t.numel()  # dense: the offsets are 0 .. numel - 1
+    if t.numel() == 0:
         return 0
     return 1 + sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride()))
 
@@ -116,7 +120,7 @@ class TunedKernel:
         import triton
         self.fn, self.configs, self.key = fn, list(configs), list(key)
         self._prune = prune
-        self._key_pos = [fn.arg_names.index(k) for k in self.key]
+        self._key_items = [(k, fn.arg_names.index(k)) for k in self.key]
         self._chosen = {}  # (key values, SM count) -> default config: the prune runs once per key
         by = {"early_config_prune": lambda cfgs, named, **kw: self.candidates({**named, **kw}, cfgs)}
         self.autotuner = triton.autotune(configs=self.configs, key=self.key, prune_configs_by=by)(fn)
@@ -147,16 +151,16 @@ class TunedKernel:
     def tune_key(self, args: Sequence, kwargs: Dict[str, Any]) -> Tuple:
         """The values of ``key`` for a launch (what the autotuner, and the
         default-config cache, key on)."""
-        return tuple(kwargs[k] if k in kwargs else args[i] if i < len(args) else None
-                     for k, i in zip(self.key, self._key_pos))
+        n = len(args)
+        return tuple([args[i] if i < n else kwargs.get(k) for k, i in self._key_items])
 
-    def default_config(self, args: Sequence, kwargs: Dict[str, Any]):
+    def default_config(self, args: Sequence, kwargs: Dict[str, Any], tune_key: Optional[Tuple] = None):
         """The first candidate, chosen once per key (the prunes read only
         key arguments and the SM count, as triton.autotune assumes). No
         wave rule (it would give batch 64 and 96 different tiles, so
         different compiles): a small problem may leave SMs idle, which
         RESFUSE_AUTOTUNE=1 trades for tuning time."""
-        k = (self.tune_key(args, kwargs), num_sms())
+        k = (self.tune_key(args, kwargs) if tune_key is None else tune_key, num_sms())
         cfg = self._chosen.get(k)
         if cfg is None:
             cfg = self._chosen[k] = self.candidates(self.named_args(args, kwargs))[0]
@@ -168,14 +172,21 @@ class Launch:
     """One kernel launch as a launcher made it: the kernel's name (the
     launch counter's), the ``@triton.jit`` function, its positional and
     keyword arguments (config included: ``config``), and for a tuned kernel
-    the configs the opt-in autotuner would try."""
+    (``tuned``) the configs the opt-in autotuner would try (``candidates``,
+    computed when first read: recording stays as cheap as launching)."""
     name: str
     fn: Any
     args: Tuple
     kwargs: Dict[str, Any]
     config: Any = None
-    candidates: Tuple = ()
+    tuned: Optional["TunedKernel"] = None
     tune_key: Tuple = ()   # the autotuner's key values (what RESFUSE_AUTOTUNE=1 tunes once per)
+
+    @property
+    def candidates(self) -> Tuple:
+        if self.tuned is None:
+            return ()
+        return tuple(self.tuned.candidates(self.tuned.named_args(self.args, self.kwargs)))
 
 
 class _Recorder:
@@ -210,12 +221,12 @@ def launch(name: str, kernel, grid, *args, **kwargs) -> None:
     RESFUSE_AUTOTUNE=1), counted under ``name``; recorded, not run, while
     ``resfuse.inspect`` records."""
     if _RECORDER is not None:
-        config, cands, fn, key = None, (), kernel, ()
+        config, tuned, fn, key = None, None, kernel, ()
         if isinstance(kernel, TunedKernel):
-            fn, config, key = kernel.fn, kernel.default_config(args, kwargs), kernel.tune_key(args, kwargs)
-            cands = tuple(kernel.candidates(kernel.named_args(args, kwargs)))
+            fn, key, tuned = kernel.fn, kernel.tune_key(args, kwargs), kernel
+            config = kernel.default_config(args, kwargs, key)
             kwargs = {**kwargs, **config.all_kwargs()}
-        _RECORDER.sink(Launch(name, fn, tuple(args), dict(kwargs), config, cands, key))
+        _RECORDER.sink(Launch(name, fn, tuple(args), dict(kwargs), config, tuned, key))
     else:
         kernel[grid](*args, **kwargs)
     count_launch(name)

@@ -41,7 +41,9 @@ import torch
 import torch.nn as nn
 
 from .. import dispatch
-from ..ops.gnconv import OP_PROJ, signature_reasons
+from ..ops.gnconv import OP_PROJ, gnconv_chain_impl, layernorm_conv1x1_impl, signature_reasons
+from ..ops.horblock_mlp import gelu_conv1x1_impl
+from ..ops.plans import call
 from .guards import conv_reason, hooks_reason
 from ..reference import gnconv_dims
 from ._call import FusedModuleMixin, _cast, _compute_dtype, adopt
@@ -260,8 +262,8 @@ class GnConv(FusedModuleMixin, nn.Module):
         nw = nb = eps = None
         if norm is not None:
             nw, nb, eps = _cast(norm.weight, dt), _cast(norm.bias, dt), float(norm.eps)
-        f = torch.ops.resfuse.layernorm_conv1x1(x, _cast(proj_in.weight, dt), _cast(proj_in.bias, dt),
-                                                nw, nb, eps, self._backend)
+        f = call(layernorm_conv1x1_impl, torch.ops.resfuse.layernorm_conv1x1, x, _cast(proj_in.weight, dt),
+                 _cast(proj_in.bias, dt), nw, nb, eps, self._backend)
         record = not torch.compiler.is_compiling()
         if record:
             self.last_decisions["proj_in"] = dispatch.last_decision()
@@ -272,8 +274,8 @@ class GnConv(FusedModuleMixin, nn.Module):
             w_dw = b_dw = None
             gates = dwconv(f[:, self.dims[0]:]).to(f.dtype)
         pws = list(mods["pws"])
-        y = torch.ops.resfuse.gnconv_chain(
-            f, w_dw, b_dw, gates, [_cast(p.weight, dt) for p in pws], [_cast(p.bias, dt) for p in pws],
+        y = call(
+            gnconv_chain_impl, torch.ops.resfuse.gnconv_chain, f, w_dw, b_dw, gates, [_cast(p.weight, dt) for p in pws], [_cast(p.bias, dt) for p in pws],
             _cast(proj_out.weight, dt), _cast(proj_out.bias, dt), float(self.scale),
             None if residual is None else residual.to(f.dtype),
             None if layer_scale is None else layer_scale.to(f.dtype),
@@ -443,13 +445,13 @@ class FusedHorBlock(nn.Module):
         if infer:
             proj = signature_reasons(x.device, x.dtype, 1, backend)[OP_PROJ]
             infer = not (isinstance(proj, dispatch.Decision) and proj.backend == "cuda")
-        a = torch.ops.resfuse.layernorm_conv1x1(x, l1.weight[:, :, None, None], l1.bias, n2.weight, n2.bias,
-                                                float(n2.eps), backend, infer)
+        a = call(layernorm_conv1x1_impl, torch.ops.resfuse.layernorm_conv1x1, x, l1.weight[:, :, None, None],
+                 l1.bias, n2.weight, n2.bias, float(n2.eps), backend, infer)
         record = not torch.compiler.is_compiling()
         if record:
             self.__dict__["_mlp_decisions"]["pwconv1"] = dispatch.last_decision()
-        out = torch.ops.resfuse.gelu_conv1x1(a, l2.weight[:, :, None, None], l2.bias, self.gamma2, m2, x, backend,
-                                             not infer)
+        out = call(gelu_conv1x1_impl, torch.ops.resfuse.gelu_conv1x1, a, l2.weight[:, :, None, None], l2.bias,
+                   self.gamma2, m2, x, backend, not infer)
         if record:
             self.__dict__["_mlp_decisions"]["pwconv2"] = dispatch.last_decision()
         return out

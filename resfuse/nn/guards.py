@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+_module_globals = torch.nn.modules.module  # where register_module_*_hook keeps the global hooks
 
 
 def hooks_reason(m: nn.Module, role: str) -> Optional[str]:
@@ -18,11 +19,14 @@ def hooks_reason(m: nn.Module, role: str) -> Optional[str]:
     forward, so their hooks would silently not fire (and hook-based
     reparametrizations such as ``torch.nn.utils.weight_norm`` would read a
     stale weight)."""
-    kinds = [d.strip("_").replace("_hooks", "") for d in _HOOK_DICTS if getattr(m, d, None)]
-    if kinds:
+    d = m.__dict__  # (every nn.Module has the four; a look-alike may not)
+    if d.get("_forward_pre_hooks") or d.get("_forward_hooks") or d.get("_backward_pre_hooks") \
+            or d.get("_backward_hooks"):
+        kinds = [h.strip("_").replace("_hooks", "") for h in _HOOK_DICTS if d.get(h)]
         return f"its {role} has {'/'.join(kinds)} hooks, which run only when the module runs by itself"
-    g = torch.nn.modules.module
-    if any(getattr(g, "_global" + d, None) for d in _HOOK_DICTS):
+    g = _module_globals
+    if g._global_forward_pre_hooks or g._global_forward_hooks or g._global_backward_pre_hooks \
+            or g._global_backward_hooks:
         return "global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"
     return None
 

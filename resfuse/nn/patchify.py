@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 
 from .. import dispatch
+from ..ops.patchify import patchify_conv_impl
+from ..ops.plans import call
 from ._call import InPlaceBackendMixin, _cast, _compute_dtype
 from .guards import hooks_reason
 
@@ -111,8 +113,8 @@ class PatchifyConv(InPlaceBackendMixin, nn.Conv2d):
             pre = layernorm_params(d["_pre_norm"], self.in_channels)
         if d.get("_post_norm") is not None:
             post = layernorm_params(d["_post_norm"], self.out_channels)
-        y = torch.ops.resfuse.patchify_conv(
-            x, _cast(self.weight, dt), _cast(self.bias, dt), _cast(pre[0], dt), _cast(pre[1], dt), pre[2],
+        y = call(
+            patchify_conv_impl, torch.ops.resfuse.patchify_conv, x, _cast(self.weight, dt), _cast(self.bias, dt), _cast(pre[0], dt), _cast(pre[1], dt), pre[2],
             _cast(post[0], dt), _cast(post[1], dt), post[2], d["_backend"])
         if not torch.compiler.is_compiling():
             d["last_decision"] = dispatch.last_decision()

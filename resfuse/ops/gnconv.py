@@ -33,6 +33,7 @@ from .._backends import conv_allows_tf32, kernels_module, triton_reasons
 from ..reference import gnconv_chain_reference, gnconv_dims, layernorm_conv1x1_reference
 from . import gnconv_cuda
 from .common import OnInput, alloc_output, check_tensor, output_memory_format
+from .plans import PlanCache, call, signature
 
 OP_PROJ = "layernorm_conv1x1"
 OP_CHAIN = "gnconv_chain"
@@ -233,12 +234,23 @@ dispatch.register(OP_CHAIN, "cuda", gnconv_cuda.check(OP_CHAIN), gnconv_cuda.cha
 # torch.library: layernorm_conv1x1
 # ----------------------------------------------------------------------------
 
+_PROJ_PLANS = PlanCache(OP_PROJ)
+
+
+def layernorm_conv1x1_impl(x, weight, bias, norm_weight, norm_bias, norm_eps, backend, epilogue_gelu=False):
+    """The implementation of ``torch.ops.resfuse.layernorm_conv1x1`` (and of
+    the direct path, ``ops.plans``): validated at every call, planned once
+    per signature."""
+    p = make_ln_conv1x1_problem(x, weight, bias, norm_weight, norm_bias, norm_eps, epilogue_gelu)
+    key = signature((x, weight, bias, norm_weight, norm_bias, norm_eps, backend, epilogue_gelu))
+    return _PROJ_PLANS.run(key, backend, p)
+
+
 @torch.library.custom_op("resfuse::layernorm_conv1x1", mutates_args=())
 def _layernorm_conv1x1_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                           norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
                           norm_eps: Optional[float], backend: str, epilogue_gelu: bool = False) -> torch.Tensor:
-    p = make_ln_conv1x1_problem(x, weight, bias, norm_weight, norm_bias, norm_eps, epilogue_gelu)
-    return dispatch.run(OP_PROJ, backend, p)
+    return layernorm_conv1x1_impl(x, weight, bias, norm_weight, norm_bias, norm_eps, backend, epilogue_gelu)
 
 
 @_layernorm_conv1x1_op.register_fake
@@ -252,15 +264,28 @@ def _layernorm_conv1x1_fake(x, weight, bias, norm_weight, norm_bias, norm_eps, b
 # torch.library: gnconv_chain
 # ----------------------------------------------------------------------------
 
+_CHAIN_PLANS = PlanCache(OP_CHAIN)
+
+
+def gnconv_chain_impl(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale,
+                      sample_scale, backend):
+    """The implementation of ``torch.ops.resfuse.gnconv_chain`` (and of the
+    direct path): validated at every call, planned once per signature."""
+    p = make_chain_problem(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale,
+                           sample_scale)
+    key = signature((fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale,
+                     sample_scale, backend))
+    return _CHAIN_PLANS.run(key, backend, p)
+
+
 @torch.library.custom_op("resfuse::gnconv_chain", mutates_args=())
 def _gnconv_chain_op(fused: torch.Tensor, w_dw: Optional[torch.Tensor], b_dw: Optional[torch.Tensor],
                      gates: Optional[torch.Tensor], w_pws: List[torch.Tensor], b_pws: List[Optional[torch.Tensor]],
                      w_out: torch.Tensor, b_out: Optional[torch.Tensor], scale: float,
                      residual: Optional[torch.Tensor], layer_scale: Optional[torch.Tensor],
                      sample_scale: Optional[torch.Tensor], backend: str) -> torch.Tensor:
-    p = make_chain_problem(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale,
-                           sample_scale)
-    return dispatch.run(OP_CHAIN, backend, p)
+    return gnconv_chain_impl(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale,
+                             sample_scale, backend)
 
 
 @_gnconv_chain_op.register_fake
@@ -287,9 +312,8 @@ def layernorm_conv1x1(x, weight, bias=None, *, norm_weight=None, norm_bias=None,
     recomputes the pre-activation (one more forward GEMM, on the same
     backend) for GELU': differentiable, but the fusion is for inference."""
     dispatch.validate_backend(backend)
-    return torch.ops.resfuse.layernorm_conv1x1(x, weight, bias, norm_weight, norm_bias,
-                                               None if norm_eps is None else float(norm_eps), backend,
-                                               bool(epilogue_gelu))
+    return call(layernorm_conv1x1_impl, torch.ops.resfuse.layernorm_conv1x1, x, weight, bias, norm_weight,
+                norm_bias, None if norm_eps is None else float(norm_eps), backend, bool(epilogue_gelu))
 
 
 def gnconv_chain(fused, w_pws: Sequence, b_pws: Sequence, w_out, b_out=None, *, w_dw=None, b_dw=None, gates=None,
@@ -299,8 +323,8 @@ def gnconv_chain(fused, w_pws: Sequence, b_pws: Sequence, w_out, b_out=None, *, 
     ``residual + sample_scale[n] * layer_scale * y`` (sample_scale: drop
     path's per-sample multiplier, not differentiated)."""
     dispatch.validate_backend(backend)
-    return torch.ops.resfuse.gnconv_chain(fused, w_dw, b_dw, gates, list(w_pws), list(b_pws), w_out, b_out,
-                                          float(scale), residual, layer_scale, sample_scale, backend)
+    return call(gnconv_chain_impl, torch.ops.resfuse.gnconv_chain, fused, w_dw, b_dw, gates, list(w_pws),
+                list(b_pws), w_out, b_out, float(scale), residual, layer_scale, sample_scale, backend)
 
 
 def gnconv(x, w_in, b_in, w_dw, b_dw, w_pws: Sequence, b_pws: Sequence, w_out, b_out, scale: float = 1.0, *,

@@ -28,6 +28,7 @@ from .._backends import kernels_module, triton_reasons
 from ..reference import gelu_conv1x1_reference
 from . import gnconv_cuda
 from .common import OnInput, alloc_output, check_tensor, output_memory_format
+from .plans import PlanCache, call, signature
 from .gnconv import _check_vec, _check_x, _launch
 
 OP_GELU_CONV1X1 = "gelu_conv1x1"
@@ -83,12 +84,22 @@ dispatch.register(OP_GELU_CONV1X1, "triton", lambda p: triton_reasons(p.device, 
 dispatch.register(OP_GELU_CONV1X1, "cuda", gnconv_cuda.check(OP_GELU_CONV1X1), gnconv_cuda.gelu_forward)
 
 
+_PLANS = PlanCache(OP_GELU_CONV1X1)
+
+
+def gelu_conv1x1_impl(a, weight, bias, layer_scale, sample_scale, residual, backend, prologue_gelu=True):
+    """The implementation of ``torch.ops.resfuse.gelu_conv1x1`` (and of the
+    direct path): validated at every call, planned once per signature."""
+    p = make_gelu_conv1x1_problem(a, weight, bias, layer_scale, sample_scale, residual, prologue_gelu)
+    key = signature((a, weight, bias, layer_scale, sample_scale, residual, backend, prologue_gelu))
+    return _PLANS.run(key, backend, p)
+
+
 @torch.library.custom_op("resfuse::gelu_conv1x1", mutates_args=())
 def _gelu_conv1x1_op(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      layer_scale: Optional[torch.Tensor], sample_scale: Optional[torch.Tensor],
                      residual: Optional[torch.Tensor], backend: str, prologue_gelu: bool = True) -> torch.Tensor:
-    p = make_gelu_conv1x1_problem(a, weight, bias, layer_scale, sample_scale, residual, prologue_gelu)
-    return dispatch.run(OP_GELU_CONV1X1, backend, p)
+    return gelu_conv1x1_impl(a, weight, bias, layer_scale, sample_scale, residual, backend, prologue_gelu)
 
 
 @_gelu_conv1x1_op.register_fake
@@ -107,5 +118,5 @@ def gelu_conv1x1(a, weight, bias=None, *, layer_scale=None, sample_scale=None, r
     dispatch.validate_backend(backend)
     if isinstance(weight, torch.Tensor) and weight.dim() == 2:
         weight = weight[:, :, None, None]
-    return torch.ops.resfuse.gelu_conv1x1(a, weight, bias, layer_scale, sample_scale, residual, backend,
-                                          bool(prologue_gelu))
+    return call(gelu_conv1x1_impl, torch.ops.resfuse.gelu_conv1x1, a, weight, bias, layer_scale, sample_scale,
+                residual, backend, bool(prologue_gelu))

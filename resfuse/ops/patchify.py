@@ -27,6 +27,7 @@ from .. import dispatch
 from .._backends import kernels_module, triton_reasons
 from ..reference import patchify_conv_reference
 from .common import OnInput, alloc_output, check_tensor, conv_output_memory_format
+from .plans import PlanCache, call, signature
 from .gnconv import _check_vec, _check_x, _launch
 from .gnconv_backward import _vjp
 
@@ -132,13 +133,24 @@ class PatchifySignature:
 # torch.library
 # ----------------------------------------------------------------------------
 
+_PLANS = PlanCache(OP)
+
+
+def patchify_conv_impl(x, weight, bias, pre_weight, pre_bias, pre_eps, post_weight, post_bias, post_eps, backend):
+    """The implementation of ``torch.ops.resfuse.patchify_conv`` (and of the
+    direct path): validated at every call, planned once per signature."""
+    p = make_patchify_problem(x, weight, bias, pre_weight, pre_bias, pre_eps, post_weight, post_bias, post_eps)
+    key = signature((x, weight, bias, pre_weight, pre_bias, pre_eps, post_weight, post_bias, post_eps, backend))
+    return _PLANS.run(key, backend, p)
+
+
 @torch.library.custom_op("resfuse::patchify_conv", mutates_args=())
 def _patchify_conv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       pre_weight: Optional[torch.Tensor], pre_bias: Optional[torch.Tensor], pre_eps: Optional[float],
                       post_weight: Optional[torch.Tensor], post_bias: Optional[torch.Tensor],
                       post_eps: Optional[float], backend: str) -> torch.Tensor:
-    p = make_patchify_problem(x, weight, bias, pre_weight, pre_bias, pre_eps, post_weight, post_bias, post_eps)
-    return dispatch.run(OP, backend, p)
+    return patchify_conv_impl(x, weight, bias, pre_weight, pre_bias, pre_eps, post_weight, post_bias, post_eps,
+                              backend)
 
 
 @_patchify_conv_op.register_fake
@@ -187,6 +199,6 @@ def patchify_conv(x, weight, bias=None, *, pre_weight=None, pre_bias=None, pre_e
     channels-first LayerNorm (HorNet's / ConvNeXt's) is on when its eps is
     given. A HorNet downsampling layer is ``pre_*``, its stem ``post_*``."""
     dispatch.validate_backend(backend)
-    return torch.ops.resfuse.patchify_conv(x, weight, bias, pre_weight, pre_bias,
-                                           None if pre_eps is None else float(pre_eps), post_weight, post_bias,
-                                           None if post_eps is None else float(post_eps), backend)
+    return call(patchify_conv_impl, torch.ops.resfuse.patchify_conv, x, weight, bias, pre_weight, pre_bias,
+                None if pre_eps is None else float(pre_eps), post_weight, post_bias,
+                None if post_eps is None else float(post_eps), backend)
