@@ -1,26 +1,37 @@
 """Host-path time per call on the CPU: eager PyTorch vs resfuse, in one run.
 
-    python bench/host_overhead.py [--repeats 9] [--calls 200] [--out FILE.md]
+    python bench/host_overhead.py [--repeats 9] [--calls 200] [--models] [--out FILE.md]
 
 What it times (``torch.set_num_threads(1)``; tiny tensors, so the time is
-Python and dispatch, not arithmetic; every row interleaves its A and B
-variants repeat by repeat and reports the median of the repeats with the
-spread (min-max) in microseconds per call):
+Python and dispatch, not arithmetic; every table interleaves its variants
+repeat by repeat and reports the median of the repeats with the spread
+(min-max) in microseconds per call):
 
 - the op: a conv -> BN -> ReLU (x 1x8x4x4, W 8x8x3x3) as eager functional
   calls, ``resfuse.conv_bn_act(backend="eager")``, ``torch.ops.resfuse``
-  directly, an ``nn.Sequential(Conv2d, BatchNorm2d, ReLU)`` and the same
-  after ``resfuse.convert(backend="eager")``;
-- the GPU-launch proxy: the converted Sequential with ``backend="triton"``
-  while ``kernels._common`` records launches instead of running them (the
-  Python from the module's forward to the launcher's final kernel call,
-  that call stubbed), against eager's CPU host time for the same op;
-- whole models (eval, no_grad) at a small input: torchvision ResNet-18 and
-  ResNet-50, VGG16-bn, HorNet-T (resfuse/hornet.py), eager vs converted
-  (``backend="eager"``: the CPU fallback path, a product path too).
+  directly (the custom-op wrapper torch.compile and dispatch modes see),
+  an ``nn.Sequential(Conv2d, BatchNorm2d, ReLU)`` and the same after
+  ``resfuse.convert(backend="eager")``;
+- modules, each against the module it replaces (``backend="eager"``, no
+  grad): a BasicBlock with identity and a Bottleneck with a projection
+  shortcut (tiny widths), a pre-activation BN -> ReLU -> Conv, HorNet's
+  patchify stem and a HorBlock (gnconv + MLP);
+- the GPU-launch proxy: each converted module on ``backend="triton"`` while
+  ``kernels._common`` records launches instead of running them (the Python
+  from the module's forward to each launcher's final kernel call, that
+  call stubbed; checked to reach the expected number of launches), against
+  the eager module's CPU host time (eager's CUDA host time cannot be timed
+  here; its CPU time is the stand-in);
+- with ``--models``: whole models (eval, no_grad, ``backend="eager"``: the
+  CPU fallback, a product path too), torchvision ResNet-18/50, VGG16-bn and
+  HorNet-T (resfuse/hornet.py), at the demo's size (batch 2, 64x64) and at
+  batch 1 and 8, 224x224; and the layout the CPU fallback keeps (an eager
+  ResNet-18 on NCHW vs channels_last feature maps: why ``convert`` keeps
+  the model's layout on a CPU).
 
 A CPU timing says nothing about GPU kernels (GUIDE §4): these numbers are
-the host cost a GPU call pays before its launch.
+the host cost a GPU call pays before its launch, and the CPU fallback's
+speed.
 """
 
 import argparse
@@ -96,36 +107,80 @@ def op_rows(repeats, calls):
     return rows, ref, fused, x
 
 
-def launch_proxy_rows(fused_eager, x, eager_us, repeats, calls):
-    """The converted module on backend='triton' with the final kernel call
-    stubbed (kernels._common's recorder takes the launch)."""
+def _module_cases():
+    """(name, eager module, converted module, input, launches per call on the Triton path)."""
+    import torchvision
+    from resfuse.hornet import HorBlock, HorLayerNorm
+    from resfuse.models import randomize_bn
+    torch.manual_seed(0)
+    basic = torchvision.models.resnet.BasicBlock(8, 8)
+    down = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+    bottle = torchvision.models.resnet.Bottleneck(8, 4, 2, downsample=down)
+    preact = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False))
+    stem = nn.Sequential(nn.Conv2d(3, 16, 4, 4), HorLayerNorm(16, data_format="channels_first"))
+    cases = [("BasicBlock 8ch, identity", basic, torch.randn(1, 8, 4, 4), 2),
+             ("Bottleneck 8->16ch, projection", bottle, torch.randn(1, 8, 4, 4), 3),
+             ("BN -> ReLU -> Conv (pre-activation)", preact, torch.randn(1, 8, 4, 4), 1),
+             ("HorNet stem (patchify conv + LN)", stem, torch.randn(1, 3, 8, 8), 1),
+             ("HorBlock 16ch (gnconv + MLP)", HorBlock(16), torch.randn(1, 16, 4, 4), 4)]
+    out = []
+    for name, m, x, launches in cases:
+        m = randomize_bn(m).eval()
+        out.append((name, m, resfuse.convert(m, backend="eager"), x, launches))
+    return out
+
+
+def module_rows(repeats, calls):
+    """Each converted module vs the module it replaces (backend='eager')."""
+    rows = []
+    with torch.no_grad():
+        for name, plain, fused, x, _ in _module_cases():
+            res = interleaved({"eager": lambda: plain(x), "resfuse": lambda: fused(x)}, repeats, calls)
+            rows.append(_pair_row(name, res["eager"], res["resfuse"]))
+    return rows
+
+
+def _pair_row(name, eager, fused):
+    return (f"| {name} | {eager[0]:.1f} | {fused[0]:.1f} | {fused[1]:.1f}-{fused[2]:.1f} | "
+            f"{fused[0] / eager[0]:.2f}x |")
+
+
+def launch_proxy_rows(fused_eager, x, repeats, calls):
+    """The converted modules on backend='triton' with each final kernel
+    call stubbed (kernels._common's recorder takes the launches), against
+    the eager module's CPU host time, measured in the same interleaved run."""
     from resfuse._backends import kernels_module
     try:
         common = kernels_module("_common")
         kernels_module("conv_bn_act")
     except Exception as e:  # no Triton here
-        return [f"| GPU-launch proxy | n/a | | ({type(e).__name__}: {e}) |"]
-    fused = copy.deepcopy(fused_eager)
-    fused.backend = "triton"
+        return [f"| GPU-launch proxy | n/a | | | ({type(e).__name__}: {e}) |"]
+    seq = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    seq.load_state_dict(fused_eager.state_dict())
+    cases = [("conv -> BN -> ReLU (Sequential)", seq, fused_eager, x, 1)] + _module_cases()
     sink = []
-
-    def proxy():
-        fused(x)
-        n = len(sink)
-        sink.clear()
-        if n != 1:  # the Triton path must have reached its launch (not fallen back)
-            raise RuntimeError(f"expected one recorded launch per call, got {n}")
-
+    rows = []
     common.start_recording(sink.append, 132)
     try:
         with torch.no_grad():
-            res = interleaved({"proxy": proxy}, repeats, calls)
+            for name, plain, fused, xin, launches in cases:
+                fused = resfuse.convert(plain, backend="triton", channels_last_weights=True)
+
+                def proxy(fused=fused, xin=xin, launches=launches):
+                    fused(xin)
+                    n = len(sink)
+                    sink.clear()
+                    if n != launches:  # the Triton path must have reached its launches (not fallen back)
+                        raise RuntimeError(f"{name}: expected {launches} recorded launches per call, got {n}")
+
+                res = interleaved({"eager": lambda plain=plain, xin=xin: plain(xin), "proxy": proxy}, repeats, calls)
+                rows.append(_pair_row(name, res["eager"], res["proxy"]))
     finally:
         common.stop_recording()
-    return [_row("converted Sequential, backend='triton', up to the launch (stubbed)", res["proxy"], eager_us)]
+    return rows
 
 
-def model_rows(repeats, batch, size):
+def model_rows(repeats, shapes):
     import torchvision
     from resfuse.hornet import hornet_t
     torch.manual_seed(0)
@@ -135,12 +190,30 @@ def model_rows(repeats, batch, size):
     for name, m in models.items():
         m.eval()
         c = resfuse.convert(m, backend="eager")
+        for batch, size in shapes:
+            x = torch.randn(batch, 3, size, size)
+            calls = 1 if size >= 224 else 5
+            with torch.no_grad():
+                res = interleaved({"eager": lambda: m(x), "resfuse": lambda: c(x)}, repeats, calls)
+            rows.append(f"| {name} {batch}x3x{size}x{size} | {res['eager'][0] / 1e3:.2f} | "
+                        f"{res['resfuse'][0] / 1e3:.2f} | {res['resfuse'][1] / 1e3:.2f}-{res['resfuse'][2] / 1e3:.2f} | "
+                        f"{res['eager'][0] / res['resfuse'][0]:.2f}x |")
+    return rows
+
+
+def layout_rows(repeats):
+    """Eager ResNet-18 at the demo's size on NCHW vs channels_last feature
+    maps (what convert's default keeps on a CPU, and why)."""
+    import torchvision
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18().eval()
+    mc = copy.deepcopy(m).to(memory_format=torch.channels_last)
+    rows = []
+    for batch, size in ((2, 64), (8, 224)):
         x = torch.randn(batch, 3, size, size)
-        calls = 3 if size >= 224 else 10
         with torch.no_grad():
-            res = interleaved({"eager": lambda: m(x), "resfuse": lambda: c(x)}, repeats, calls)
-        rows.append(f"| {name} {batch}x3x{size}x{size} | {res['eager'][0] / 1e3:.2f} | {res['resfuse'][0] / 1e3:.2f} | "
-                    f"{res['eager'][0] / res['resfuse'][0]:.2f}x |")
+            res = interleaved({"nchw": lambda: m(x), "cl": lambda: mc(x)}, repeats, 1 if size >= 224 else 5)
+        rows.append(f"| resnet18 {batch}x3x{size}x{size} | {res['nchw'][0] / 1e3:.2f} | {res['cl'][0] / 1e3:.2f} |")
     return rows
 
 
@@ -149,22 +222,33 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--models", action="store_true", help="also whole models (minutes)")
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--batch", type=int, default=2)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     lines = [f"# Host path per call, {datetime.date.today()} (CPU, 1 thread)", "",
+             "CPU host-path measurements (Python and dispatch before a launch, and the CPU eager fallback), "
+             "not GPU kernel speed.", "",
              f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, torch "
-             f"{torch.__version__}; `python bench/host_overhead.py {' '.join(argv or sys.argv[1:])}`; median of "
-             f"{a.repeats} interleaved repeats of {a.calls} calls, spread min-max.", "",
+             f"{torch.__version__}; `python bench/host_overhead.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
+             f"median of {a.repeats} interleaved repeats of {a.calls} calls, spread min-max.", "",
              "| call | µs per call | spread | vs eager |", "|---|---|---|---|"]
     rows, eager_us, fused, x = op_rows(a.repeats, a.calls)
-    lines += rows + launch_proxy_rows(fused, x, eager_us, a.repeats, a.calls)
+    lines += rows
+    lines += ["", "Modules (backend='eager', no grad), each against the module it replaces; ratio = resfuse / eager:", "",
+              "| module | eager µs | resfuse µs | spread | ratio |", "|---|---|---|---|---|"]
+    lines += module_rows(a.repeats, a.calls)
+    lines += ["", "GPU-launch proxy: converted module on backend='triton' up to its kernel calls (stubbed), "
+              "vs the eager module's CPU host time; ratio = proxy / eager:", "",
+              "| module | eager µs | proxy µs | spread | ratio |", "|---|---|---|---|---|"]
+    lines += launch_proxy_rows(fused, x, a.repeats, a.calls)
     if a.models:
-        lines += ["", f"Whole models, eval, no_grad, backend='eager' (ms per forward; speed = eager / resfuse):", "",
-                  "| model, input | eager ms | resfuse ms | speed |", "|---|---|---|---|"]
-        lines += model_rows(max(5, a.repeats // 2), a.batch, a.size)
+        reps = max(5, a.repeats // 2)
+        lines += ["", "Whole models, eval, no_grad, backend='eager' (ms per forward; speed = eager / resfuse):", "",
+                  "| model, input | eager ms | resfuse ms | spread | speed |", "|---|---|---|---|---|"]
+        lines += model_rows(reps, ((2, 64), (1, 224), (8, 224)))
+        lines += ["", "Eager ResNet-18 by feature-map layout (ms per forward):", "",
+                  "| model, input | NCHW ms | channels_last ms |", "|---|---|---|"]
+        lines += layout_rows(reps)
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

@@ -215,6 +215,51 @@ def recording() -> bool:
     return _RECORDER is not None
 
 
+@dataclass
+class PreparedLaunch:
+    """A launch with everything but its tensor arguments fixed: the
+    ``@triton.jit`` function, the grid, the scalar arguments that follow
+    the tensors, the keyword arguments with the config merged in. Made by
+    ``prepare`` on a launcher's first call for a signature and run by
+    ``launch_prepared`` on the later ones (the Python of choosing a config,
+    computing strides and flags then runs once per signature)."""
+    name: str
+    fn: Any
+    grid: Tuple[int, ...]
+    scalars: Tuple
+    kwargs: Dict[str, Any]
+    config: Any = None
+    tuned: Optional["TunedKernel"] = None
+    tune_key: Tuple = ()
+
+
+def prepare(name: str, kernel, grid, tensors: Tuple, scalars: Tuple, kwargs: Dict[str, Any]) -> PreparedLaunch:
+    """``kernel[grid](*tensors, *scalars, **kwargs)`` made ready: for a
+    ``TunedKernel`` its default config is chosen now (not with
+    RESFUSE_AUTOTUNE=1: the autotuner chooses at launch, so use
+    ``launch``); `grid` may be a function of the config's meta-parameters."""
+    config, tuned, fn, key = None, None, kernel, ()
+    if isinstance(kernel, TunedKernel):
+        args = tensors + scalars
+        fn, key, tuned = kernel.fn, kernel.tune_key(args, kwargs), kernel
+        config = kernel.default_config(args, kwargs, key)
+        kwargs = {**kwargs, **config.all_kwargs()}
+    if callable(grid):
+        grid = tuple(grid(kwargs))
+    return PreparedLaunch(name, fn, grid, tuple(scalars), kwargs, config, tuned, key)
+
+
+def launch_prepared(p: PreparedLaunch, tensors: Tuple) -> None:
+    """Run (or record) a prepared launch on this call's tensors, counted
+    under its name; what ``launch`` does, without re-deriving anything."""
+    args = tensors + p.scalars
+    if _RECORDER is not None:
+        _RECORDER.sink(Launch(p.name, p.fn, args, dict(p.kwargs), p.config, p.tuned, p.tune_key))
+    else:
+        p.fn[p.grid](*args, **p.kwargs)
+    count_launch(p.name)
+
+
 def launch(name: str, kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` for a ``@triton.jit`` function or
     a ``TunedKernel`` (its default config, or the autotuner with

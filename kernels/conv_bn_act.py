@@ -44,8 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LAUNCHES_BY_KERNEL, TunedKernel, declare_kernels, dot_precision, interpreter_blocks,
-                      interpreting, launch, needs_int64)
+from ._common import (LAUNCHES_BY_KERNEL, TunedKernel, autotuning, declare_kernels, dot_precision,
+                      interpreter_blocks, interpreting, launch, launch_prepared, needs_int64, num_sms, prepare)
 
 # The ids are resfuse.activations.ACTIVATIONS[name].triton_id (the one
 # source of truth); adding an activation is a row there and a branch here.
@@ -303,6 +303,7 @@ _conv_bn_act_fwd_tuned = TunedKernel(
     prune=_prune_configs)
 
 declare_kernels("conv_bn_act")
+_INTERPRETED = interpreting()  # what triton.jit made the kernels above: fixed at import
 
 
 def __getattr__(name):
@@ -311,9 +312,32 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _vec(v):
+    """A per-channel vector as the kernel reads it (unit stride; a strided
+    view, a slice of a larger buffer, is packed: K elements, free)."""
+    return None if v is None else v.contiguous()
+
+
+def _tensor_args(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual, out, projection, prologue):
+    """The kernel's pointer arguments, in its order (x stands in for an
+    absent optional tensor: its flag is off and it is never read)."""
+    dummy = x
+    t = [x, weight, _vec(bias), _vec(bn_mean), _vec(bn_var), _vec(bn_weight), _vec(bn_bias), residual, out]
+    if projection is not None:
+        xs, wd, bias_d, mean_d, var_d, gamma_d, beta_d = projection[:7]
+        t += [xs, wd, _vec(bias_d), _vec(mean_d), _vec(var_d), _vec(gamma_d), _vec(beta_d)]
+    else:
+        t += [None] * 7
+    if prologue is not None:
+        t += [_vec(v) for v in prologue[:4]]
+    else:
+        t += [None] * 4
+    return tuple(dummy if v is None else v for v in t)
+
+
 def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
                     stride, padding, dilation, activation_id, negative_slope, out, *, allow_tf32,
-                    projection=None, prologue=None, force_int64=False):
+                    projection=None, prologue=None, force_int64=False, memo=None):
     """Launch the fused kernel. Inputs are validated by resfuse.ops; this
     computes strides, flags and the grid. `out` is a preallocated
     (N, K, P, Q) tensor in the caller's chosen memory format.
@@ -324,13 +348,87 @@ def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, r
 
     prologue: None, or (mean_i, var_i, gamma_i, beta_i, eps_i, act_id_i,
     slope_i): the BN (per input channel, C) and activation applied to x as
-    it is loaded."""
+    it is loaded.
+
+    memo: None, or a dict the caller keeps for one call signature (same
+    shapes, strides, dtypes, devices, data-pointer alignment and non-tensor
+    arguments at every call that passes it: ``resfuse.ops.plans`` keys its
+    plans so): the launch is prepared on the first call and later calls
+    only read their tensors (in the interpreter, per RESFUSE_INTERPRET_BLOCKS
+    setting). Not filled with RESFUSE_AUTOTUNE=1 (read when a signature
+    first launches), where the autotuner chooses at every launch."""
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
     _, _, P, Q = out.shape
     M = N * P * Q
     if M == 0 or K == 0:
         return out
+    interpret = _INTERPRETED
+    slot = (allow_tf32, force_int64, num_sms(), interpreter_blocks(None) if interpret else None)
+    prepared = memo.get(slot) if memo is not None else None
+    if prepared is not None:
+        launch_prepared(prepared, _tensor_args(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual,
+                                               out, projection, prologue))
+        return out
+    if autotuning() and not interpret:
+        memo = None
+    precision = dot_precision(x.dtype, allow_tf32)
+    tensors = _tensor_args(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual, out, projection,
+                           prologue)
+    has_bn = bn_mean is not None
+    rs = residual.stride() if residual is not None else (0, 0, 0, 0)
+    if projection is not None:
+        xs, wd, bias_d, mean_d, var_d, gamma_d, beta_d, eps_d, sc_stride = projection
+        CS = xs.shape[1]
+        proj_args = (CS, *xs.stride(), wd.stride(0), wd.stride(1), sc_stride[0], sc_stride[1], float(eps_d))
+        proj_flags = dict(HAS_PROJ=True, HAS_PROJ_BIAS=bias_d is not None, HAS_PROJ_GAMMA=gamma_d is not None,
+                          HAS_PROJ_BETA=beta_d is not None)
+    else:
+        xs = wd = None
+        proj_args = (0, 0, 0, 0, 0, 0, 0, 1, 1, 0.0)
+        proj_flags = dict(HAS_PROJ=False, HAS_PROJ_BIAS=False, HAS_PROJ_GAMMA=False, HAS_PROJ_BETA=False)
+    if prologue is not None:
+        mean_i, var_i, gamma_i, beta_i, eps_i, act_i, slope_i = prologue
+        pre_args = (float(eps_i), float(slope_i))
+        pre_flags = dict(HAS_PRE=True, PRE_ACT=act_i, HAS_PRE_GAMMA=gamma_i is not None,
+                         HAS_PRE_BETA=beta_i is not None)
+    else:
+        pre_args = (0.0, 0.0)
+        pre_flags = dict(HAS_PRE=False, PRE_ACT=0, HAS_PRE_GAMMA=False, HAS_PRE_BETA=False)
+    int64 = force_int64 or needs_int64(x, weight, residual, out, xs, wd, extra=M)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
+
+    if interpret:
+        bm, bn, bk = _interpreter_blocks(max(C, proj_args[0]), K)
+        kernel, tiles = _conv_bn_act_fwd_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
+    else:
+        kernel, tiles = _conv_bn_act_fwd_tuned, {}
+    scalars = (
+        *pre_args,
+        M, C, H, W, K, P, Q, proj_args[0],
+        *proj_args[1:],
+        *x.stride(), *weight.stride(), *rs, *out.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        float(eps), float(negative_slope),
+    )
+    kwargs = dict(
+        R=R, S=S,
+        HAS_BIAS=bias is not None, HAS_BN=has_bn,
+        HAS_GAMMA=has_bn and bn_weight is not None, HAS_BETA=has_bn and bn_bias is not None,
+        HAS_RES=residual is not None, ACT=activation_id, **proj_flags, **pre_flags,
+        INT64=bool(int64), DOT_IN_FP32=interpret and x.dtype == torch.bfloat16,
+        INPUT_PRECISION=precision, **tiles,
+    )
+    if autotuning() and not interpret:
+        launch("conv_bn_act", kernel, grid, *tensors, *scalars, **kwargs)
+        return out
+    prepared = prepare("conv_bn_act", kernel, grid, tensors, scalars, kwargs)
+    if memo is not None:
+        memo[slot] = prepared
+    launch_prepared(prepared, tensors)
+    return out
     interpret = interpreting()
     precision = dot_precision(x.dtype, allow_tf32)
     # The kernel reads the per-channel vectors at unit stride; a strided view

@@ -58,6 +58,7 @@ class Decision:
 Check = Callable[[object], List[str]]
 Run = Callable[[object], object]
 _REGISTRY: Dict[str, Dict[str, Tuple[Check, Run]]] = {}
+_generation = 0  # bumped by every register(): part of environment()
 _last = threading.local()
 _logged = set()
 
@@ -71,6 +72,8 @@ def register(op: str, backend: str, check: Check, run: Optional[Run] = None) -> 
     if run is None:
         check = _never(op, backend, check)
     _REGISTRY.setdefault(op, {})[backend] = (check, run)
+    global _generation
+    _generation += 1  # plans made before chose among other implementations
 
 
 def _never(op: str, backend: str, check: Check) -> Check:
@@ -155,11 +158,11 @@ def record(decision: Decision) -> None:
 
 def environment() -> tuple:
     """What ``plan`` reads besides the op, the backend and the problem and
-    may change while a process runs: RESFUSE_BACKEND and whether launches
-    are recorded (``resfuse.inspect``); part of every cached plan's key.
-    (TRITON_INTERPRET is not: the kernels fix it when first imported, and a
-    plan keeps running them as imported.)"""
-    return os.environ.get(ENV_VAR), recording_launches()
+    may change while a process runs: RESFUSE_BACKEND, whether launches are
+    recorded (``resfuse.inspect``) and the registry's generation; part of
+    every cached plan's key. (TRITON_INTERPRET is not: the kernels fix it
+    when first imported, and a plan keeps running them as imported.)"""
+    return os.environ.get(ENV_VAR), recording_launches(), _generation
 
 
 def last_decision():

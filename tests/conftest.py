@@ -62,3 +62,12 @@ def seed(request):
     torch.manual_seed(s)
     print(f"seed={s}")
     return s
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plans():
+    """Tests patch backends, kernels and launchers: a plan (and the launch
+    prepared with it) made under a patch must not outlive its test."""
+    yield
+    from resfuse.ops.plans import clear_plans
+    clear_plans()

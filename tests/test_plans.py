@@ -136,6 +136,41 @@ def test_direct_path_only_where_nothing_needs_the_op():
     assert fused(xg).grad_fn is not None
 
 
+def test_the_conv_launch_is_prepared_once_per_signature(monkeypatch):
+    """Recorded launches (sm_90 target): the launcher prepares a launch
+    once per plan (aligned and offset x are two), later calls reuse it with
+    their own tensors, and a reused launch has exactly the scalars, flags
+    and config a fresh preparation gives."""
+    common, kern = kernels_module("_common"), kernels_module("conv_bn_act")
+    prepared = []
+    orig = kern.prepare
+    monkeypatch.setattr(kern, "prepare", lambda *a, **k: prepared.append(a[0]) or orig(*a, **k))
+    n = 8 * 5 * 5
+    buf = torch.randn(n + 1)
+    aligned, offset = buf[:n].view(1, 8, 5, 5), buf[1:].view(1, 8, 5, 5)
+    w = torch.randn(8, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    bn = _bn(8)
+    launches = []
+    conv_op._PLANS.plans.clear()
+    common.start_recording(launches.append, 132)
+    try:
+        with torch.no_grad():
+            for x in (aligned, offset, aligned, offset):
+                _call(x, w, bn, "triton")
+            fresh = []
+            common.stop_recording()
+            common.start_recording(fresh.append, 132)
+            kern.conv_bn_act_fwd(launches[2].args[0], w, None, *bn, 1e-5, None, (1, 1), (1, 1), (1, 1), 1, 0.01,
+                                 launches[2].args[8], allow_tf32=False)
+    finally:
+        common.stop_recording()
+    assert len(prepared) == 3 and len(launches) == 4  # aligned, offset, then the fresh one below
+    for a, b in ((launches[0], launches[2]), (launches[1], launches[3]), (fresh[0], launches[2])):
+        assert a.fn is b.fn and a.kwargs == b.kwargs and a.config is b.config and a.tune_key == b.tune_key
+        assert all(u == v for u, v in zip(a.args, b.args) if not isinstance(u, torch.Tensor))
+    assert launches[2].args[8] is not launches[0].args[8]  # a fresh output per call
+
+
 def test_a_new_signature_during_capture_raises_before_compiling(monkeypatch):
     """While the stream is capturing (simulated), a signature with a plan
     runs; a new one on the Triton backend raises CaptureError, and nothing

@@ -18,6 +18,7 @@ Implementations: ``triton`` (kernels/conv_bn_act.py with its prologue) and
 reasons and runs Triton or eager).
 """
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional
@@ -29,7 +30,7 @@ from ..activations import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, activation_grad, 
 from .plans import PlanCache, direct_call_ok, tensor_key
 from .common import acc_dtype, check_tensor, conv_output_memory_format, pair
 from .conv_bn_act import (ConvBNActProblem, _eager_run, bn_param_grads, branch_grads, fold_bn, launch_triton_conv,
-                          make_problem, pre_activation, resolve_padding, triton_check)
+                          make_problem, pre_activation, resolve_padding, same_dtype, triton_check)
 
 OP = "bn_act_conv"
 
@@ -77,15 +78,28 @@ def make_bn_act_conv_problem(x, in_mean, in_var, in_weight, in_bias, in_eps, in_
         in_negative_slope = check_negative_slope(in_negative_slope)
     except (TypeError, ValueError) as e:
         raise type(e)(f"in_{e}") from None
-    fields = {f: getattr(main, f) for f in main.__dataclass_fields__}
+    fields = {f.name: getattr(main, f.name) for f in dataclasses.fields(main)}
     return BNActConvProblem(**fields, in_mean=in_mean, in_var=in_var, in_weight=in_weight, in_bias=in_bias,
                             in_eps=float(in_eps), in_activation=in_activation,
                             in_negative_slope=in_negative_slope)
 
 
 def _eager_run_preact(p: BNActConvProblem) -> torch.Tensor:
-    _, h = p.prologue(p.x)
-    return _eager_run(dataclasses.replace(p, x=h.to(p.x.dtype)))
+    """h = act_in(BN_in(x)) as eager computes it in float32/float64
+    (``torch.batch_norm``, the activation in place), in fp32 from the fold
+    in 16-bit types (as the kernel); then the conv problem on h."""
+    x = p.x
+    if x.dtype in (torch.float32, torch.float64) and same_dtype(x.dtype, p.in_mean, p.in_var, p.in_weight,
+                                                                  p.in_bias):
+        h = torch.batch_norm(x, p.in_weight, p.in_bias, p.in_mean, p.in_var, False, 0.0, p.in_eps,
+                             torch.backends.cudnn.enabled)
+        h = torch.relu_(h) if p.in_activation == "relu" else get_activation(p.in_activation).eager(
+            h, p.in_negative_slope)
+    else:
+        h = p.prologue(x)[1].to(x.dtype)
+    q = copy.copy(p)
+    q.x = h
+    return _eager_run(q)
 
 
 def _triton_run(p: BNActConvProblem) -> torch.Tensor:
@@ -117,17 +131,20 @@ def bn_act_conv_impl(x, in_mean, in_var, in_weight, in_bias, in_eps, in_activati
         p = make_bn_act_conv_problem(x, in_mean, in_var, in_weight, in_bias, in_eps, in_activation, weight,
                                      bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual, stride, padding,
                                      dilation, groups, activation, in_negative_slope, negative_slope)
+        p.launch_memo = {}
         return _PLANS.miss(key, backend, p, _derived)
-    decision, run, (out_shape, out_format, stride, padding, dilation) = plan
+    decision, run, (out_shape, out_format, stride, padding, dilation, memo) = plan
     dispatch.record(decision)
-    return run(BNActConvProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual,
-                                stride, padding, dilation, groups, activation, out_shape, negative_slope,
-                                out_format, in_mean, in_var, in_weight, in_bias, float(in_eps), in_activation,
-                                in_negative_slope))
+    p = BNActConvProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual,
+                         stride, padding, dilation, groups, activation, out_shape, negative_slope,
+                         out_format, in_mean, in_var, in_weight, in_bias, float(in_eps), in_activation,
+                         in_negative_slope)
+    p.launch_memo = memo
+    return run(p)
 
 
 def _derived(p: BNActConvProblem):
-    return p.out_shape, p.out_format, p.stride, p.padding, p.dilation
+    return p.out_shape, p.out_format, p.stride, p.padding, p.dilation, p.launch_memo
 
 
 @torch.library.custom_op("resfuse::bn_act_conv", mutates_args=())

@@ -19,7 +19,7 @@ conv_bn_act.py), ``cuda`` (resfuse._C, when built with a kernel for it) and
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import ClassVar, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,9 @@ class ConvBNActProblem(OnInput):  # device, dtype: x's, as a ProblemSignature's
     out_shape: Tuple[int, int, int, int]
     negative_slope: float = DEFAULT_NEGATIVE_SLOPE   # leaky_relu's; the other activations ignore it
     out_format: torch.memory_format = torch.contiguous_format  # conv_output_memory_format(x, weight)
+    #: The launcher's memo for this problem's signature (``kernels.conv_bn_act.conv_bn_act_fwd``),
+    #: kept by the cached plan; None: prepare the launch afresh.
+    launch_memo: ClassVar[Optional[dict]] = None
 
     def act(self, t: torch.Tensor) -> torch.Tensor:
         return get_activation(self.activation).eager(t, self.negative_slope)
@@ -180,7 +183,7 @@ def conv_bn_eager(p: ConvBNActProblem) -> torch.Tensor:
         return F.conv2d(x, p.weight, p.bias, p.stride, p.padding, p.dilation, p.groups)
     N, _, P, Q = p.out_shape
     _, Cg, R, S = p.weight.shape
-    if N * P * Q < 4 * Cg * R * S and _same_dtype(x.dtype, bn, p.bn_var, p.bn_weight, p.bn_bias):
+    if N * P * Q < 4 * Cg * R * S and same_dtype(x.dtype, bn, p.bn_var, p.bn_weight, p.bn_bias):
         y = F.conv2d(x, p.weight, p.bias, p.stride, p.padding, p.dilation, p.groups)
         return torch.batch_norm(y, p.bn_weight, p.bn_bias, bn, p.bn_var, False, 0.0, p.eps,
                                 torch.backends.cudnn.enabled)
@@ -211,7 +214,7 @@ def _eager_run(p: ConvBNActProblem) -> torch.Tensor:
     return y.contiguous(memory_format=p.out_format)
 
 
-def _same_dtype(dtype, *vectors) -> bool:
+def same_dtype(dtype, *vectors) -> bool:
     """Whether every given vector has `dtype` (torch.batch_norm on CPU needs it)."""
     for t in vectors:
         if t is not None and t.dtype != dtype:
@@ -262,8 +265,9 @@ def launch_triton_conv(p: ConvBNActProblem, projection=None, **launcher_kwargs) 
     if p.device.type == "cuda":
         with torch.cuda.device(p.device):
             return kern.conv_bn_act_fwd(*args, allow_tf32=conv_allows_tf32(), projection=projection,
-                                        **launcher_kwargs)
-    return kern.conv_bn_act_fwd(*args, allow_tf32=False, projection=projection, **launcher_kwargs)
+                                        memo=p.launch_memo, **launcher_kwargs)
+    return kern.conv_bn_act_fwd(*args, allow_tf32=False, projection=projection, memo=p.launch_memo,
+                                **launcher_kwargs)
 
 
 def cuda_check(p) -> List[str]:
@@ -309,17 +313,19 @@ def conv_bn_act_impl(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, 
     if plan is None:
         p = make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
                          stride, padding, dilation, groups, activation, negative_slope)
+        p.launch_memo = {}
         return _PLANS.miss(key, backend, p, _derived)
-    decision, run, (out_shape, out_format, stride, padding, dilation) = plan
+    decision, run, (out_shape, out_format, stride, padding, dilation, memo) = plan
     dispatch.record(decision)
-    return run(ConvBNActProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual,
-                                stride, padding, dilation, groups, activation, out_shape, negative_slope,
-                                out_format))
+    p = ConvBNActProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual,
+                         stride, padding, dilation, groups, activation, out_shape, negative_slope, out_format)
+    p.launch_memo = memo
+    return run(p)
 
 
 def _derived(p: ConvBNActProblem):
     """What a cached plan keeps of a validated problem (no tensors)."""
-    return p.out_shape, p.out_format, p.stride, p.padding, p.dilation
+    return p.out_shape, p.out_format, p.stride, p.padding, p.dilation, p.launch_memo
 
 
 @torch.library.custom_op("resfuse::conv_bn_act", mutates_args=())

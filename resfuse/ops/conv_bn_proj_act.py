@@ -9,6 +9,7 @@ written to memory. Both BN folds are computed from the live BN tensors at
 every call.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -76,7 +77,7 @@ def make_proj_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps,
     if xs.shape[0] != N or (ps, qs) != (P, Q):
         raise ValueError(f"xs of shape {tuple(xs.shape)} with stride_d {stride_d} gives a shortcut of "
                          f"{(xs.shape[0], K, ps, qs)}, but the main branch gives {main.out_shape}")
-    fields = {f: getattr(main, f) for f in main.__dataclass_fields__}
+    fields = {f.name: getattr(main, f.name) for f in dataclasses.fields(main)}
     return ConvBNProjProblem(**fields, xs=xs, weight_d=weight_d, bias_d=bias_d, bn_mean_d=bn_mean_d,
                              bn_var_d=bn_var_d, bn_weight_d=bn_weight_d, bn_bias_d=bn_bias_d,
                              eps_d=float(eps_d), stride_d=stride_d)
@@ -143,17 +144,20 @@ def conv_bn_proj_act_impl(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, 
         p = make_proj_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, xs, weight_d, bias_d,
                               bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, eps_d, stride_d,
                               stride, padding, dilation, groups, activation, negative_slope)
+        p.launch_memo = {}
         return _PLANS.miss(key, backend, p, _derived)
-    decision, run, (out_shape, out_format, stride, padding, dilation, stride_d) = plan
+    decision, run, (out_shape, out_format, stride, padding, dilation, stride_d, memo) = plan
     dispatch.record(decision)
-    return run(ConvBNProjProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), None,
-                                 stride, padding, dilation, groups, activation, out_shape, negative_slope,
-                                 out_format, xs, weight_d, bias_d, bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d,
-                                 float(eps_d), stride_d))
+    p = ConvBNProjProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), None,
+                          stride, padding, dilation, groups, activation, out_shape, negative_slope,
+                          out_format, xs, weight_d, bias_d, bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d,
+                          float(eps_d), stride_d)
+    p.launch_memo = memo
+    return run(p)
 
 
 def _derived(p: ConvBNProjProblem):
-    return p.out_shape, p.out_format, p.stride, p.padding, p.dilation, p.stride_d
+    return p.out_shape, p.out_format, p.stride, p.padding, p.dilation, p.stride_d, p.launch_memo
 
 
 @torch.library.custom_op("resfuse::conv_bn_proj_act", mutates_args=())

@@ -15,9 +15,10 @@ offset view of the same shape. Tensor *values* are never part of a plan
 (the BN fold reads the live tensors at every call).
 
 The direct path (``direct_call_ok``): with no gradient to record, no
-``torch.compile``/``jit`` tracing, no dispatch mode (``FakeTensorMode``,
-``make_fx``, ``FlopCounterMode``...), no functorch transform and plain
-tensors, the op's implementation is called as a Python function: what the
+``torch.compile``/``jit`` tracing, no dispatch or function mode
+(``FakeTensorMode``, ``make_fx``, ``FlopCounterMode``, a
+``TorchFunctionMode`` watching the ops...), no functorch transform and
+plain tensors, the op's implementation is called as a Python function: what the
 custom op's dispatcher round trip (its autograd kernel, the redispatch and
 the dynamo-disable frame) would add is then pure host time. Every other
 call goes through ``torch.ops.resfuse.*``, which ``torch.compile`` and the
@@ -48,7 +49,8 @@ def tensor_key(t: Optional[torch.Tensor]):
 def direct_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether an op may run its implementation directly (module docstring)."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None):
+            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
+            or torch._C._get_tracing_state() is not None):
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
