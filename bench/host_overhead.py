@@ -202,19 +202,33 @@ def model_rows(repeats, shapes):
 
 
 def layout_rows(repeats):
-    """Eager ResNet-18 at the demo's size on NCHW vs channels_last feature
-    maps (what convert's default keeps on a CPU, and why)."""
+    """What convert's channels_last weights (its default) cost or save on
+    the CPU fallback: an eager ResNet-18 on NCHW vs channels_last feature
+    maps, and each model at the demo's size converted with and without
+    them (speed = eager / resfuse)."""
     import torchvision
+    from resfuse.hornet import hornet_t
     torch.manual_seed(0)
     m = torchvision.models.resnet18().eval()
     mc = copy.deepcopy(m).to(memory_format=torch.channels_last)
-    rows = []
+    eager_rows, convert_rows = [], []
     for batch, size in ((2, 64), (8, 224)):
         x = torch.randn(batch, 3, size, size)
         with torch.no_grad():
             res = interleaved({"nchw": lambda: m(x), "cl": lambda: mc(x)}, repeats, 1 if size >= 224 else 5)
-        rows.append(f"| resnet18 {batch}x3x{size}x{size} | {res['nchw'][0] / 1e3:.2f} | {res['cl'][0] / 1e3:.2f} |")
-    return rows
+        eager_rows.append(f"| resnet18 {batch}x3x{size}x{size} | {res['nchw'][0] / 1e3:.2f} | "
+                          f"{res['cl'][0] / 1e3:.2f} |")
+    models = {"resnet18": m, "resnet50": torchvision.models.resnet50().eval(),
+              "vgg16_bn": torchvision.models.vgg16_bn().eval(), "hornet_t": hornet_t().eval()}
+    x = torch.randn(2, 3, 64, 64)
+    for name, plain in models.items():
+        cl = resfuse.convert(plain, backend="eager")
+        kept = resfuse.convert(plain, backend="eager", channels_last_weights=False)
+        with torch.no_grad():
+            res = interleaved({"eager": lambda: plain(x), "cl": lambda: cl(x), "kept": lambda: kept(x)}, repeats, 5)
+        e = res["eager"][0]
+        convert_rows.append(f"| {name} 2x3x64x64 | {e / res['cl'][0]:.2f}x | {e / res['kept'][0]:.2f}x |")
+    return eager_rows, convert_rows
 
 
 def main(argv=None):
@@ -246,9 +260,12 @@ def main(argv=None):
         lines += ["", "Whole models, eval, no_grad, backend='eager' (ms per forward; speed = eager / resfuse):", "",
                   "| model, input | eager ms | resfuse ms | spread | speed |", "|---|---|---|---|---|"]
         lines += model_rows(reps, ((2, 64), (1, 224), (8, 224)))
+        eager_rows, convert_rows = layout_rows(reps)
         lines += ["", "Eager ResNet-18 by feature-map layout (ms per forward):", "",
-                  "| model, input | NCHW ms | channels_last ms |", "|---|---|---|"]
-        lines += layout_rows(reps)
+                  "| model, input | NCHW ms | channels_last ms |", "|---|---|---|"] + eager_rows
+        lines += ["", "Converted at the demo's size, speed vs eager with convert's channels_last weights (the "
+                  "default) and with channels_last_weights=False:", "",
+                  "| model, input | channels_last weights | model's own layout |", "|---|---|---|"] + convert_rows
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

@@ -9,13 +9,11 @@ the original's keys, shapes and values.
 """
 
 import copy
-from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from . import dispatch
-from ._backends import triton_reasons
 from .nn.blocks import FusedResidualBlock, fuse_block
 from .nn.conv_bn_act import FusedSequential
 from .nn.gnconv import FusedHorBlock, GnConv
@@ -105,23 +103,8 @@ def lay_out_conv_weights(model: nn.Module) -> None:
             w.data = w.data.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
 
 
-def kernels_read_weights(model: nn.Module, backend: str) -> bool:
-    """Whether the fused kernels (Triton, CUDA), which read OHWI weight
-    tiles, are what will run `model` where its parameters are now: on a
-    CUDA device, or in the Triton interpreter, unless ``backend='eager'``.
-    On a CPU without the interpreter the eager fallback runs, and eager's
-    own convolutions are fastest on the layout the model was built with
-    (mkldnn on channels_last feature maps: resnet18 at batch 2, 64x64,
-    10.8 ms NCHW vs 12.3 ms channels_last on this project's CPU, 1 thread,
-    2026-12-04; bench/results/2026-12-04-host-overhead.md)."""
-    if dispatch.effective_backend(backend) == "eager":
-        return False
-    p = next(iter(model.parameters()), None)
-    return p is not None and (p.device.type == "cuda" or not triton_reasons(p.device, torch.float32))
-
-
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False,
-            channels_last_weights: Optional[bool] = None) -> nn.Module:
+            channels_last_weights: bool = True) -> nn.Module:
     """Return `model` with its conv -> BN (-> act) (-> add) patterns fused:
 
     - residual blocks (torchvision/timm BasicBlock and Bottleneck, the seed's
@@ -156,12 +139,8 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False,
         (``lay_out_conv_weights``), so the Triton conv kernel reads them
         without a per-call repack and an NCHW input becomes channels_last at
         the first fused conv (the model's feature maps are then channels_last:
-        ``.reshape``, not ``.view``). None (the default): where the kernels
-        run the model as its parameters are now (``kernels_read_weights``:
-        on CUDA, in the interpreter; not on the CPU eager fallback), so
-        convert the model on the device it will run on, or pass True.
-        False keeps the user's strides (the Triton path then repacks OIHW
-        weights at every call). With the
+        ``.reshape``, not ``.view``). On by default; False keeps the user's strides
+        (the Triton path then repacks OIHW weights at every call). With the
         new strides, eager convolutions (train mode, fallbacks) may round
         differently from the model as constructed (within the correctness
         rule); only False keeps train mode bitwise the original's.
@@ -171,8 +150,8 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False,
     Modules that do not match stay as they are; ``resfuse.explain`` says why.
     """
     dispatch.validate_backend(backend)
-    if channels_last_weights is not None and not isinstance(channels_last_weights, bool):
-        raise TypeError(f"channels_last_weights must be None or a bool, got {type(channels_last_weights).__name__}")
+    if not isinstance(channels_last_weights, bool):
+        raise TypeError(f"channels_last_weights must be a bool, got {type(channels_last_weights).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
@@ -194,6 +173,6 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False,
             m.backend = backend
         elif is_plain_sequential(m) and any(isinstance(s, FusedGroup) for s in plan_sequential(m).steps):
             FusedSequential.from_sequential(m, backend)
-    if channels_last_weights if channels_last_weights is not None else kernels_read_weights(model, backend):
+    if channels_last_weights:
         lay_out_conv_weights(model)
     return model

@@ -1,10 +1,9 @@
 """Memory layouts: conv outputs follow PyTorch's rule (channels_last when
 the input or the weight is), on every backend, and ``convert`` (its
-``channels_last_weights``, by default where the kernels run) lays fused weights out once
+``channels_last_weights``, on by default) lays fused weights out once
 without changing what a state_dict holds or what the model computes."""
 
 import copy
-import os
 import random
 
 import pytest
@@ -44,27 +43,11 @@ def test_output_layout_follows_eager(backend, device):
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_convert_lays_weights_out_where_the_kernels_run():
-    """By default the weights are laid out channels_last where the Triton
-    or CUDA kernels will read them (this suite runs the interpreter, so
-    Triton on CPU tensors), and kept as built for the CPU eager fallback."""
-    from resfuse.convert import kernels_read_weights
-    from resfuse.models import resnet18
-    m = resnet18()
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
-    assert kernels_read_weights(m, "auto") == interp and kernels_read_weights(m, "triton") == interp
-    assert not kernels_read_weights(m, "eager")
-    w = resfuse.convert(m, backend="eager").layer1[0].conv1.weight
-    assert w.is_contiguous() and not w.is_contiguous(memory_format=CL)
-    w = resfuse.convert(m, backend="triton").layer1[0].conv1.weight
-    assert w.is_contiguous(memory_format=CL) != w.is_contiguous() if interp else w.is_contiguous()
-
-
-def test_convert_lays_weights_out_channels_last_keeping_state_and_values():
+def test_convert_lays_weights_out_channels_last_by_default_keeping_state_and_values():
     from resfuse.models import randomize_bn, resnet18
     torch.manual_seed(0)
     plain = randomize_bn(resnet18()).eval()
-    fused = resfuse.convert(plain, backend="eager", channels_last_weights=True)
+    fused = resfuse.convert(plain, backend="eager")
     sd_p, sd_f = plain.state_dict(), fused.state_dict()
     assert list(sd_p) == list(sd_f)
     assert all(torch.equal(sd_p[k], sd_f[k]) and sd_p[k].shape == sd_f[k].shape for k in sd_p)
