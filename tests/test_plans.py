@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import resfuse
-from resfuse import dispatch
 from resfuse._backends import kernels_module
 from resfuse.ops import conv_bn_act as conv_op
 from resfuse.ops import plans
