@@ -270,15 +270,23 @@ def test_cuda_graph_capture_and_replay_with_new_input():
 
 
 @pytest.mark.gpu
-def test_make_graphed_callables_and_reduce_overhead_compile():
+def test_make_graphed_callables():
     plain, fused = _capture_case()
     x = torch.randn(1, 3, 64, 64, device="cuda")
     with torch.no_grad():
         ref = copy.deepcopy(plain).double()(x.double())
         eager = plain(x)
-    graphed = torch.cuda.make_graphed_callables(fused, (x,))  # forward and backward graphs
+    graphed = torch.cuda.make_graphed_callables(fused, (x,))  # forward and backward graphs; replaces its forward
     assert_matches(graphed(x).detach(), ref, eager, torch.float32, "make_graphed_callables")
+
+
+@pytest.mark.gpu
+def test_compile_reduce_overhead_fullgraph():
+    plain, fused = _capture_case()
+    x = torch.randn(1, 3, 64, 64, device="cuda")
     with torch.no_grad():
+        ref = copy.deepcopy(plain).double()(x.double())
+        eager = plain(x)
         compiled = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
         for _ in range(3):
             y = compiled(x)
