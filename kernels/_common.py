@@ -137,17 +137,6 @@ class TunedKernel:
         kept = self._prune(configs, named) if self._prune is not None else configs
         return list(kept) or configs[-1:]
 
-    def __getitem__(self, grid):
-        """``tuned[grid](*args, **kwargs)``: run with the default config, or
-        through the autotuner with RESFUSE_AUTOTUNE=1 (no counting, no
-        recording: ``launch`` does those)."""
-        def run(*args, **kwargs):
-            if autotuning():
-                return self.autotuner[grid](*args, **kwargs)
-            cfg = self.default_config(args, kwargs)
-            return self.fn[grid](*args, **kwargs, **cfg.all_kwargs())
-        return run
-
     def tune_key(self, args: Sequence, kwargs: Dict[str, Any]) -> Tuple:
         """The values of ``key`` for a launch (what the autotuner, and the
         default-config cache, key on)."""
@@ -237,7 +226,8 @@ def prepare(name: str, kernel, grid, tensors: Tuple, scalars: Tuple, kwargs: Dic
     """``kernel[grid](*tensors, *scalars, **kwargs)`` made ready: for a
     ``TunedKernel`` its default config is chosen now (not with
     RESFUSE_AUTOTUNE=1: the autotuner chooses at launch, so use
-    ``launch``); `grid` may be a function of the config's meta-parameters."""
+    ``launch``); `grid` may be a function of the meta-parameters (the
+    keyword arguments, the config's included), evaluated now."""
     config, tuned, fn, key = None, None, kernel, ()
     if isinstance(kernel, TunedKernel):
         args = tensors + scalars
@@ -264,14 +254,10 @@ def launch(name: str, kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` for a ``@triton.jit`` function or
     a ``TunedKernel`` (its default config, or the autotuner with
     RESFUSE_AUTOTUNE=1), counted under ``name``; recorded, not run, while
-    ``resfuse.inspect`` records."""
-    if _RECORDER is not None:
-        config, tuned, fn, key = None, None, kernel, ()
-        if isinstance(kernel, TunedKernel):
-            fn, key, tuned = kernel.fn, kernel.tune_key(args, kwargs), kernel
-            config = kernel.default_config(args, kwargs, key)
-            kwargs = {**kwargs, **config.all_kwargs()}
-        _RECORDER.sink(Launch(name, fn, tuple(args), dict(kwargs), config, tuned, key))
-    else:
-        kernel[grid](*args, **kwargs)
-    count_launch(name)
+    ``resfuse.inspect`` records. (``prepare`` + ``launch_prepared`` in one
+    call, for launchers that do not keep the prepared launch.)"""
+    if _RECORDER is None and isinstance(kernel, TunedKernel) and autotuning():
+        kernel.autotuner[grid](*args, **kwargs)
+        count_launch(name)
+        return
+    launch_prepared(prepare(name, kernel, grid, args, (), kwargs), args)

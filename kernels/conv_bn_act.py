@@ -370,8 +370,7 @@ def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, r
         launch_prepared(prepared, _tensor_args(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual,
                                                out, projection, prologue))
         return out
-    if autotuning() and not interpret:
-        memo = None
+    tuning = autotuning() and not interpret
     precision = dot_precision(x.dtype, allow_tf32)
     tensors = _tensor_args(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual, out, projection,
                            prologue)
@@ -421,7 +420,7 @@ def conv_bn_act_fwd(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, r
         INT64=bool(int64), DOT_IN_FP32=interpret and x.dtype == torch.bfloat16,
         INPUT_PRECISION=precision, **tiles,
     )
-    if autotuning() and not interpret:
+    if tuning:
         launch("conv_bn_act", kernel, grid, *tensors, *scalars, **kwargs)
         return out
     prepared = prepare("conv_bn_act", kernel, grid, tensors, scalars, kwargs)

@@ -147,7 +147,7 @@ def plan(op: str, backend: str, problem) -> Tuple[Decision, Run]:
 
 def run(op: str, backend: str, problem):
     decision, impl = plan(op, backend, problem)
-    _last.decision = decision
+    record(decision)
     return impl(problem)
 
 

@@ -240,17 +240,21 @@ def test_second_forward_needs_no_host_sync_compile_or_tuning(arch, monkeypatch):
     assert chosen == []
 
 
-def _capture_case():
+def _capture_case(batch):
+    """A converted ResNet-18 (width 16) on the GPU, an input of `batch`,
+    its float64 reference and the fp32 eager output the rule scales from."""
     from resfuse.models import randomize_bn, resnet18
     torch.manual_seed(3)
     plain = randomize_bn(resnet18(width=16, num_classes=10)).eval().cuda()
-    return plain, resfuse.convert(plain, backend="triton")
+    x = torch.randn(batch, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        ref, eager = copy.deepcopy(plain).double()(x.double()), plain(x)
+    return plain, resfuse.convert(plain, backend="triton"), x, ref, eager
 
 
 @pytest.mark.gpu
 def test_cuda_graph_capture_and_replay_with_new_input():
-    plain, fused = _capture_case()
-    static_x = torch.randn(8, 3, 64, 64, device="cuda")
+    plain, fused, static_x, _, _ = _capture_case(8)
     with torch.no_grad():
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -271,23 +275,16 @@ def test_cuda_graph_capture_and_replay_with_new_input():
 
 @pytest.mark.gpu
 def test_make_graphed_callables():
-    plain, fused = _capture_case()
-    x = torch.randn(1, 3, 64, 64, device="cuda")
-    with torch.no_grad():
-        ref = copy.deepcopy(plain).double()(x.double())
-        eager = plain(x)
+    _, fused, x, ref, eager = _capture_case(1)
     graphed = torch.cuda.make_graphed_callables(fused, (x,))  # forward and backward graphs; replaces its forward
     assert_matches(graphed(x).detach(), ref, eager, torch.float32, "make_graphed_callables")
 
 
 @pytest.mark.gpu
 def test_compile_reduce_overhead_fullgraph():
-    plain, fused = _capture_case()
-    x = torch.randn(1, 3, 64, 64, device="cuda")
+    _, fused, x, ref, eager = _capture_case(1)
+    compiled = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
     with torch.no_grad():
-        ref = copy.deepcopy(plain).double()(x.double())
-        eager = plain(x)
-        compiled = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
         for _ in range(3):
             y = compiled(x)
-        assert_matches(y, ref, eager, torch.float32, "reduce-overhead")
+    assert_matches(y, ref, eager, torch.float32, "reduce-overhead")

@@ -124,7 +124,6 @@ class PlanCache:
         self.plans[key] = (decision, run, derive(problem))
         return out
 
-
     def run(self, key, backend: str, problem):
         """Run the validated `problem` on the plan cached under `key`
         (made, and the problem run, by ``miss`` the first time)."""
@@ -136,7 +135,9 @@ class PlanCache:
 
 
 def clear_plans() -> None:
-    """Forget every op's plans (what they were made under has changed:
-    ``resfuse.inspect`` starts or stops recording launches)."""
+    """Forget every op's plans and prepared launches (the test suite does
+    after each test, whose patches they may have captured; a change of
+    environment or registry needs none: ``dispatch.environment()`` is in
+    every key)."""
     for c in _CACHES:
         c.plans.clear()
