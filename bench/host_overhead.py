@@ -11,7 +11,8 @@ repeat by repeat and reports the median of the repeats with the spread
   calls, ``resfuse.conv_bn_act(backend="eager")``, ``torch.ops.resfuse``
   directly (the custom-op wrapper torch.compile and dispatch modes see),
   an ``nn.Sequential(Conv2d, BatchNorm2d, ReLU)`` and the same after
-  ``resfuse.convert(backend="eager")``;
+  ``resfuse.convert(backend="eager")``, under no_grad and with grad
+  enabled (eval without no_grad: the parameters require grad);
 - modules, each against the module it replaces (``backend="eager"``, no
   grad): a BasicBlock with identity and a Bottleneck with a projection
   shortcut (tiny widths), a pre-activation BN -> ReLU -> Conv, HorNet's
@@ -22,8 +23,8 @@ repeat by repeat and reports the median of the repeats with the spread
   call stubbed; checked to reach the expected number of launches), against
   the eager module's CPU host time (eager's CUDA host time cannot be timed
   here; its CPU time is the stand-in);
-- with ``--models``: whole models (eval, no_grad, ``backend="eager"``: the
-  CPU fallback, a product path too), torchvision ResNet-18/50, VGG16-bn and
+- with ``--models``: whole models (eval, no_grad, ``backend="auto"``: the
+  CPU fallback, a product path too; run it without TRITON_INTERPRET), torchvision ResNet-18/50, VGG16-bn and
   HorNet-T (resfuse/hornet.py), at the demo's size (batch 2, 64x64) and at
   batch 1 and 8, 224x224; and the layout the CPU fallback keeps (an eager
   ResNet-18 on NCHW vs channels_last feature maps: why ``convert`` keeps
@@ -102,6 +103,9 @@ def op_rows(repeats, calls):
     }
     with torch.no_grad():
         res = interleaved(fns, repeats, calls)
+    # eval without no_grad (parameters require grad): autograd records a graph on both sides
+    res.update(interleaved({"nn.Sequential, grad enabled": lambda: seq(x),
+                            "the converted Sequential, grad enabled": lambda: fused(x)}, repeats, calls))
     ref = res["eager F.relu(F.batch_norm(F.conv2d(...)))"][0]
     rows = [_row(k, s, ref) for k, s in res.items()]
     return rows, ref, fused, x
@@ -189,7 +193,7 @@ def model_rows(repeats, shapes):
     rows = []
     for name, m in models.items():
         m.eval()
-        c = resfuse.convert(m, backend="eager")
+        c = resfuse.convert(m)  # backend 'auto': the CPU fallback as a user gets it
         for batch, size in shapes:
             x = torch.randn(batch, 3, size, size)
             calls = 1 if size >= 224 else 5
@@ -222,8 +226,8 @@ def layout_rows(repeats):
               "vgg16_bn": torchvision.models.vgg16_bn().eval(), "hornet_t": hornet_t().eval()}
     x = torch.randn(2, 3, 64, 64)
     for name, plain in models.items():
-        cl = resfuse.convert(plain, backend="eager")
-        kept = resfuse.convert(plain, backend="eager", channels_last_weights=False)
+        cl = resfuse.convert(plain)
+        kept = resfuse.convert(plain, channels_last_weights=False)
         with torch.no_grad():
             res = interleaved({"eager": lambda: plain(x), "cl": lambda: cl(x), "kept": lambda: kept(x)}, repeats, 5)
         e = res["eager"][0]
@@ -238,6 +242,8 @@ def main(argv=None):
     p.add_argument("--models", action="store_true", help="also whole models (minutes)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    if a.models and os.environ.get("TRITON_INTERPRET") == "1":
+        p.error("--models times the CPU fallback of backend 'auto': run it without TRITON_INTERPRET=1")
     torch.set_num_threads(1)
     lines = [f"# Host path per call, {datetime.date.today()} (CPU, 1 thread)", "",
              "CPU host-path measurements (Python and dispatch before a launch, and the CPU eager fallback), "
@@ -257,7 +263,7 @@ def main(argv=None):
     lines += launch_proxy_rows(fused, x, a.repeats, a.calls)
     if a.models:
         reps = max(5, a.repeats // 2)
-        lines += ["", "Whole models, eval, no_grad, backend='eager' (ms per forward; speed = eager / resfuse):", "",
+        lines += ["", "Whole models, eval, no_grad, backend='auto', the CPU fallback (ms per forward; speed = eager / resfuse):", "",
                   "| model, input | eager ms | resfuse ms | spread | speed |", "|---|---|---|---|---|"]
         lines += model_rows(reps, ((2, 64), (1, 224), (8, 224)))
         eager_rows, convert_rows = layout_rows(reps)

@@ -14,9 +14,9 @@ import os
 import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
-from ._backends import recording_launches
+from ._backends import cuda_reasons, recording_launches, triton_reasons
 
 log = logging.getLogger("resfuse")
 
@@ -143,6 +143,70 @@ def plan(op: str, backend: str, problem) -> Tuple[Decision, Run]:
             return decision, run
         skipped[name] = reasons
     raise BackendUnavailable(op, "auto", [f"{b}: {', '.join(r)}" for b, r in skipped.items()])
+
+
+class Signature(NamedTuple):
+    """What the conv family's backend checks read of a problem: all they
+    may read, so ``decide`` can answer from it (and ``explain`` can ask
+    before any input is seen)."""
+    device: object  # torch.device
+    dtype: object   # torch.dtype
+    groups: int
+
+
+_DECIDED: Dict[tuple, Tuple[Decision, Run]] = {}
+
+
+def decide(op: str, backend: str, device, dtype, groups: int) -> Tuple[Decision, Run]:
+    """``plan`` for an op whose checks read only a ``Signature`` (the conv
+    family), remembered per signature, backend and ``environment()``: one
+    dict lookup per call once seen. Raises ``BackendUnavailable`` (not
+    remembered) as ``plan`` does."""
+    key = (op, backend, device, dtype, groups, os.environ.get(ENV_VAR), recording_launches(), _generation)
+    hit = _DECIDED.get(key)
+    if hit is None:
+        hit = plan(op, backend, Signature(device, dtype, groups))
+        if len(_DECIDED) >= 4096:  # bounded, as ops.plans.PlanCache
+            _DECIDED.clear()
+        _DECIDED[key] = hit
+    return hit
+
+
+_EAGER_ONLY: Dict[tuple, Optional[Dict[str, Decision]]] = {}
+
+
+def eager_for_sure(ops: Tuple[str, ...], backend: str, device, dtype) -> Optional[Dict[str, Decision]]:
+    """{op: Decision} when `backend` is 'auto' (after RESFUSE_BACKEND) and
+    neither Triton nor resfuse._C can run any of `ops` on tensors of this
+    device and dtype at all, whatever their shapes (a CPU without the
+    interpreter): the CPU fallback. Else None: the ops decide per problem
+    (an explicit 'eager' runs the ops' eager implementations, which the
+    tests and ``bench/`` compare with the kernels). Remembered per argument
+    and ``environment()``. A fused HorNet module whose parts would all fall
+    back runs its original forward then: exactly the eager computation, and
+    no slower."""
+    key = (ops, backend, device, dtype, os.environ.get(ENV_VAR), recording_launches(), _generation)
+    if key in _EAGER_ONLY:
+        return _EAGER_ONLY[key]
+    out = None
+    if effective_backend(backend) == "auto":
+        out = {}
+        for op in ops:
+            skipped = {"cuda": cuda_reasons(op, device, dtype), "triton": triton_reasons(device, dtype)}
+            if not all(skipped.values()):
+                out = None
+                break
+            out[op] = Decision(op, "eager", "auto", skipped)
+    if len(_EAGER_ONLY) >= 4096:
+        _EAGER_ONLY.clear()
+    _EAGER_ONLY[key] = out
+    return out
+
+
+def forget_decisions() -> None:
+    """Empty ``decide``'s and ``eager_for_sure``'s memory (``ops.plans.clear_plans`` calls it)."""
+    _DECIDED.clear()
+    _EAGER_ONLY.clear()
 
 
 def run(op: str, backend: str, problem):

@@ -17,7 +17,7 @@ from .nn.conv_bn_act import FusedSequential
 from .nn.gnconv import FusedHorBlock, GnConv, match_gnconv, mlp_reason
 from .nn.patchify import PatchifyConv
 from .nn.stem import ConvBNHead, head_fuses, prologue_fuses
-from .ops.conv_bn_act import OP, ProblemSignature
+from .ops.conv_bn_act import OP
 from .ops.gnconv import OP_CHAIN, OP_PROJ, GnConvSignature, signature_reasons
 from .ops.horblock_mlp import OP_GELU_CONV1X1
 from .ops.patchify import OP as OP_PATCHIFY, PatchifySignature
@@ -128,9 +128,8 @@ def _decision_row(name, kind, owner_backend, conv, decision, op=OP) -> Record:
     the parameters' device and dtype (for op `op`)."""
     observed = decision is not None
     if decision is None:
-        sig = ProblemSignature(conv.weight.device, conv.weight.dtype, conv.groups)
         try:
-            decision = dispatch.plan(op, owner_backend, sig)[0]
+            decision = dispatch.decide(op, owner_backend, conv.weight.device, conv.weight.dtype, conv.groups)[0]
         except dispatch.BackendUnavailable as e:
             return Record(name, kind, e.backend, "cannot run: " + "; ".join(e.reasons))
     return Record(name, kind, decision.backend, decision.reason() if decision.fell_back else "", observed)

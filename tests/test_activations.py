@@ -107,7 +107,7 @@ def test_converted_sequential_fuses_each_new_activation(act):
     conv = resfuse.convert(model, backend="eager")
     with torch.no_grad():
         out, eager = conv(x), model(x)
-    assert set(conv.plan().steps[0].__dict__.values()) >= {"0", "1", "2"}, "conv, bn and act must be one group"
+    assert set(conv.plan().steps[0]._asdict().values()) >= {"0", "1", "2"}, "conv, bn and act must be one group"
     assert_matches(out, float64_reference(model, x), eager, torch.float32, type(act).__name__)
 
 

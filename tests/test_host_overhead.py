@@ -32,7 +32,7 @@ def test_host_overhead_table(capsys):
     ops = [ln for ln in out.splitlines() if re.match(r"\| [^|]+ \| \d+\.\d \| \d+\.\d-\d+\.\d \| \d+\.\d\dx \|$", ln)]
     pairs = [ln for ln in out.splitlines()
              if re.match(r"\| [^|]+ \| \d+\.\d \| \d+\.\d \| \d+\.\d-\d+\.\d \| \d+\.\d\dx \|$", ln)]
-    assert len(ops) == 5, out
+    assert len(ops) == 7, out
     assert len(pairs) == 5 + 6, out  # modules, then the proxy per module
     assert "GPU-launch proxy" in out and "HorBlock" in pairs[-1]
 

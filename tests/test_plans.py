@@ -60,7 +60,7 @@ def test_aligned_and_offset_views_get_their_own_plans(backend):
                 assert_matches(y, _ref(x, w, *bn), _eager(x, w, bn), torch.float32, backend)
     keys = list(conv_op._PLANS.plans)
     assert len(keys) == 2, keys
-    assert {k[0][4] for k in keys} == {0, 4}  # x's alignment is what tells them apart
+    assert {k[0][0][4] for k in keys} == {0, 4}  # x's alignment is what tells them apart
 
 
 def test_a_plan_never_outlives_the_metadata_it_was_made_for():

@@ -9,11 +9,11 @@ import torch.nn as nn
 
 from .. import dispatch
 from ..activations import negative_slope_of
-from ..ops.bn_act_conv import bn_act_conv_impl
-from ..ops.conv_bn_act import conv_bn_act_impl, resolve_padding
-from ..ops.conv_bn_proj_act import conv_bn_proj_act_impl
-from ..ops.plans import direct_call_ok
-from .guards import bn_tensors
+from ..ops.bn_act_conv import bn_act_conv_eager, bn_act_conv_impl
+from ..ops.conv_bn_act import conv_bn_act_eager, conv_bn_act_impl, resolve_padding
+from ..ops.conv_bn_proj_act import conv_bn_proj_act_eager, conv_bn_proj_act_impl
+from ..ops.plans import needs_grad, plain_call_ok
+from .guards import bn_tensors, live
 
 
 _MODULE_STATE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set",
@@ -72,7 +72,8 @@ class FusedModuleMixin:
 def _compute_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype eager autocast would run F.conv2d in (float64 is not
     autocast-eligible and stays as it is); None: no cast."""
-    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
+    if (torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type)
+            and x.dtype != torch.float64):
         return torch.get_autocast_dtype(x.device.type)
     return None
 
@@ -90,6 +91,9 @@ def conv_geometry(conv: nn.Conv2d):
     return conv.stride, padding, conv.dilation
 
 
+_WIDE = (torch.float32, torch.float64)
+
+
 def fused_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[nn.Module], activation: str, backend: str,
                   residual: Optional[torch.Tensor] = None,
                   shortcut: Optional[Tuple[torch.Tensor, nn.Conv2d, nn.Module]] = None,
@@ -99,39 +103,82 @@ def fused_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[nn.Module], act
     as one op; with `prologue` = (bn_in, activation_in, act_in module) the
     conv reads act_in(bn_in(x)) (``bn_act_conv``), and `bn` may be None.
     `act_module` is the module that computes `activation` (its parameters,
-    a LeakyReLU's slope, are read from it now). The op's implementation is
-    called directly where ``ops.plans.direct_call_ok`` allows (inference),
-    else through ``torch.ops.resfuse``. Returns (y, dispatch decision or
-    None when compiling)."""
+    a LeakyReLU's slope, are read from it now).
+
+    Where ``ops.plans.plain_call_ok`` holds and ``dispatch.decide`` picks
+    the eager backend (from x's device and dtype and the groups) in
+    float32/float64, the op's eager implementation runs on the children's
+    own tensors: the ops the original modules run, so a bad shape raises
+    what they raise and a gradient is eager autograd's own. Otherwise,
+    with no gradient to record either (``direct_call_ok``), the op's
+    implementation is called directly; else the op through
+    ``torch.ops.resfuse``. Returns (y, dispatch decision or None when
+    compiling)."""
     slope = negative_slope_of(act_module)
     dtype = _compute_dtype(x)
     if dtype is not None:
         x, residual = _cast(x, dtype), _cast(residual, dtype)
-    weight, bias = _cast(conv.weight, dtype), _cast(conv.bias, dtype)
+    weight, bias = _cast(live(conv, "weight"), dtype), _cast(live(conv, "bias"), dtype)
     mean, var, gamma, beta, eps = bn_tensors(bn) if bn is not None else (None, None, None, None, 1e-5)
     stride, padding, dilation = conv_geometry(conv)
+    groups = conv.groups
     if prologue is not None:
         bn_in, act_in, act_in_module = prologue
         mean_i, var_i, gamma_i, beta_i, eps_i = bn_tensors(bn_in)
+        slope_i = negative_slope_of(act_in_module)
+        tensors = (x, weight, bias, mean, var, gamma, beta, residual, mean_i, var_i, gamma_i, beta_i)
+        plain = plain_call_ok(*tensors)
+        if plain and x.dtype in _WIDE:
+            decision = _eager_decision("bn_act_conv", backend, x, groups)
+            if decision is not None:
+                return bn_act_conv_eager(x, mean_i, var_i, gamma_i, beta_i, eps_i, act_in, weight, bias, mean, var,
+                                         gamma, beta, eps, residual, stride, padding, dilation, groups, activation,
+                                         slope_i, slope), decision
+        direct = plain and not needs_grad(*tensors)
         args = (x, mean_i, var_i, gamma_i, beta_i, eps_i, act_in, weight, bias, mean, var, gamma, beta, eps,
-                residual, stride, padding, dilation, conv.groups, activation, backend,
-                negative_slope_of(act_in_module), slope)
-        direct = direct_call_ok(x, weight, bias, mean, var, gamma, beta, residual, mean_i, var_i, gamma_i, beta_i)
+                residual, stride, padding, dilation, groups, activation, backend, slope_i, slope)
         y = bn_act_conv_impl(*args) if direct else torch.ops.resfuse.bn_act_conv(*args)
     elif shortcut is None:
-        args = (x, weight, bias, mean, var, gamma, beta, eps, residual, stride, padding, dilation, conv.groups,
+        tensors = (x, weight, bias, mean, var, gamma, beta, residual)
+        plain = plain_call_ok(*tensors)
+        if plain and x.dtype in _WIDE:
+            decision = _eager_decision("conv_bn_act", backend, x, groups)
+            if decision is not None:
+                return conv_bn_act_eager(x, weight, bias, mean, var, gamma, beta, eps, residual, stride, padding,
+                                         dilation, groups, activation, slope), decision
+        direct = plain and not needs_grad(*tensors)
+        args = (x, weight, bias, mean, var, gamma, beta, eps, residual, stride, padding, dilation, groups,
                 activation, backend, slope)
-        direct = direct_call_ok(x, weight, bias, mean, var, gamma, beta, residual)
         y = conv_bn_act_impl(*args) if direct else torch.ops.resfuse.conv_bn_act(*args)
     else:
         xs, conv_d, bn_d = shortcut
         mean_d, var_d, gamma_d, beta_d, eps_d = bn_tensors(bn_d)
-        xs, weight_d, bias_d = _cast(xs, dtype), _cast(conv_d.weight, dtype), _cast(conv_d.bias, dtype)
+        xs, weight_d, bias_d = _cast(xs, dtype), _cast(live(conv_d, "weight"), dtype), _cast(live(conv_d, "bias"), dtype)
+        tensors = (x, weight, bias, mean, var, gamma, beta, xs, weight_d, bias_d, mean_d, var_d, gamma_d, beta_d)
+        plain = plain_call_ok(*tensors)
+        if plain and x.dtype in _WIDE:
+            decision = _eager_decision("conv_bn_proj_act", backend, x, groups)
+            if decision is not None:
+                return conv_bn_proj_act_eager(x, weight, bias, mean, var, gamma, beta, eps, xs, weight_d, bias_d,
+                                              mean_d, var_d, gamma_d, beta_d, eps_d, conv_d.stride, stride, padding,
+                                              dilation, groups, activation, slope), decision
+        direct = plain and not needs_grad(*tensors)
         args = (x, weight, bias, mean, var, gamma, beta, eps, xs, weight_d, bias_d, mean_d, var_d, gamma_d, beta_d,
-                eps_d, conv_d.stride, stride, padding, dilation, conv.groups, activation, backend, slope)
-        direct = direct_call_ok(x, weight, bias, mean, var, gamma, beta, xs, weight_d, bias_d, mean_d, var_d,
-                                gamma_d, beta_d)
+                eps_d, conv_d.stride, stride, padding, dilation, groups, activation, backend, slope)
         y = conv_bn_proj_act_impl(*args) if direct else torch.ops.resfuse.conv_bn_proj_act(*args)
     if not direct and torch.compiler.is_compiling():
         return y, None
     return y, dispatch.last_decision()
+
+
+def _eager_decision(op: str, backend: str, x: torch.Tensor, groups: int):
+    """The (recorded) decision when `op` runs on the eager backend for x's
+    device and dtype, else None. x must be 4-D then, as BatchNorm2d
+    requires (the conv alone would take an unbatched 3-D input)."""
+    decision = dispatch.decide(op, backend, x.device, x.dtype, groups)[0]
+    if decision.backend != "eager":
+        return None
+    if x.dim() != 4:
+        raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+    dispatch.record(decision)
+    return decision

@@ -12,8 +12,7 @@ for ``nn.Sequential(Conv2d, BatchNorm2d, ReLU)`` and for a conv/bn pair.
 ReLU, Conv2d)`` with the BN and activation as the conv's prologue.
 """
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -43,9 +42,9 @@ assert set(_ACT_MODULES) == set(ACTIVATIONS), "every fused activation needs a mo
 # it to decide which Sequentials to make FusedSequentials)
 # ----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class FusedGroup:
-    """A Conv2d -> BN (-> activation) run inside a Sequential, by child name."""
+class FusedGroup(NamedTuple):
+    """A Conv2d -> BN (-> activation) run inside a Sequential, by child name
+    (a NamedTuple: made at every call, see ``plan_sequential``)."""
     conv: str
     bn: str
     act: Optional[str]
@@ -57,8 +56,7 @@ class FusedGroup:
                             else f"+{self.activation}")
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """How a Sequential runs: fused groups and single modules, in order."""
     steps: tuple  # of FusedGroup | str (a child name run as is)
     unfused: Dict[str, str]  # conv child name -> why it is not fused
@@ -148,7 +146,7 @@ class FusedSequential(FusedModuleMixin, nn.Sequential):
 
     def forward(self, x):
         for step in self.plan().steps:
-            if isinstance(step, FusedGroup):
+            if type(step) is FusedGroup:
                 bn = self._modules[step.bn]
                 if bn_uses_running_stats(bn):
                     x = self._run_fused(step, x)

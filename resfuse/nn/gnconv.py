@@ -41,8 +41,8 @@ import torch
 import torch.nn as nn
 
 from .. import dispatch
-from ..ops.gnconv import OP_PROJ, gnconv_chain_impl, layernorm_conv1x1_impl, signature_reasons
-from ..ops.horblock_mlp import gelu_conv1x1_impl
+from ..ops.gnconv import OP_CHAIN, OP_PROJ, gnconv_chain_impl, layernorm_conv1x1_impl, signature_reasons
+from ..ops.horblock_mlp import OP_GELU_CONV1X1, gelu_conv1x1_impl
 from ..ops.plans import call
 from .guards import conv_reason, hooks_reason
 from ..reference import gnconv_dims
@@ -233,6 +233,12 @@ class GnConv(FusedModuleMixin, nn.Module):
         return None
 
     def forward(self, x, mask=None, dummy=False):
+        # Both ops would run eager: that is the original forward, which an
+        # unfusable gnconv runs too (so no need to ask unfused_reason first).
+        eager = _eager_for_sure(_GNCONV_OPS, self._backend, x)
+        if eager is not None:
+            self.last_decisions.update(proj_in=eager[OP_PROJ], chain=eager[OP_CHAIN])
+            return self._original_forward(x, mask, dummy)
         if self.unfused_reason():
             return self._original_forward(x, mask, dummy)
         return self.fused_forward(x)
@@ -286,6 +292,18 @@ class GnConv(FusedModuleMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return f"order={self.order}, dims={self.dims}, scale={self.scale:.4g}, backend={self._backend!r}"
+
+
+_GNCONV_OPS = (OP_PROJ, OP_CHAIN)
+_HORBLOCK_OPS = (OP_PROJ, OP_CHAIN, OP_GELU_CONV1X1)
+
+
+def _eager_for_sure(ops, backend: str, x: torch.Tensor):
+    """``dispatch.eager_for_sure`` for x, outside torch.compile (which
+    traces the ops)."""
+    if torch.compiler.is_compiling():
+        return None
+    return dispatch.eager_for_sure(ops, backend, x.device, x.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -395,6 +413,12 @@ class FusedHorBlock(nn.Module):
         return None
 
     def forward(self, x):
+        # Every part would run eager: that is the original forward (its
+        # gnconv records its own decisions), which an unfusable block runs too.
+        eager = _eager_for_sure(_HORBLOCK_OPS, self.backend, x)
+        if eager is not None:
+            self.__dict__["_mlp_decisions"] = {"pwconv1": eager[OP_PROJ], "pwconv2": eager[OP_GELU_CONV1X1]}
+            return self._source_cls.forward(self, x)
         if self.unfused_reason():
             return self._source_cls.forward(self, x)
         mods = self._modules

@@ -63,11 +63,11 @@ def bn_reason(bn: Optional[nn.Module], conv: nn.Conv2d) -> Optional[str]:
     if bn is None:
         return "no BatchNorm2d follows it"
     if is_frozen_batchnorm(bn):
-        n = bn.weight.shape[0]
+        n = live(bn, "weight").shape[0]
     elif isinstance(bn, nn.BatchNorm2d):
         if type(bn).forward is not nn.BatchNorm2d.forward:
             return f"{type(bn).__name__} overrides BatchNorm2d.forward"
-        if not bn.track_running_stats or bn.running_mean is None:
+        if not bn.track_running_stats or live(bn, "running_mean") is None:
             return "BatchNorm2d without running statistics normalizes with batch statistics"
         n = bn.num_features
     else:
@@ -82,6 +82,21 @@ def bn_uses_running_stats(bn: nn.Module) -> bool:
     return is_frozen_batchnorm(bn) or not bn.training
 
 
+def live(m: nn.Module, name: str):
+    """``getattr(m, name)`` for a parameter or buffer, read from the
+    module's own dicts (a tenth of ``nn.Module.__getattr__``'s time, on
+    every fused call); anything else (a parametrization's property, say)
+    through getattr."""
+    d = m.__dict__
+    params = d["_parameters"]
+    if name in params:
+        return params[name]
+    buffers = d["_buffers"]
+    if name in buffers:
+        return buffers[name]
+    return getattr(m, name)
+
+
 def bn_tensors(bn: nn.Module):
-    """(running_mean, running_var, weight, bias, eps) of a foldable BN."""
-    return bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps)
+    """(running_mean, running_var, weight, bias, eps) of a foldable BN, live."""
+    return live(bn, "running_mean"), live(bn, "running_var"), live(bn, "weight"), live(bn, "bias"), float(bn.eps)

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .. import dispatch
-from ..ops.patchify import patchify_conv_impl
+from ..ops.patchify import OP, patchify_conv_impl
 from ..ops.plans import call
 from ._call import InPlaceBackendMixin, _cast, _compute_dtype
 from .guards import hooks_reason
@@ -106,6 +106,11 @@ class PatchifyConv(InPlaceBackendMixin, nn.Conv2d):
         if not patchify_fuses(self):
             return nn.Conv2d.forward(self, x)
         d = self.__dict__
+        eager = None if torch.compiler.is_compiling() else dispatch.eager_for_sure((OP,), d["_backend"], x.device,
+                                                                                   x.dtype)
+        if eager is not None:  # the op would run eager: run the original LayerNorm(s) and conv instead
+            d["last_decision"] = eager[OP]
+            return self._original_forward(x)
         dt = _compute_dtype(x)  # autocast: eager's conv dtype; else every tensor as it is
         x = _cast(x, dt)
         pre = post = (None, None, None)
@@ -121,6 +126,17 @@ class PatchifyConv(InPlaceBackendMixin, nn.Conv2d):
         if dt is not None and post[2] is not None:
             y = y.to(_eager_post_norm_dtype(d["_post_norm"], dt))
         return y
+
+    def _original_forward(self, x):
+        """What the LayerNorm(s) and the conv compute as they were, each by
+        its own class's forward (a folded LayerNorm is the identity while
+        this conv applies it; none has hooks here, ``patchify_fuses``)."""
+        d = self.__dict__
+        pre, post = d.get("_pre_norm"), d.get("_post_norm")
+        if pre is not None:
+            x = type(pre).__mro__[1].forward(pre, x)
+        x = nn.Conv2d.forward(self, x)
+        return x if post is None else type(post).__mro__[1].forward(post, x)
 
     @property
     def pre_norm(self) -> Optional[nn.Module]:

@@ -27,10 +27,11 @@ import torch
 
 from .. import dispatch
 from ..activations import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, activation_grad, check_negative_slope, get_activation
-from .plans import PlanCache, direct_call_ok, tensor_key
+from .plans import PlanCache, direct_call_ok, tensor_keys
 from .common import acc_dtype, check_tensor, conv_output_memory_format, pair
-from .conv_bn_act import (ConvBNActProblem, _eager_run, bn_param_grads, branch_grads, fold_bn, launch_triton_conv,
-                          make_problem, pre_activation, resolve_padding, same_dtype, triton_check)
+from .conv_bn_act import (WIDE_DTYPES, ConvBNActProblem, _eager_run, activate_, bn_param_grads, branch_grads,
+                          conv_bn_act_eager, fold_bn, launch_triton_conv, make_problem, pre_activation,
+                          resolve_padding, same_dtype, triton_check)
 
 OP = "bn_act_conv"
 
@@ -84,21 +85,37 @@ def make_bn_act_conv_problem(x, in_mean, in_var, in_weight, in_bias, in_eps, in_
                             in_negative_slope=in_negative_slope)
 
 
-def _eager_run_preact(p: BNActConvProblem) -> torch.Tensor:
-    """h = act_in(BN_in(x)) as eager computes it in float32/float64
-    (``torch.batch_norm``, the activation in place), in fp32 from the fold
-    in 16-bit types (as the kernel); then the conv problem on h."""
-    x = p.x
-    if x.dtype in (torch.float32, torch.float64) and same_dtype(x.dtype, p.in_mean, p.in_var, p.in_weight,
-                                                                  p.in_bias):
-        h = torch.batch_norm(x, p.in_weight, p.in_bias, p.in_mean, p.in_var, False, 0.0, p.in_eps,
-                             torch.backends.cudnn.enabled)
-        h = torch.relu_(h) if p.in_activation == "relu" else get_activation(p.in_activation).eager(
-            h, p.in_negative_slope)
+def bn_act_conv_eager(x, in_mean, in_var, in_weight, in_bias, in_eps, in_activation, weight, bias, bn_mean,
+                      bn_var, bn_weight, bn_bias, eps, residual, stride, padding, dilation, groups, activation,
+                      in_negative_slope, negative_slope) -> torch.Tensor:
+    """The eager implementation in float32/float64 on the op's arguments
+    (after validation, or from the fused modules, as ``conv_bn_act_eager``):
+    h = act_in(BN_in(x)) as eager computes it (``torch.batch_norm``, or the
+    per-channel fold where the BN's vectors have another dtype; the
+    activation in place), then ``conv_bn_act_eager`` on h."""
+    if same_dtype(x.dtype, in_mean, in_var, in_weight, in_bias):
+        h = torch.batch_norm(x, in_weight, in_bias, in_mean, in_var, False, 0.0, in_eps,
+                             torch._C._get_cudnn_enabled())  # the flag F.batch_norm passes
     else:
-        h = p.prologue(x)[1].to(x.dtype)
+        scale, shift = fold_bn(None, in_mean, in_var, in_weight, in_bias, in_eps, x.shape[1], x.dtype, x.device)
+        h = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
+    h = activate_(in_activation, h, in_negative_slope)
+    return conv_bn_act_eager(h, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual, stride, padding,
+                             dilation, groups, activation, negative_slope)
+
+
+def _eager_run_preact(p: BNActConvProblem) -> torch.Tensor:
+    """``bn_act_conv_eager`` in float32/float64; in 16-bit types the
+    prologue in fp32 from the fold (as the kernel), then the conv problem
+    on h."""
+    x = p.x
+    if x.dtype in WIDE_DTYPES:
+        return bn_act_conv_eager(x, p.in_mean, p.in_var, p.in_weight, p.in_bias, p.in_eps, p.in_activation,
+                                 p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps, p.residual,
+                                 p.stride, p.padding, p.dilation, p.groups, p.activation, p.in_negative_slope,
+                                 p.negative_slope)
     q = copy.copy(p)
-    q.x = h
+    q.x = p.prologue(x)[1].to(x.dtype)
     return _eager_run(q)
 
 
@@ -120,21 +137,24 @@ def bn_act_conv_impl(x, in_mean, in_var, in_weight, in_bias, in_eps, in_activati
                      activation, backend, in_negative_slope=DEFAULT_NEGATIVE_SLOPE,
                      negative_slope=DEFAULT_NEGATIVE_SLOPE):
     """The implementation of ``torch.ops.resfuse.bn_act_conv`` (and of the
-    direct path): validated and planned once per signature."""
-    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
-    key = (tensor_key(x), tensor_key(in_mean), tensor_key(in_var), tensor_key(in_weight), tensor_key(in_bias),
-           in_eps, in_activation, tensor_key(weight), tensor_key(bias), tensor_key(bn_mean), tensor_key(bn_var),
-           tensor_key(bn_weight), tensor_key(bn_bias), eps, tensor_key(residual), stride, padding, dilation,
-           groups, activation, backend, in_negative_slope, negative_slope, dispatch.environment())
+    direct path): validated and planned once per signature (a cached eager
+    plan in float32/float64 runs ``bn_act_conv_eager`` directly)."""
+    key = (tensor_keys(x, in_mean, in_var, in_weight, in_bias, weight, bias, bn_mean, bn_var, bn_weight, bn_bias,
+                       residual), in_eps, in_activation, eps, tuple(stride), tuple(padding), tuple(dilation), groups,
+           activation, backend, in_negative_slope, negative_slope, dispatch.environment())
     plan = _PLANS.plans.get(key)
     if plan is None:
         p = make_bn_act_conv_problem(x, in_mean, in_var, in_weight, in_bias, in_eps, in_activation, weight,
                                      bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual, stride, padding,
                                      dilation, groups, activation, in_negative_slope, negative_slope)
         p.launch_memo = {}
-        return _PLANS.miss(key, backend, p, _derived)
+        return _PLANS.miss(key, backend, p, _derived, dispatch.decide(OP, backend, x.device, x.dtype, groups))
     decision, run, (out_shape, out_format, stride, padding, dilation, memo) = plan
     dispatch.record(decision)
+    if run is _eager_run_preact and x.dtype in WIDE_DTYPES:
+        return bn_act_conv_eager(x, in_mean, in_var, in_weight, in_bias, in_eps, in_activation, weight, bias,
+                                 bn_mean, bn_var, bn_weight, bn_bias, eps, residual, stride, padding, dilation,
+                                 groups, activation, in_negative_slope, negative_slope)
     p = BNActConvProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual,
                          stride, padding, dilation, groups, activation, out_shape, negative_slope,
                          out_format, in_mean, in_var, in_weight, in_bias, float(in_eps), in_activation,

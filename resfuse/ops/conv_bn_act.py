@@ -28,11 +28,13 @@ from .. import dispatch
 from .._backends import conv_allows_tf32, cuda_reasons, kernels_module, triton_reasons
 from ..activations import (ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, activation_grad, check_negative_slope,
                           get_activation)
-from .plans import PlanCache, direct_call_ok, tensor_key
+from .plans import PlanCache, direct_call_ok, tensor_keys
 from .common import (FLOAT_DTYPES, OnInput, acc_dtype, alloc_output, check_tensor, conv_output_memory_format,
                      pair)
 
 OP = "conv_bn_act"
+#: The dtypes the eager implementations compute in as they are (16-bit ones go through fp32).
+WIDE_DTYPES = (torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------
@@ -40,7 +42,7 @@ OP = "conv_bn_act"
 # ----------------------------------------------------------------------------
 
 @dataclass
-class ConvBNActProblem(OnInput):  # device, dtype: x's, as a ProblemSignature's
+class ConvBNActProblem(OnInput):  # device, dtype: x's
     x: torch.Tensor
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
@@ -65,15 +67,6 @@ class ConvBNActProblem(OnInput):  # device, dtype: x's, as a ProblemSignature's
     def act(self, t: torch.Tensor) -> torch.Tensor:
         return get_activation(self.activation).eager(t, self.negative_slope)
 
-
-
-@dataclass
-class ProblemSignature:
-    """Enough of a problem to ask the backends whether they would run it
-    (used by ``explain`` before any input is seen)."""
-    device: torch.device
-    dtype: torch.dtype
-    groups: int
 
 
 def make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
@@ -171,47 +164,64 @@ def pre_activation(p: ConvBNActProblem, x, weight, bias, bn_mean, bn_var, bn_wei
     return z, u
 
 
-def conv_bn_eager(p: ConvBNActProblem) -> torch.Tensor:
-    """``BN(conv(x, W, b))`` of a float32/float64 problem, as a new tensor
-    (the eager implementation's main part; without BN, conv + bias). The
-    BN runs as eager runs it (``torch.batch_norm`` on the conv output: one
-    op, the original modules' rounding) unless the output has many pixels
-    per weight row: then it is folded into this call's conv weight and
-    bias (a pass over the weight instead of one over the larger output)."""
-    x, bn = p.x, p.bn_mean
-    if bn is None:
-        return F.conv2d(x, p.weight, p.bias, p.stride, p.padding, p.dilation, p.groups)
-    N, _, P, Q = p.out_shape
-    _, Cg, R, S = p.weight.shape
-    if N * P * Q < 4 * Cg * R * S and same_dtype(x.dtype, bn, p.bn_var, p.bn_weight, p.bn_bias):
-        y = F.conv2d(x, p.weight, p.bias, p.stride, p.padding, p.dilation, p.groups)
-        return torch.batch_norm(y, p.bn_weight, p.bn_bias, bn, p.bn_var, False, 0.0, p.eps,
-                                torch.backends.cudnn.enabled)
-    scale, shift = fold_bn(p.bias, bn, p.bn_var, p.bn_weight, p.bn_bias, p.eps, p.weight.shape[0], x.dtype,
-                           x.device)
-    return F.conv2d(x, p.weight * scale.view(-1, 1, 1, 1), shift, p.stride, p.padding, p.dilation, p.groups)
+def conv_bn(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, stride, padding, dilation,
+            groups) -> torch.Tensor:
+    """``BN(conv(x, W, b))`` in float32/float64, as a new tensor (the eager
+    implementations' main part; without BN, conv + bias). The BN runs as
+    eager runs it (``torch.batch_norm`` on the conv output: one op, the
+    original modules' rounding) unless the output has many pixels per
+    weight row: then it is folded into this call's conv weight and bias (a
+    pass over the weight instead of one over the larger output; "many":
+    N*H*W/stride^2, about N*P*Q, at least 4 * C/groups * R * S)."""
+    if bn_mean is None:
+        return torch.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    K, Cg, R, S = weight.shape
+    if (x.shape[0] * x.shape[2] * x.shape[3] < 4 * Cg * R * S * stride[0] * stride[1]
+            and same_dtype(x.dtype, bn_mean, bn_var, bn_weight, bn_bias)):
+        y = torch.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return torch.batch_norm(y, bn_weight, bn_bias, bn_mean, bn_var, False, 0.0, eps,
+                                torch._C._get_cudnn_enabled())  # the flag F.batch_norm passes
+    if bn_mean.shape != (K,):  # the fold would broadcast it; eager's batch_norm raises
+        raise ValueError(f"bn_mean must have shape ({K},) (the conv's output channels), got {tuple(bn_mean.shape)}")
+    scale, shift = fold_bn(bias, bn_mean, bn_var, bn_weight, bn_bias, eps, K, x.dtype, x.device)
+    return torch.conv2d(x, weight * scale.view(-1, 1, 1, 1), shift, stride, padding, dilation, groups)
 
 
-def activate_(p: ConvBNActProblem, y: torch.Tensor) -> torch.Tensor:
-    """p's activation of `y`, in place where the activation allows."""
-    return torch.relu_(y) if p.activation == "relu" else p.act(y)
+def activate_(activation: str, y: torch.Tensor, negative_slope: float) -> torch.Tensor:
+    """`activation` of `y`: ReLU in place where autograd does not record
+    `y`. Where it does, every activation is out of place and saves its
+    input, not its output (ReLU as ``threshold(y, 0, 0)``), so a caller
+    that modifies the result in place (an idempotent ReLU after a fused
+    head, ``nn.ReLU(inplace=True)``) leaves the gradient intact."""
+    if activation == "relu":
+        return torch.relu_(y) if not y.requires_grad else torch.threshold(y, 0.0, 0.0)
+    return get_activation(activation).eager(y, negative_slope)
+
+
+def conv_bn_act_eager(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual, stride, padding,
+                      dilation, groups, activation, negative_slope) -> torch.Tensor:
+    """The eager implementation in float32/float64 on the op's arguments:
+    ``conv_bn`` (+ residual, in place), the activation (in place where it
+    can). It runs below autograd or with no gradient to record, so the
+    in-place steps are safe. The op calls it after validation; the fused
+    modules' eager path (``nn._call``) calls it with their children's own
+    tensors, where anything wrong raises what those children's ops raise."""
+    y = conv_bn(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, stride, padding, dilation, groups)
+    if residual is not None:
+        y.add_(residual)
+    return activate_(activation, y, negative_slope)
 
 
 def _eager_run(p: ConvBNActProblem) -> torch.Tensor:
-    """The eager implementation: ``conv_bn_eager`` (+ residual, in place),
-    the activation; in 16-bit types the affine runs in fp32 on the conv
-    output, as the kernels do. The op's forward runs below autograd (or
-    with no gradient to record), so the in-place steps are safe."""
-    if p.x.dtype in (torch.float32, torch.float64):
-        y = conv_bn_eager(p)
-        if p.residual is not None:
-            y.add_(p.residual)
-        y = activate_(p, y)
-    else:
-        _, u = pre_activation(p, p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias,
-                              p.residual)
-        y = p.act(u).to(p.x.dtype)
-    return y.contiguous(memory_format=p.out_format)
+    """The eager implementation: ``conv_bn_act_eager`` in float32/float64;
+    in 16-bit types the affine runs in fp32 on the conv output, as the
+    kernels do."""
+    if p.x.dtype in WIDE_DTYPES:
+        return conv_bn_act_eager(p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps,
+                                 p.residual, p.stride, p.padding, p.dilation, p.groups, p.activation,
+                                 p.negative_slope)
+    _, u = pre_activation(p, p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.residual)
+    return p.act(u).to(p.x.dtype).contiguous(memory_format=p.out_format)
 
 
 def same_dtype(dtype, *vectors) -> bool:
@@ -222,11 +232,12 @@ def same_dtype(dtype, *vectors) -> bool:
     return True
 
 
-def triton_check(p) -> List[str]:
-    """Why the Triton conv kernel cannot run problem `p` (any op built on it)."""
-    reasons = triton_reasons(p.device, p.dtype)
-    if p.groups != 1:
-        reasons.append(f"groups={p.groups}: the Triton kernel implements groups=1 only")
+def triton_check(sig) -> List[str]:
+    """Why the Triton conv kernel cannot run a problem of signature `sig`
+    (a ``dispatch.Signature``; any op built on the kernel)."""
+    reasons = triton_reasons(sig.device, sig.dtype)
+    if sig.groups != 1:
+        reasons.append(f"groups={sig.groups}: the Triton kernel implements groups=1 only")
     return reasons
 
 
@@ -270,12 +281,15 @@ def launch_triton_conv(p: ConvBNActProblem, projection=None, **launcher_kwargs) 
                                 **launcher_kwargs)
 
 
-def cuda_check(p) -> List[str]:
-    """Why resfuse._C's conv kernel cannot run problem `p` (either op)."""
-    reasons = cuda_reasons(OP if not hasattr(p, "xs") else "conv_bn_proj_act", p.device, p.dtype)
-    if p.groups != 1:
-        reasons.append(f"groups={p.groups}: the CUDA kernel implements groups=1 only")
-    return reasons
+def cuda_check_of(op: str):
+    """The check of resfuse._C's conv kernel for `op` (conv_bn_act or
+    conv_bn_proj_act): why it cannot run a problem of that signature."""
+    def cuda_check(sig) -> List[str]:
+        reasons = cuda_reasons(op, sig.device, sig.dtype)
+        if sig.groups != 1:
+            reasons.append(f"groups={sig.groups}: the CUDA kernel implements groups=1 only")
+        return reasons
+    return cuda_check
 
 
 def _cuda_run(p: ConvBNActProblem) -> torch.Tensor:
@@ -290,7 +304,7 @@ def _cuda_run(p: ConvBNActProblem) -> torch.Tensor:
 
 dispatch.register(OP, "eager", lambda p: [], _eager_run)
 dispatch.register(OP, "triton", triton_check, launch_triton_conv)
-dispatch.register(OP, "cuda", cuda_check, _cuda_run)
+dispatch.register(OP, "cuda", cuda_check_of(OP), _cuda_run)
 
 
 # ----------------------------------------------------------------------------
@@ -304,19 +318,22 @@ def conv_bn_act_impl(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, 
                      stride, padding, dilation, groups, activation, backend,
                      negative_slope=DEFAULT_NEGATIVE_SLOPE):
     """The implementation of ``torch.ops.resfuse.conv_bn_act`` (and of the
-    direct path, ``ops.plans``): validated and planned once per signature."""
-    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
-    key = (tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(bn_mean), tensor_key(bn_var),
-           tensor_key(bn_weight), tensor_key(bn_bias), tensor_key(residual), eps, stride, padding, dilation,
-           groups, activation, backend, negative_slope, dispatch.environment())
+    direct path, ``ops.plans``): validated and planned once per signature;
+    a cached plan on the eager backend in float32/float64 runs
+    ``conv_bn_act_eager`` on the arguments as they are."""
+    key = (tensor_keys(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual), eps, tuple(stride),
+           tuple(padding), tuple(dilation), groups, activation, backend, negative_slope, dispatch.environment())
     plan = _PLANS.plans.get(key)
     if plan is None:
         p = make_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual,
                          stride, padding, dilation, groups, activation, negative_slope)
         p.launch_memo = {}
-        return _PLANS.miss(key, backend, p, _derived)
+        return _PLANS.miss(key, backend, p, _derived, dispatch.decide(OP, backend, x.device, x.dtype, groups))
     decision, run, (out_shape, out_format, stride, padding, dilation, memo) = plan
     dispatch.record(decision)
+    if run is _eager_run and x.dtype in WIDE_DTYPES:
+        return conv_bn_act_eager(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual, stride,
+                                 padding, dilation, groups, activation, negative_slope)
     p = ConvBNActProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual,
                          stride, padding, dilation, groups, activation, out_shape, negative_slope, out_format)
     p.launch_memo = memo

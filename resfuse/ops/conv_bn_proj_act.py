@@ -18,10 +18,10 @@ import torch
 from .. import dispatch
 from .._backends import conv_allows_tf32
 from ..activations import DEFAULT_NEGATIVE_SLOPE, activation_grad, check_negative_slope
-from .plans import PlanCache, direct_call_ok, tensor_key
+from .plans import PlanCache, direct_call_ok, tensor_keys
 from .common import alloc_output, check_tensor, conv_output_memory_format, pair
-from .conv_bn_act import (ACTIVATIONS, ConvBNActProblem, activate_, branch_grads, conv_bn_eager, cuda_check,
-                          launch_triton_conv, make_problem, pre_activation, triton_check)
+from .conv_bn_act import (ACTIVATIONS, WIDE_DTYPES, ConvBNActProblem, activate_, branch_grads, conv_bn,
+                          cuda_check_of, launch_triton_conv, make_problem, pre_activation, triton_check)
 
 OP = "conv_bn_proj_act"
 
@@ -91,16 +91,28 @@ def _pre_activations(p: ConvBNProjProblem):
     return z, zd, u + ud
 
 
+def conv_bn_proj_act_eager(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, xs, weight_d, bias_d,
+                           bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, eps_d, stride_d, stride, padding, dilation,
+                           groups, activation, negative_slope) -> torch.Tensor:
+    """The eager implementation in float32/float64 on the op's arguments:
+    both branches with ``conv_bn``, the sum and the activation in place (as
+    ``conv_bn_act_eager``: after validation, or from the fused modules)."""
+    y = conv_bn(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, stride, padding, dilation, groups)
+    y.add_(conv_bn(xs, weight_d, bias_d, bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, eps_d, stride_d, (0, 0),
+                   (1, 1), 1))
+    return activate_(activation, y, negative_slope)
+
+
 def _eager_run(p: ConvBNProjProblem) -> torch.Tensor:
-    """Both branches with ``conv_bn_eager`` in float32/float64 (the sum and
-    the activation in place), else in fp32 from the pre-activations."""
-    if p.x.dtype in (torch.float32, torch.float64):
-        y = conv_bn_eager(p)
-        y = activate_(p, y.add_(conv_bn_eager(p.shortcut_problem())))
-    else:
-        _, _, u = _pre_activations(p)
-        y = p.act(u).to(p.x.dtype)
-    return y.contiguous(memory_format=p.out_format)
+    """``conv_bn_proj_act_eager`` in float32/float64, else in fp32 from the
+    pre-activations."""
+    if p.x.dtype in WIDE_DTYPES:
+        return conv_bn_proj_act_eager(p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps,
+                                      p.xs, p.weight_d, p.bias_d, p.bn_mean_d, p.bn_var_d, p.bn_weight_d,
+                                      p.bn_bias_d, p.eps_d, p.stride_d, p.stride, p.padding, p.dilation, p.groups,
+                                      p.activation, p.negative_slope)
+    _, _, u = _pre_activations(p)
+    return p.act(u).to(p.x.dtype).contiguous(memory_format=p.out_format)
 
 
 def _triton_run(p: ConvBNProjProblem) -> torch.Tensor:
@@ -121,7 +133,7 @@ def _cuda_run(p: ConvBNProjProblem) -> torch.Tensor:
 
 dispatch.register(OP, "eager", lambda p: [], _eager_run)
 dispatch.register(OP, "triton", triton_check, _triton_run)
-dispatch.register(OP, "cuda", cuda_check, _cuda_run)
+dispatch.register(OP, "cuda", cuda_check_of(OP), _cuda_run)
 
 
 _PLANS = PlanCache(OP)
@@ -132,22 +144,24 @@ def conv_bn_proj_act_impl(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, 
                           stride, padding, dilation, groups, activation, backend,
                           negative_slope=DEFAULT_NEGATIVE_SLOPE):
     """The implementation of ``torch.ops.resfuse.conv_bn_proj_act`` (and of
-    the direct path): validated and planned once per signature."""
-    stride_d, stride, padding, dilation = tuple(stride_d), tuple(stride), tuple(padding), tuple(dilation)
-    key = (tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(bn_mean), tensor_key(bn_var),
-           tensor_key(bn_weight), tensor_key(bn_bias), eps, tensor_key(xs), tensor_key(weight_d),
-           tensor_key(bias_d), tensor_key(bn_mean_d), tensor_key(bn_var_d), tensor_key(bn_weight_d),
-           tensor_key(bn_bias_d), eps_d, stride_d, stride, padding, dilation, groups, activation, backend,
-           negative_slope, dispatch.environment())
+    the direct path): validated and planned once per signature (a cached
+    eager plan in float32/float64 runs ``conv_bn_proj_act_eager`` directly)."""
+    key = (tensor_keys(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, xs, weight_d, bias_d, bn_mean_d,
+                       bn_var_d, bn_weight_d, bn_bias_d), eps, eps_d, tuple(stride_d), tuple(stride), tuple(padding),
+           tuple(dilation), groups, activation, backend, negative_slope, dispatch.environment())
     plan = _PLANS.plans.get(key)
     if plan is None:
         p = make_proj_problem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, xs, weight_d, bias_d,
                               bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, eps_d, stride_d,
                               stride, padding, dilation, groups, activation, negative_slope)
         p.launch_memo = {}
-        return _PLANS.miss(key, backend, p, _derived)
+        return _PLANS.miss(key, backend, p, _derived, dispatch.decide(OP, backend, x.device, x.dtype, groups))
     decision, run, (out_shape, out_format, stride, padding, dilation, stride_d, memo) = plan
     dispatch.record(decision)
+    if run is _eager_run and x.dtype in WIDE_DTYPES:
+        return conv_bn_proj_act_eager(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, xs, weight_d,
+                                      bias_d, bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, eps_d, stride_d, stride,
+                                      padding, dilation, groups, activation, negative_slope)
     p = ConvBNProjProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), None,
                           stride, padding, dilation, groups, activation, out_shape, negative_slope,
                           out_format, xs, weight_d, bias_d, bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d,

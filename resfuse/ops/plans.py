@@ -46,20 +46,40 @@ def tensor_key(t: Optional[torch.Tensor]):
     return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15
 
 
-def direct_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether an op may run its implementation directly (module docstring)."""
+def tensor_keys(*tensors: Optional[torch.Tensor]) -> tuple:
+    """``tensor_key`` of each of `tensors`, as one tuple (one call)."""
+    return tuple([tensor_key(t) for t in tensors])
+
+
+def plain_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
+    """No ``torch.compile``/``jit`` tracing, no dispatch or function mode,
+    no functorch transform, and every given tensor a plain Tensor or
+    Parameter: what ``direct_call_ok`` asks besides gradients."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
             or torch._C._get_tracing_state() is not None):
         return False
-    grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is None:
-            continue
-        cls = type(t)
-        if (cls is not _Tensor and cls is not _Parameter) or (grad and t.requires_grad):
-            return False
+        if t is not None:
+            cls = type(t)
+            if cls is not _Tensor and cls is not _Parameter:
+                return False
     return True
+
+
+def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd would record a graph for an op on `tensors`."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def direct_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether an op may run its implementation directly (module docstring)."""
+    return plain_call_ok(*tensors) and not needs_grad(*tensors)
 
 
 def signature(args) -> tuple:
@@ -107,10 +127,12 @@ class PlanCache:
         self.plans: Dict[Any, Any] = {}
         _CACHES.append(self)
 
-    def miss(self, key, backend: str, problem, derive: Callable[[Any], Any] = lambda p: None):
+    def miss(self, key, backend: str, problem, derive: Callable[[Any], Any] = lambda p: None, decided=None):
         """Plan `problem` (already validated), run it and remember the plan
-        under `key`: (decision, run, derive(problem)). Returns the output."""
-        decision, run = dispatch.plan(self.op, backend, problem)
+        under `key`: (decision, run, derive(problem)). `decided`: the
+        (decision, run) ``dispatch.decide`` gave, else ``dispatch.plan``
+        picks them. Returns the output."""
+        decision, run = decided or dispatch.plan(self.op, backend, problem)
         if decision.backend == "triton" and _capturing():
             raise CaptureError(
                 f"resfuse: {self.op} met a new input signature while a CUDA graph is being captured; its "
@@ -135,9 +157,11 @@ class PlanCache:
 
 
 def clear_plans() -> None:
-    """Forget every op's plans and prepared launches (the test suite does
+    """Forget every op's plans, prepared launches and ``dispatch.decide``'s
+    decisions (the test suite does
     after each test, whose patches they may have captured; a change of
     environment or registry needs none: ``dispatch.environment()`` is in
     every key)."""
     for c in _CACHES:
         c.plans.clear()
+    dispatch.forget_decisions()
