@@ -86,6 +86,37 @@ def test_a_plan_never_outlives_the_metadata_it_was_made_for():
         assert_matches(y, _ref(x, w, *bn3), _eager(x, w, bn3), torch.float32, "after .data")
 
 
+def test_gnconv_and_patchify_ops_validate_once_per_signature(monkeypatch):
+    """layernorm_conv1x1, gnconv_chain, gelu_conv1x1 and patchify_conv
+    validate a signature's first call only; a call that differs in
+    metadata (a weight's .data replaced) is validated afresh and raises."""
+    from resfuse.ops import gnconv as gn_op, horblock_mlp, patchify as pf_op
+    counts = {}
+    for mod, name in ((gn_op, "make_ln_conv1x1_problem"), (gn_op, "make_chain_problem"),
+                      (horblock_mlp, "make_gelu_conv1x1_problem"), (pf_op, "make_patchify_problem")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name: (counts.__setitem__(_n, counts.get(_n, 0) + 1),
+                                                                     _r(*a))[1])
+    torch.manual_seed(2)
+    x = torch.randn(1, 6, 4, 4)
+    w1 = nn.Parameter(torch.randn(5, 6, 1, 1))
+    nw, nb = torch.randn(6), torch.randn(6)
+    a = torch.randn(1, 8, 4, 4)
+    w2 = torch.randn(3, 8, 1, 1)
+    wp = torch.randn(4, 6, 2, 2)
+    with torch.no_grad():
+        for _ in range(3):
+            y1 = resfuse.layernorm_conv1x1(x, w1, norm_weight=nw, norm_bias=nb, norm_eps=1e-6, backend="eager")
+            y2 = resfuse.gelu_conv1x1(a, w2, backend="eager")
+            y3 = resfuse.patchify_conv(x, wp, pre_weight=nw, pre_bias=nb, pre_eps=1e-6, backend="eager")
+    assert y1.shape == (1, 5, 4, 4) and y2.shape == (1, 3, 4, 4) and y3.shape == (1, 4, 2, 2)
+    assert counts == {"make_ln_conv1x1_problem": 1, "make_gelu_conv1x1_problem": 1, "make_patchify_problem": 1}
+    w1.data = torch.randn(5, 7, 1, 1)  # same Parameter, a shape the op must refuse
+    with torch.no_grad(), pytest.raises(ValueError, match="weight"):
+        resfuse.layernorm_conv1x1(x, w1, norm_weight=nw, norm_bias=nb, norm_eps=1e-6, backend="eager")
+    assert counts["make_ln_conv1x1_problem"] == 2
+
+
 class _OpLog(TorchDispatchMode):
     def __init__(self):
         super().__init__()

@@ -31,7 +31,7 @@ from .plans import PlanCache, direct_call_ok, tensor_keys
 from .common import acc_dtype, check_tensor, conv_output_memory_format, pair
 from .conv_bn_act import (WIDE_DTYPES, ConvBNActProblem, _eager_run, activate_, bn_param_grads, branch_grads,
                           conv_bn_act_eager, fold_bn, launch_triton_conv, make_problem, pre_activation,
-                          resolve_padding, same_dtype, triton_check)
+                          resolve_padding, same_dtype, triton_check, triton_conv)
 
 OP = "bn_act_conv"
 
@@ -138,7 +138,8 @@ def bn_act_conv_impl(x, in_mean, in_var, in_weight, in_bias, in_eps, in_activati
                      negative_slope=DEFAULT_NEGATIVE_SLOPE):
     """The implementation of ``torch.ops.resfuse.bn_act_conv`` (and of the
     direct path): validated and planned once per signature (a cached eager
-    plan in float32/float64 runs ``bn_act_conv_eager`` directly)."""
+    plan in float32/float64 runs ``bn_act_conv_eager``, a Triton plan
+    ``triton_conv``, on the arguments as they are)."""
     key = (tensor_keys(x, in_mean, in_var, in_weight, in_bias, weight, bias, bn_mean, bn_var, bn_weight, bn_bias,
                        residual), in_eps, in_activation, eps, tuple(stride), tuple(padding), tuple(dilation), groups,
            activation, backend, in_negative_slope, negative_slope, dispatch.environment())
@@ -155,6 +156,11 @@ def bn_act_conv_impl(x, in_mean, in_var, in_weight, in_bias, in_eps, in_activati
         return bn_act_conv_eager(x, in_mean, in_var, in_weight, in_bias, in_eps, in_activation, weight, bias,
                                  bn_mean, bn_var, bn_weight, bn_bias, eps, residual, stride, padding, dilation,
                                  groups, activation, in_negative_slope, negative_slope)
+    if run is _triton_run:
+        return triton_conv(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual, stride, padding,
+                           dilation, activation, negative_slope, out_shape, out_format, memo,
+                           prologue=(in_mean, in_var, in_weight, in_bias, in_eps, ACTIVATIONS[in_activation].triton_id,
+                                     in_negative_slope))
     p = BNActConvProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual,
                          stride, padding, dilation, groups, activation, out_shape, negative_slope,
                          out_format, in_mean, in_var, in_weight, in_bias, float(in_eps), in_activation,

@@ -76,8 +76,13 @@ def alloc_output(p, memory_format: Optional[torch.memory_format] = None) -> torc
     """Output buffer in ``memory_format`` (default: the input's). With
     RESFUSE_POISON_OUTPUTS=1 (the test suite sets it) it starts as NaN, so
     an element a kernel fails to write cannot pass a comparison."""
-    out = torch.empty(p.out_shape, dtype=p.x.dtype, device=p.x.device,
-                      memory_format=memory_format or output_memory_format(p.x))
+    return empty_output(p.out_shape, p.x, memory_format or output_memory_format(p.x))
+
+
+def empty_output(shape, like: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """``alloc_output`` from its parts: a (poisoned, under the test suite)
+    `shape` buffer of `like`'s dtype and device."""
+    out = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
     if os.environ.get("RESFUSE_POISON_OUTPUTS") == "1":
         out.fill_(float("nan"))
     return out

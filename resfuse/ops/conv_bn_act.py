@@ -30,7 +30,7 @@ from ..activations import (ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, activation_grad,
                           get_activation)
 from .plans import PlanCache, direct_call_ok, tensor_keys
 from .common import (FLOAT_DTYPES, OnInput, acc_dtype, alloc_output, check_tensor, conv_output_memory_format,
-                     pair)
+                     empty_output, pair)
 
 OP = "conv_bn_act"
 #: The dtypes the eager implementations compute in as they are (16-bit ones go through fp32).
@@ -260,25 +260,42 @@ def channels_last(t: torch.Tensor, what: str) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def launch_triton_conv(p: ConvBNActProblem, projection=None, **launcher_kwargs) -> torch.Tensor:
-    """Run the Triton conv kernel on problem `p` into a fresh output;
-    `projection` / `launcher_kwargs` select its optional epilogues and
-    prologue. x, the weights and a projection's xs/wd reach the kernel
-    channels_last (``channels_last``: a per-call copy of an operand that
-    is not; slower, see ``resfuse.convert``'s ``channels_last_weights``)."""
+def launch_triton_conv(p: ConvBNActProblem, projection=None, prologue=None) -> torch.Tensor:
+    """``triton_conv`` on problem `p` (`projection` / `prologue` as there)."""
+    return triton_conv(p.x, p.weight, p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps, p.residual,
+                       p.stride, p.padding, p.dilation, p.activation, p.negative_slope, p.out_shape, p.out_format,
+                       p.launch_memo, projection, prologue)
+
+
+def triton_conv(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual, stride, padding, dilation,
+                activation, negative_slope, out_shape, out_format, memo, projection=None,
+                prologue=None) -> torch.Tensor:
+    """Run the Triton conv kernel into a fresh `out_shape` output of
+    `out_format` (a validated problem's arguments, as a cached plan holds
+    them: no problem object is built per call); `projection` (xs, wd,
+    bias_d, mean_d, var_d, gamma_d, beta_d, eps_d, stride_d) and `prologue`
+    (the launcher's) select its optional epilogue and prologue; `memo`: the
+    plan's launch memo. x, the weights and a projection's xs/wd reach the
+    kernel channels_last (``channels_last``: a per-call copy of an operand
+    that is not; slower, see ``resfuse.convert``'s ``channels_last_weights``).
+    On CUDA the launch runs under x's device only when it is not already
+    the current one."""
     kern = kernels_module("conv_bn_act")
-    out = alloc_output(p, p.out_format)
+    out = empty_output(out_shape, x, out_format)
     if projection is not None:
         projection = (channels_last(projection[0], "xs"), channels_last(projection[1], "wd"),
                       *projection[2:])
-    args = (channels_last(p.x, "x"), channels_last(p.weight, "weight"), p.bias, p.bn_mean, p.bn_var, p.bn_weight, p.bn_bias, p.eps,
-            p.residual, p.stride, p.padding, p.dilation, ACTIVATIONS[p.activation].triton_id, p.negative_slope, out)
-    if p.device.type == "cuda":
-        with torch.cuda.device(p.device):
-            return kern.conv_bn_act_fwd(*args, allow_tf32=conv_allows_tf32(), projection=projection,
-                                        memo=p.launch_memo, **launcher_kwargs)
-    return kern.conv_bn_act_fwd(*args, allow_tf32=False, projection=projection, memo=p.launch_memo,
-                                **launcher_kwargs)
+    args = (channels_last(x, "x"), channels_last(weight, "weight"), bias, bn_mean, bn_var, bn_weight, bn_bias, eps,
+            residual, stride, padding, dilation, ACTIVATIONS[activation].triton_id, negative_slope, out)
+    if not x.is_cuda:
+        return kern.conv_bn_act_fwd(*args, allow_tf32=False, projection=projection, prologue=prologue, memo=memo)
+    index = x.get_device()
+    if index == torch.cuda.current_device():
+        return kern.conv_bn_act_fwd(*args, allow_tf32=conv_allows_tf32(), projection=projection, prologue=prologue,
+                                    memo=memo)
+    with torch.cuda.device(index):
+        return kern.conv_bn_act_fwd(*args, allow_tf32=conv_allows_tf32(), projection=projection, prologue=prologue,
+                                    memo=memo)
 
 
 def cuda_check_of(op: str):
@@ -320,7 +337,8 @@ def conv_bn_act_impl(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, 
     """The implementation of ``torch.ops.resfuse.conv_bn_act`` (and of the
     direct path, ``ops.plans``): validated and planned once per signature;
     a cached plan on the eager backend in float32/float64 runs
-    ``conv_bn_act_eager`` on the arguments as they are."""
+    ``conv_bn_act_eager``, on Triton ``triton_conv``, on the arguments as
+    they are."""
     key = (tensor_keys(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, residual), eps, tuple(stride),
            tuple(padding), tuple(dilation), groups, activation, backend, negative_slope, dispatch.environment())
     plan = _PLANS.plans.get(key)
@@ -334,6 +352,9 @@ def conv_bn_act_impl(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, 
     if run is _eager_run and x.dtype in WIDE_DTYPES:
         return conv_bn_act_eager(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual, stride,
                                  padding, dilation, groups, activation, negative_slope)
+    if run is launch_triton_conv:
+        return triton_conv(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, residual, stride, padding,
+                           dilation, activation, negative_slope, out_shape, out_format, memo)
     p = ConvBNActProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), residual,
                          stride, padding, dilation, groups, activation, out_shape, negative_slope, out_format)
     p.launch_memo = memo

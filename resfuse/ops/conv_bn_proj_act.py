@@ -21,7 +21,8 @@ from ..activations import DEFAULT_NEGATIVE_SLOPE, activation_grad, check_negativ
 from .plans import PlanCache, direct_call_ok, tensor_keys
 from .common import alloc_output, check_tensor, conv_output_memory_format, pair
 from .conv_bn_act import (ACTIVATIONS, WIDE_DTYPES, ConvBNActProblem, activate_, branch_grads, conv_bn,
-                          cuda_check_of, launch_triton_conv, make_problem, pre_activation, triton_check)
+                          cuda_check_of, launch_triton_conv, make_problem, pre_activation, triton_check,
+                          triton_conv)
 
 OP = "conv_bn_proj_act"
 
@@ -145,7 +146,8 @@ def conv_bn_proj_act_impl(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, 
                           negative_slope=DEFAULT_NEGATIVE_SLOPE):
     """The implementation of ``torch.ops.resfuse.conv_bn_proj_act`` (and of
     the direct path): validated and planned once per signature (a cached
-    eager plan in float32/float64 runs ``conv_bn_proj_act_eager`` directly)."""
+    eager plan in float32/float64 runs ``conv_bn_proj_act_eager``, a Triton
+    plan ``triton_conv``, on the arguments as they are)."""
     key = (tensor_keys(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, xs, weight_d, bias_d, bn_mean_d,
                        bn_var_d, bn_weight_d, bn_bias_d), eps, eps_d, tuple(stride_d), tuple(stride), tuple(padding),
            tuple(dilation), groups, activation, backend, negative_slope, dispatch.environment())
@@ -162,6 +164,11 @@ def conv_bn_proj_act_impl(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, 
         return conv_bn_proj_act_eager(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, xs, weight_d,
                                       bias_d, bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, eps_d, stride_d, stride,
                                       padding, dilation, groups, activation, negative_slope)
+    if run is _triton_run:
+        return triton_conv(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, eps, None, stride, padding,
+                           dilation, activation, negative_slope, out_shape, out_format, memo,
+                           projection=(xs, weight_d, bias_d, bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d, eps_d,
+                                       stride_d))
     p = ConvBNProjProblem(x, weight, bias, bn_mean, bn_var, bn_weight, bn_bias, float(eps), None,
                           stride, padding, dilation, groups, activation, out_shape, negative_slope,
                           out_format, xs, weight_d, bias_d, bn_mean_d, bn_var_d, bn_weight_d, bn_bias_d,

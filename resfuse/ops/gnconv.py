@@ -239,11 +239,14 @@ _PROJ_PLANS = PlanCache(OP_PROJ)
 
 def layernorm_conv1x1_impl(x, weight, bias, norm_weight, norm_bias, norm_eps, backend, epilogue_gelu=False):
     """The implementation of ``torch.ops.resfuse.layernorm_conv1x1`` (and of
-    the direct path, ``ops.plans``): validated at every call, planned once
-    per signature."""
-    p = make_ln_conv1x1_problem(x, weight, bias, norm_weight, norm_bias, norm_eps, epilogue_gelu)
+    the direct path, ``ops.plans``): validated and planned once per
+    signature."""
     key = signature((x, weight, bias, norm_weight, norm_bias, norm_eps, backend, epilogue_gelu))
-    return _PROJ_PLANS.run(key, backend, p)
+    return _PROJ_PLANS.run(
+        key, backend,
+        lambda: make_ln_conv1x1_problem(x, weight, bias, norm_weight, norm_bias, norm_eps, epilogue_gelu),
+        lambda d: LNConv1x1Problem(x, weight, bias, norm_weight, norm_bias, d[0], d[1], epilogue_gelu),
+        lambda p: (p.norm_eps, p.out_shape))
 
 
 @torch.library.custom_op("resfuse::layernorm_conv1x1", mutates_args=())
@@ -270,12 +273,16 @@ _CHAIN_PLANS = PlanCache(OP_CHAIN)
 def gnconv_chain_impl(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale,
                       sample_scale, backend):
     """The implementation of ``torch.ops.resfuse.gnconv_chain`` (and of the
-    direct path): validated at every call, planned once per signature."""
-    p = make_chain_problem(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale,
-                           sample_scale)
+    direct path): validated and planned once per signature."""
     key = signature((fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual, layer_scale,
                      sample_scale, backend))
-    return _CHAIN_PLANS.run(key, backend, p)
+    return _CHAIN_PLANS.run(
+        key, backend,
+        lambda: make_chain_problem(fused, w_dw, b_dw, gates, w_pws, b_pws, w_out, b_out, scale, residual,
+                                   layer_scale, sample_scale),
+        lambda d: GnConvChainProblem(fused, w_dw, b_dw, gates, list(w_pws), list(b_pws), w_out, b_out, d[0],
+                                     residual, layer_scale, sample_scale, d[1], d[2]),
+        lambda p: (p.scale, p.dims, p.out_shape))
 
 
 @torch.library.custom_op("resfuse::gnconv_chain", mutates_args=())

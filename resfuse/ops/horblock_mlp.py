@@ -89,10 +89,14 @@ _PLANS = PlanCache(OP_GELU_CONV1X1)
 
 def gelu_conv1x1_impl(a, weight, bias, layer_scale, sample_scale, residual, backend, prologue_gelu=True):
     """The implementation of ``torch.ops.resfuse.gelu_conv1x1`` (and of the
-    direct path): validated at every call, planned once per signature."""
-    p = make_gelu_conv1x1_problem(a, weight, bias, layer_scale, sample_scale, residual, prologue_gelu)
+    direct path): validated and planned once per signature."""
     key = signature((a, weight, bias, layer_scale, sample_scale, residual, backend, prologue_gelu))
-    return _PLANS.run(key, backend, p)
+    return _PLANS.run(
+        key, backend,
+        lambda: make_gelu_conv1x1_problem(a, weight, bias, layer_scale, sample_scale, residual, prologue_gelu),
+        lambda out_shape: GeluConv1x1Problem(a, weight, bias, layer_scale, sample_scale, residual, out_shape,
+                                             prologue_gelu),
+        lambda p: p.out_shape)
 
 
 @torch.library.custom_op("resfuse::gelu_conv1x1", mutates_args=())

@@ -138,10 +138,14 @@ _PLANS = PlanCache(OP)
 
 def patchify_conv_impl(x, weight, bias, pre_weight, pre_bias, pre_eps, post_weight, post_bias, post_eps, backend):
     """The implementation of ``torch.ops.resfuse.patchify_conv`` (and of the
-    direct path): validated at every call, planned once per signature."""
-    p = make_patchify_problem(x, weight, bias, pre_weight, pre_bias, pre_eps, post_weight, post_bias, post_eps)
+    direct path): validated and planned once per signature."""
     key = signature((x, weight, bias, pre_weight, pre_bias, pre_eps, post_weight, post_bias, post_eps, backend))
-    return _PLANS.run(key, backend, p)
+    return _PLANS.run(
+        key, backend,
+        lambda: make_patchify_problem(x, weight, bias, pre_weight, pre_bias, pre_eps, post_weight, post_bias,
+                                      post_eps),
+        lambda d: PatchifyProblem(x, weight, bias, pre_weight, pre_bias, d[0], post_weight, post_bias, d[1], d[2]),
+        lambda p: (p.pre_eps, p.post_eps, p.out_shape))
 
 
 @torch.library.custom_op("resfuse::patchify_conv", mutates_args=())

@@ -146,14 +146,18 @@ class PlanCache:
         self.plans[key] = (decision, run, derive(problem))
         return out
 
-    def run(self, key, backend: str, problem):
-        """Run the validated `problem` on the plan cached under `key`
-        (made, and the problem run, by ``miss`` the first time)."""
+    def run(self, key, backend: str, make: Callable[[], Any], rebuild: Callable[[Any], Any],
+            derive: Callable[[Any], Any]):
+        """The op's output for a call of signature `key`: the first time
+        `make()` validates the problem and ``miss`` plans and runs it,
+        remembering ``derive(problem)`` (its metadata, no tensors); later
+        calls run the cached plan on ``rebuild(derived)``, the problem
+        built from this call's arguments without validating them again."""
         plan = self.plans.get(key)
         if plan is None:
-            return self.miss(key, backend, problem)
+            return self.miss(key, backend, make(), derive)
         dispatch.record(plan[0])
-        return plan[1](problem)
+        return plan[1](rebuild(plan[2]))
 
 
 def clear_plans() -> None:
