@@ -206,10 +206,11 @@ def model_rows(repeats, shapes):
 
 
 def layout_rows(repeats):
-    """What convert's channels_last weights (its default) cost or save on
-    the CPU fallback: an eager ResNet-18 on NCHW vs channels_last feature
-    maps, and each model at the demo's size converted with and without
-    them (speed = eager / resfuse)."""
+    """What channels_last weights (convert's layout for the kernels, on a
+    CPU only with channels_last_weights=True) cost or save on the CPU
+    fallback: an eager ResNet-18 on NCHW vs channels_last feature maps, and
+    each model at the demo's size converted with them and with the default
+    (speed = eager / resfuse)."""
     import torchvision
     from resfuse.hornet import hornet_t
     torch.manual_seed(0)
@@ -226,8 +227,8 @@ def layout_rows(repeats):
               "vgg16_bn": torchvision.models.vgg16_bn().eval(), "hornet_t": hornet_t().eval()}
     x = torch.randn(2, 3, 64, 64)
     for name, plain in models.items():
-        cl = resfuse.convert(plain)
-        kept = resfuse.convert(plain, channels_last_weights=False)
+        cl = resfuse.convert(plain, channels_last_weights=True)
+        kept = resfuse.convert(plain)  # the default on a CPU: the model's own strides
         with torch.no_grad():
             res = interleaved({"eager": lambda: plain(x), "cl": lambda: cl(x), "kept": lambda: kept(x)}, repeats, 5)
         e = res["eager"][0]
@@ -269,8 +270,8 @@ def main(argv=None):
         eager_rows, convert_rows = layout_rows(reps)
         lines += ["", "Eager ResNet-18 by feature-map layout (ms per forward):", "",
                   "| model, input | NCHW ms | channels_last ms |", "|---|---|---|"] + eager_rows
-        lines += ["", "Converted at the demo's size, speed vs eager with convert's channels_last weights (the "
-                  "default) and with channels_last_weights=False:", "",
+        lines += ["", "Converted at the demo's size, speed vs eager with channels_last_weights=True and with "
+                  "convert's default on a CPU (the model's own strides):", "",
                   "| model, input | channels_last weights | model's own layout |", "|---|---|---|"] + convert_rows
     text = "\n".join(lines) + "\n"
     print(text)

@@ -9,11 +9,13 @@ the original's keys, shapes and values.
 """
 
 import copy
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from . import dispatch
+from .nn._call import FusedModuleMixin, InPlaceBackendMixin, register_move_hook
 from .nn.blocks import FusedResidualBlock, fuse_block
 from .nn.conv_bn_act import FusedSequential
 from .nn.gnconv import FusedHorBlock, GnConv
@@ -79,32 +81,43 @@ def kernel_convs(model: nn.Module):
                 yield c
 
 
+def _on_kernel_device(t: torch.Tensor) -> bool:
+    """Whether a kernel reads `t` where it is: a CUDA tensor (on a CPU the
+    fused modules run eager PyTorch, which picks its own layouts)."""
+    return t.is_cuda
+
+
 @torch.no_grad()
-def lay_out_conv_weights(model: nn.Module) -> None:
+def lay_out_conv_weights(model: nn.Module, cuda_only: bool = False) -> None:
     """Give every kernel conv's weight channels-innermost (OHWI) strides, in
-    place and once: the Triton conv kernel then loads its weight tiles with
-    16-byte async copies (an OIHW weight is repacked at every call). Keys,
-    shapes and values do not change; ``load_state_dict`` (``copy_``),
-    optimizers (in-place updates) and ``.to()`` keep the strides. By
-    eager's own rule a conv with a channels_last weight returns a
-    channels_last output, so an NCHW model input is laid out channels_last
-    once, at the first fused conv. A fused gnconv's depthwise weight
-    (S, 1, k, k) gets channel-innermost strides (1, k*k*S, k*S, S): each
-    tap's weights for a block of channels are then one vector load in the
-    chain kernel, not a gather at stride k*k."""
+    place and once (with `cuda_only`, those on CUDA only): the Triton conv
+    kernel then loads its weight tiles with 16-byte async copies (an OIHW
+    weight is repacked at every call). Keys, shapes and values do not
+    change; ``load_state_dict`` (``copy_``), optimizers (in-place updates)
+    and ``.to()`` keep the strides. By eager's own rule a conv with a
+    channels_last weight returns a channels_last output, so an NCHW model
+    input is laid out channels_last once, at the first fused conv. A fused
+    gnconv's depthwise weight (S, 1, k, k) gets channel-innermost strides
+    (1, k*k*S, k*S, S): each tap's weights for a block of channels are then
+    one vector load in the chain kernel, not a gather at stride k*k."""
     for conv in kernel_convs(model):
         w = conv.weight
-        if w.dim() == 4 and not w.is_contiguous(memory_format=torch.channels_last):
+        if w.dim() == 4 and not w.is_contiguous(memory_format=torch.channels_last) and \
+                (not cuda_only or _on_kernel_device(w)):
             w.data = w.data.contiguous(memory_format=torch.channels_last)
     for m in model.modules():
         dw = getattr(m, "dwconv", None) if isinstance(m, GnConv) else None
-        if isinstance(dw, nn.Conv2d) and dw.weight.dim() == 4 and dw.weight.stride(0) != 1:
+        if isinstance(dw, nn.Conv2d) and dw.weight.dim() == 4 and dw.weight.stride(0) != 1 and \
+                (not cuda_only or _on_kernel_device(dw.weight)):
             w = dw.weight
             w.data = w.data.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
 
 
+register_move_hook(lambda module: lay_out_conv_weights(module, cuda_only=True))
+
+
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False,
-            channels_last_weights: bool = True) -> nn.Module:
+            channels_last_weights: Optional[bool] = None) -> nn.Module:
     """Return `model` with its conv -> BN (-> act) (-> add) patterns fused:
 
     - residual blocks (torchvision/timm BasicBlock and Bottleneck, the seed's
@@ -139,19 +152,23 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False,
         (``lay_out_conv_weights``), so the Triton conv kernel reads them
         without a per-call repack and an NCHW input becomes channels_last at
         the first fused conv (the model's feature maps are then channels_last:
-        ``.reshape``, not ``.view``). On by default; False keeps the user's strides
-        (the Triton path then repacks OIHW weights at every call). With the
-        new strides, eager convolutions (train mode, fallbacks) may round
+        ``.reshape``, not ``.view``). None (the default): where the kernels
+        read them, i.e. the weights on CUDA now, and a fused module's weights
+        when it is moved to CUDA later (``.to()``/``.cuda()``); weights on a
+        CPU keep the model's strides, so the CPU fallback runs the original
+        convolutions. True: every weight now (on a CPU too); False: none (the
+        Triton path then repacks OIHW weights at every call). With new
+        strides, eager convolutions (train mode, fallbacks) may round
         differently from the model as constructed (within the correctness
-        rule); only False keeps train mode bitwise the original's.
+        rule).
 
     No parameter or buffer is moved or renamed (with ``channels_last_weights``
     the fused convs' weights keep their values and get other strides).
     Modules that do not match stay as they are; ``resfuse.explain`` says why.
     """
     dispatch.validate_backend(backend)
-    if not isinstance(channels_last_weights, bool):
-        raise TypeError(f"channels_last_weights must be a bool, got {type(channels_last_weights).__name__}")
+    if channels_last_weights is not None and not isinstance(channels_last_weights, bool):
+        raise TypeError(f"channels_last_weights must be None or a bool, got {type(channels_last_weights).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
@@ -173,6 +190,11 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False,
             m.backend = backend
         elif is_plain_sequential(m) and any(isinstance(s, FusedGroup) for s in plan_sequential(m).steps):
             FusedSequential.from_sequential(m, backend)
-    if channels_last_weights:
+    if channels_last_weights is None:
+        for m in model.modules():
+            if isinstance(m, (FusedModuleMixin, InPlaceBackendMixin)):
+                m.__dict__["_channels_last_on_cuda"] = True  # read by their _apply (nn._call.MovesLayout)
+        lay_out_conv_weights(model, cuda_only=True)
+    elif channels_last_weights:
         lay_out_conv_weights(model)
     return model

@@ -627,8 +627,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--image", type=int, default=224)
     p.add_argument("--channels-last-weights", action=argparse.BooleanOptionalAction, default=True,
-                   help="convert's channels_last_weights (default on, as convert's; --no-channels-last-weights "
-                        "keeps the weights as constructed: OIHW weights are then repacked at every call)")
+                   help="convert's channels_last_weights (default on: what convert gives a model on CUDA; "
+                        "--no-channels-last-weights keeps the weights as constructed: OIHW weights are then "
+                        "repacked at every call)")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     a = p.parse_args(argv)
@@ -640,7 +641,7 @@ def main(argv=None) -> int:
     mr = inspect_launches(launches, a.arch, cache=not a.no_cache)
     mr.repacks = repacks
     title = (f"{a.model}, {a.dtype}, {a.arch}, {a.input_layout} input, batch {a.batch}, {a.image}px, "
-             f"{'channels_last (convert default)' if a.channels_last_weights else 'as constructed'} weights")
+             f"{'channels_last (convert on CUDA)' if a.channels_last_weights else 'as constructed'} weights")
     if a.json:
         print(json.dumps(dict(title=title, **asdict(mr)), indent=1))
     else:

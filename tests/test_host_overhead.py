@@ -48,9 +48,10 @@ def test_converted_demo_model_host_time_is_bounded():
     """The demo's CPU case (ResNet-18, batch 2, 64x64, eval, no grad,
     backend 'auto' = the eager fallback here without the interpreter) vs
     the original model, interleaved repeats in this test. The bound is
-    generous (CI shares 2 cores): it catches a host path gone back to
-    several times eager's (the 2026-12-03 baseline, 0.85x speed on this
-    model), not a few percent (bench/host_overhead.py --models measures)."""
+    generous (CI shares 2 cores; the bench measures 0.97x speed here): it
+    catches the host path or the CPU layout gone back to what they were
+    (0.77x speed on this model at the 2026-12-04 first step), not a few
+    percent (bench/host_overhead.py --models measures)."""
     from resfuse.demo import MODELS
     from resfuse.models import randomize_bn
     torch.manual_seed(0)
@@ -70,4 +71,4 @@ def test_converted_demo_model_host_time_is_bounded():
     finally:
         torch.set_num_threads(threads)
     eager, ours = statistics.median(samples["eager"]), statistics.median(samples["resfuse"])
-    assert ours <= 1.5 * eager, (ours, eager)
+    assert ours <= 1.25 * eager, (ours, eager)

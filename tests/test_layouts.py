@@ -1,7 +1,8 @@
 """Memory layouts: conv outputs follow PyTorch's rule (channels_last when
 the input or the weight is), on every backend, and ``convert`` (its
-``channels_last_weights``, on by default) lays fused weights out once
-without changing what a state_dict holds or what the model computes."""
+``channels_last_weights``) lays fused weights out once, where the kernels
+read them (CUDA; on a later move to CUDA), without changing what a
+state_dict holds or what the model computes."""
 
 import copy
 import random
@@ -43,11 +44,40 @@ def test_output_layout_follows_eager(backend, device):
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_convert_lays_weights_out_channels_last_by_default_keeping_state_and_values():
+def test_default_layout_is_channels_last_where_the_kernels_read_the_weights(monkeypatch):
+    """convert's default keeps a CPU model's strides (its eager fallback
+    runs the original convs) and lays a fused module's kernel weights out
+    channels_last when it moves to the kernels' device, .to()/.cuda(): here
+    a stand-in predicate (float64 = "on the kernels' device") and .double()."""
+    import importlib
     from resfuse.models import randomize_bn, resnet18
+    from resfuse.hornet import hornet_t
+    convert_mod = importlib.import_module("resfuse.convert")  # the module (resfuse.convert is the function)
     torch.manual_seed(0)
     plain = randomize_bn(resnet18()).eval()
     fused = resfuse.convert(plain, backend="eager")
+    assert all(a.stride() == b.stride() for a, b in zip(plain.parameters(), fused.parameters()))
+    monkeypatch.setattr(convert_mod, "_on_kernel_device", lambda t: t.dtype == torch.float64)
+    fused.double()
+    kernel = {id(c.weight) for c in convert_mod.kernel_convs(fused)}
+    assert len(kernel) == 20  # stem, 16 block convs, 3 projections
+    for name, p in fused.named_parameters():
+        if p.dim() == 4:
+            assert p.is_contiguous(memory_format=CL) == (id(p) in kernel), name
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), plain.double()(x), rtol=1e-9, atol=1e-9)
+    kept = resfuse.convert(plain, backend="eager", channels_last_weights=False).double()
+    assert all(a.stride() == b.stride() for a, b in zip(plain.parameters(), kept.parameters()))
+    hn = resfuse.convert(hornet_t(depths=(1, 1, 1, 1)), backend="eager").double()  # gnconv depthwise too
+    dw = hn.stages[0][0].gnconv.dwconv.weight
+    assert dw.stride(0) == 1 and hn.downsample_layers[0][0].weight.is_contiguous(memory_format=CL)
+
+
+def test_convert_lays_weights_out_channels_last_when_asked_keeping_state_and_values():
+    from resfuse.models import randomize_bn, resnet18
+    torch.manual_seed(0)
+    plain = randomize_bn(resnet18()).eval()
+    fused = resfuse.convert(plain, backend="eager", channels_last_weights=True)
     sd_p, sd_f = plain.state_dict(), fused.state_dict()
     assert list(sd_p) == list(sd_f)
     assert all(torch.equal(sd_p[k], sd_f[k]) and sd_p[k].shape == sd_f[k].shape for k in sd_p)
@@ -93,7 +123,7 @@ def test_convert_lays_gnconv_depthwise_weights_channel_innermost(device):
     with torch.no_grad():
         for p in plain.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    fused = resfuse.convert(plain, backend="triton")
+    fused = resfuse.convert(plain, backend="triton", channels_last_weights=True)
     w = fused[0].gnconv.dwconv.weight
     assert w.stride(0) == 1 and plain[0].gnconv.dwconv.weight.stride(0) != 1
     sd_p, sd_f = plain.state_dict(), fused.state_dict()
@@ -124,7 +154,7 @@ def test_nchw_input_is_laid_out_once_at_the_first_fused_conv():
     torch.manual_seed(1)
     plain = randomize_bn(resnet18()).eval()
     x = torch.randn(1, 3, 32, 32)
-    fused = resfuse.convert(plain, backend="triton")
+    fused = resfuse.convert(plain, backend="triton", channels_last_weights=True)  # as on a GPU
     before = dict(conv_op.REPACKS)
     with torch.no_grad():
         y = fused(x)

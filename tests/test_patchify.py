@@ -185,7 +185,7 @@ def _hornet(seed):
 def test_convert_fuses_hornet_stem_and_downsampling(device):
     model = _hornet(3).to(device)
     keys = {k: v.clone() for k, v in model.state_dict().items()}
-    conv = resfuse.convert(model, backend="triton")
+    conv = resfuse.convert(model, backend="triton", channels_last_weights=True)  # the layout convert gives on CUDA
     pcs = [m for m in conv.modules() if isinstance(m, PatchifyConv)]
     assert [m.kind for m in pcs] == ["conv4x4/4+ln", "ln+conv2x2/2", "ln+conv2x2/2", "ln+conv2x2/2"]
     sd = conv.state_dict()

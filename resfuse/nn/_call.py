@@ -2,7 +2,7 @@
 shortcut) + activation -> the resfuse op, with autocast handled as eager
 autocast handles F.conv2d. Shared by every fused module."""
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,33 @@ def adopt(cls, module: nn.Module) -> nn.Module:
     return self
 
 
-class InPlaceBackendMixin:
+_MOVE_HOOK: Optional[Callable[[nn.Module], None]] = None
+
+
+def register_move_hook(hook: Callable[[nn.Module], None]) -> None:
+    """What a fused module marked by ``convert`` (``channels_last_weights``
+    None) runs on itself after ``.to()``/``.cuda()``/...: lay out the kernel
+    weights that are now on CUDA (``resfuse.convert`` registers
+    ``lay_out_conv_weights``; it imports the fused modules, so they cannot
+    import it)."""
+    global _MOVE_HOOK
+    _MOVE_HOOK = hook
+
+
+class MovesLayout:
+    """``_apply`` (every ``.to()``, ``.cuda()``, ``.half()``...) followed by
+    the registered move hook when ``convert`` marked the module
+    (``_channels_last_on_cuda``): a model converted on a CPU and moved to a
+    GPU gets the kernel layout there, once."""
+
+    def _apply(self, *args, **kwargs):
+        out = super()._apply(*args, **kwargs)
+        if self.__dict__.get("_channels_last_on_cuda") and _MOVE_HOOK is not None:
+            _MOVE_HOOK(self)
+        return out
+
+
+class InPlaceBackendMixin(MovesLayout):
     """``backend`` (validated) kept in the instance ``__dict__``: for modules
     made fused in place by changing the class of a user's module
     (``ConvBNHead``, ``PatchifyConv``), whose ``__init__`` never ran."""
@@ -49,7 +75,7 @@ class InPlaceBackendMixin:
         self.__dict__["_backend"] = dispatch.validate_backend(value)
 
 
-class FusedModuleMixin:
+class FusedModuleMixin(MovesLayout):
     """The ``backend`` attribute every fused module has (validated; not in
     the state_dict) and ``last_decisions`` (what ran last, per conv),
     which a change of backend invalidates."""
@@ -153,7 +179,8 @@ def fused_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[nn.Module], act
     else:
         xs, conv_d, bn_d = shortcut
         mean_d, var_d, gamma_d, beta_d, eps_d = bn_tensors(bn_d)
-        xs, weight_d, bias_d = _cast(xs, dtype), _cast(live(conv_d, "weight"), dtype), _cast(live(conv_d, "bias"), dtype)
+        xs = _cast(xs, dtype)
+        weight_d, bias_d = _cast(live(conv_d, "weight"), dtype), _cast(live(conv_d, "bias"), dtype)
         tensors = (x, weight, bias, mean, var, gamma, beta, xs, weight_d, bias_d, mean_d, var_d, gamma_d, beta_d)
         plain = plain_call_ok(*tensors)
         if plain and x.dtype in _WIDE:

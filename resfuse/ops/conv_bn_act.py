@@ -251,7 +251,8 @@ def channels_last(t: torch.Tensor, what: str) -> torch.Tensor:
     already is, else a copy (counted in ``REPACKS``). The Triton conv
     kernel's operand tiles are then rows of contiguous channels, which it
     loads with 16-byte async copies. ``resfuse.convert`` lays weights out
-    so once (``channels_last_weights``, its default); with them an
+    so once where the kernels read them (``channels_last_weights``: by
+    default the weights on CUDA, now or when moved there); with them an
     NCHW model input is copied once, at the first fused conv (its output is
     channels_last, by eager's rule for a channels_last weight)."""
     if t.is_contiguous(memory_format=torch.channels_last):
