@@ -154,6 +154,9 @@ class Signature(NamedTuple):
     groups: int
 
 
+#: How many entries ``decide``, ``eager_for_sure`` and each ``ops.plans.PlanCache`` keep before
+#: starting afresh (a model sees a few hundred signatures; ever-new shapes must not grow them forever).
+MAX_REMEMBERED = 4096
 _DECIDED: Dict[tuple, Tuple[Decision, Run]] = {}
 
 
@@ -162,11 +165,11 @@ def decide(op: str, backend: str, device, dtype, groups: int) -> Tuple[Decision,
     family), remembered per signature, backend and ``environment()``: one
     dict lookup per call once seen. Raises ``BackendUnavailable`` (not
     remembered) as ``plan`` does."""
-    key = (op, backend, device, dtype, groups, os.environ.get(ENV_VAR), recording_launches(), _generation)
+    key = (op, backend, device, dtype, groups, environment())
     hit = _DECIDED.get(key)
     if hit is None:
         hit = plan(op, backend, Signature(device, dtype, groups))
-        if len(_DECIDED) >= 4096:  # bounded, as ops.plans.PlanCache
+        if len(_DECIDED) >= MAX_REMEMBERED:
             _DECIDED.clear()
         _DECIDED[key] = hit
     return hit
@@ -185,7 +188,7 @@ def eager_for_sure(ops: Tuple[str, ...], backend: str, device, dtype) -> Optiona
     and ``environment()``. A fused HorNet module whose parts would all fall
     back runs its original forward then: exactly the eager computation, and
     no slower."""
-    key = (ops, backend, device, dtype, os.environ.get(ENV_VAR), recording_launches(), _generation)
+    key = (ops, backend, device, dtype, environment())
     if key in _EAGER_ONLY:
         return _EAGER_ONLY[key]
     out = None
@@ -197,14 +200,15 @@ def eager_for_sure(ops: Tuple[str, ...], backend: str, device, dtype) -> Optiona
                 out = None
                 break
             out[op] = Decision(op, "eager", "auto", skipped)
-    if len(_EAGER_ONLY) >= 4096:
+    if len(_EAGER_ONLY) >= MAX_REMEMBERED:
         _EAGER_ONLY.clear()
     _EAGER_ONLY[key] = out
     return out
 
 
 def forget_decisions() -> None:
-    """Empty ``decide``'s and ``eager_for_sure``'s memory (``ops.plans.clear_plans`` calls it)."""
+    """Empty ``decide``'s and ``eager_for_sure``'s memory
+    (``ops.plans.clear_plans`` calls it)."""
     _DECIDED.clear()
     _EAGER_ONLY.clear()
 

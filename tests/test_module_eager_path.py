@@ -60,6 +60,30 @@ def test_eager_backend_runs_the_original_ops_with_eager_autograd(grad):
             torch.testing.assert_close(fp[name].grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_a_default_device_context_keeps_the_eager_path():
+    """``with torch.device(...)`` / ``torch.set_default_device`` push a
+    TorchFunctionMode that only places factory calls: the eager path still
+    runs (no op reached); any other function mode sends calls to the op."""
+    from torch.overrides import TorchFunctionMode
+    plain = _block_model()
+    fused = resfuse.convert(plain, backend="eager")
+    x = torch.randn(1, 3, 7, 6)
+    resfuse.ops.plans.clear_plans()
+    with torch.no_grad(), torch.device("cpu"):
+        y = fused(x)
+    assert _conv_plans() == 0
+    with torch.no_grad():
+        torch.testing.assert_close(y, plain(x), rtol=1e-5, atol=1e-5)
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), torch.device("cpu"), Watch():
+        fused(x)
+    assert _conv_plans() > 0
+
+
 def test_eager_path_sees_live_parameters_and_raises_eagers_errors():
     plain = _block_model()
     fused = resfuse.convert(plain, backend="eager")

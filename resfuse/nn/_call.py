@@ -142,9 +142,9 @@ def fused_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[nn.Module], act
     compiling)."""
     slope = negative_slope_of(act_module)
     dtype = _compute_dtype(x)
+    weight, bias = live(conv, "weight"), live(conv, "bias")
     if dtype is not None:
-        x, residual = _cast(x, dtype), _cast(residual, dtype)
-    weight, bias = _cast(live(conv, "weight"), dtype), _cast(live(conv, "bias"), dtype)
+        x, residual, weight, bias = _cast(x, dtype), _cast(residual, dtype), _cast(weight, dtype), _cast(bias, dtype)
     mean, var, gamma, beta, eps = bn_tensors(bn) if bn is not None else (None, None, None, None, 1e-5)
     stride, padding, dilation = conv_geometry(conv)
     groups = conv.groups
@@ -179,8 +179,9 @@ def fused_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[nn.Module], act
     else:
         xs, conv_d, bn_d = shortcut
         mean_d, var_d, gamma_d, beta_d, eps_d = bn_tensors(bn_d)
-        xs = _cast(xs, dtype)
-        weight_d, bias_d = _cast(live(conv_d, "weight"), dtype), _cast(live(conv_d, "bias"), dtype)
+        weight_d, bias_d = live(conv_d, "weight"), live(conv_d, "bias")
+        if dtype is not None:
+            xs, weight_d, bias_d = _cast(xs, dtype), _cast(weight_d, dtype), _cast(bias_d, dtype)
         tensors = (x, weight, bias, mean, var, gamma, beta, xs, weight_d, bias_d, mean_d, var_d, gamma_d, beta_d)
         plain = plain_call_ok(*tensors)
         if plain and x.dtype in _WIDE:

@@ -19,7 +19,7 @@ import torch.nn as nn
 from .. import models as _reference_blocks
 from ._call import FusedModuleMixin, adopt, fused_conv_bn
 from ._provers import prove
-from .guards import bn_uses_running_stats, hooks_reason
+from .guards import any_hooks, bn_uses_running_stats
 
 class FusedResidualBlock(FusedModuleMixin, nn.Module):
     """Base of the fused blocks. Attributes: ``backend``, ``spec`` (the
@@ -55,22 +55,26 @@ class FusedResidualBlock(FusedModuleMixin, nn.Module):
         return self
 
     def _fusable_now(self) -> bool:
-        mods = self._modules
-        bns = [mods[s.bn] for s in self.spec.stages]
-        if self.spec.shortcut == "projection":
-            bns.append(mods[self.spec.downsample][1])
-        if not all(bn_uses_running_stats(bn) for bn in bns):
-            return False
+        mods, spec = self._modules, self.spec
+        for st in spec.stages:
+            if not bn_uses_running_stats(mods[st.bn]):
+                return False
+        members = [m for n, m in mods.items() if m is not None and n != spec.downsample]
+        if spec.shortcut == "projection":
+            down = mods[spec.downsample]
+            if not bn_uses_running_stats(down[1]):
+                return False
+            members += down.modules()
         # A hook on any member would not fire inside a fused kernel: run as
         # the original then (the same check convert made, kept live).
-        if any(hooks_reason(m, n) for n, m in mods.items() if m is not None and n != self.spec.downsample):
-            return False
-        if self.spec.shortcut == "projection" and any(hooks_reason(m, "downsample") for m in
-                                                      mods[self.spec.downsample].modules()):
+        if any_hooks(members):
             return False
         # drop_path / drop_block are the identity only in eval
-        return all(m is None or not m.training for n, m in mods.items()
-                   if n in ("drop_path", "drop_block"))
+        for name in ("drop_path", "drop_block"):
+            m = mods.get(name)
+            if m is not None and m.training:
+                return False
+        return True
 
     def forward(self, x):
         if not self._fusable_now():

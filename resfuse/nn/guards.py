@@ -14,19 +14,39 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_
 _module_globals = torch.nn.modules.module  # where register_module_*_hook keeps the global hooks
 
 
+def _global_hooks() -> bool:
+    g = _module_globals
+    return bool(g._global_forward_pre_hooks or g._global_forward_hooks or g._global_backward_pre_hooks
+                or g._global_backward_hooks)
+
+
+def _own_hooks(m: nn.Module) -> bool:
+    d = m.__dict__  # (every nn.Module has the four; a look-alike may not)
+    return bool(d.get("_forward_pre_hooks") or d.get("_forward_hooks") or d.get("_backward_pre_hooks")
+                or d.get("_backward_hooks"))
+
+
+def any_hooks(modules) -> bool:
+    """Whether ``hooks_reason`` is not None for one of `modules` (the
+    yes/no a fused module asks at every call: the global hooks checked
+    once, no reason's text)."""
+    if _global_hooks():
+        return True
+    for m in modules:
+        if _own_hooks(m):
+            return True
+    return False
+
+
 def hooks_reason(m: nn.Module, role: str) -> Optional[str]:
     """Why `m` must run as itself: a fused group never calls its members'
     forward, so their hooks would silently not fire (and hook-based
     reparametrizations such as ``torch.nn.utils.weight_norm`` would read a
     stale weight)."""
-    d = m.__dict__  # (every nn.Module has the four; a look-alike may not)
-    if d.get("_forward_pre_hooks") or d.get("_forward_hooks") or d.get("_backward_pre_hooks") \
-            or d.get("_backward_hooks"):
-        kinds = [h.strip("_").replace("_hooks", "") for h in _HOOK_DICTS if d.get(h)]
+    if _own_hooks(m):
+        kinds = [h.strip("_").replace("_hooks", "") for h in _HOOK_DICTS if m.__dict__.get(h)]
         return f"its {role} has {'/'.join(kinds)} hooks, which run only when the module runs by itself"
-    g = _module_globals
-    if g._global_forward_pre_hooks or g._global_forward_hooks or g._global_backward_pre_hooks \
-            or g._global_backward_hooks:
+    if _global_hooks():
         return "global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"
     return None
 

@@ -23,7 +23,7 @@ from typing import Optional
 import torch.nn as nn
 
 from ..activations import get_activation
-from .guards import bn_uses_running_stats, hooks_reason
+from .guards import any_hooks, bn_uses_running_stats
 from ._call import InPlaceBackendMixin, fused_conv_bn
 
 def head_fuses(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
@@ -31,8 +31,7 @@ def head_fuses(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
     both ask this, so the BN is applied exactly once: fused while the BN
     uses running statistics and neither module (nor a BN's own act/drop)
     has hooks (a hook must see the module really run)."""
-    return bn_uses_running_stats(bn) and not hooks_reason(conv, "conv") and not hooks_reason(bn, "bn") and \
-        not any(hooks_reason(m, "bn") for m in bn._modules.values())  # a BatchNormAct2d's act/drop
+    return bn_uses_running_stats(bn) and not any_hooks((conv, bn, *bn._modules.values()))  # + BatchNormAct2d's act/drop
 
 
 def prologue_fuses(conv: nn.Conv2d) -> bool:
@@ -42,7 +41,7 @@ def prologue_fuses(conv: nn.Conv2d) -> bool:
     if bn is None or not head_fuses(conv, bn):
         return False
     act = conv.__dict__.get("_pre_act")
-    return act is None or not hooks_reason(act, "activation")
+    return act is None or not any_hooks((act,))
 
 
 def bn_folded(bn: nn.Module) -> bool:

@@ -51,13 +51,32 @@ def tensor_keys(*tensors: Optional[torch.Tensor]) -> tuple:
     return tuple([tensor_key(t) for t in tensors])
 
 
+try:
+    from torch.utils._device import DeviceContext as _DeviceContext
+except ImportError:  # a torch without it: every function mode counts
+    _DeviceContext = None
+
+
+def _device_modes_only() -> bool:
+    """Whether every active TorchFunctionMode is a default-device context
+    (``torch.set_default_device``, ``with torch.device(...)``). Those only
+    place factory calls that name no device, and the ops' implementations
+    name theirs (they allocate on their inputs' device), so the op need not
+    be seen by them."""
+    if _DeviceContext is None:
+        return False
+    stack = torch.overrides._get_current_function_mode_stack()
+    return bool(stack) and all(type(m) is _DeviceContext for m in stack)
+
+
 def plain_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
-    """No ``torch.compile``/``jit`` tracing, no dispatch or function mode,
-    no functorch transform, and every given tensor a plain Tensor or
-    Parameter: what ``direct_call_ok`` asks besides gradients."""
+    """No ``torch.compile``/``jit`` tracing, no dispatch mode, no function
+    mode but default-device contexts, no functorch transform, and every
+    given tensor a plain Tensor or Parameter: what ``direct_call_ok`` asks
+    besides gradients."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
-            or torch._C._get_tracing_state() is not None):
+            or (torch._C._is_torch_function_mode_enabled() and not _device_modes_only())
+            or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None):
         return False
     for t in tensors:
         if t is not None:
@@ -116,11 +135,10 @@ _CACHES: List["PlanCache"] = []
 
 
 class PlanCache:
-    """Plans of one op by signature key. Bounded: a model sees a few
-    hundred signatures at most; a workload with ever-new shapes clears it
-    when full rather than growing without limit."""
+    """Plans of one op by signature key, bounded by
+    ``dispatch.MAX_REMEMBERED`` (cleared when full)."""
 
-    MAX_PLANS = 4096
+    MAX_PLANS = dispatch.MAX_REMEMBERED
 
     def __init__(self, op: str):
         self.op = op
@@ -161,11 +179,10 @@ class PlanCache:
 
 
 def clear_plans() -> None:
-    """Forget every op's plans, prepared launches and ``dispatch.decide``'s
-    decisions (the test suite does
-    after each test, whose patches they may have captured; a change of
-    environment or registry needs none: ``dispatch.environment()`` is in
-    every key)."""
+    """Forget every op's plans and prepared launches and ``dispatch``'s
+    remembered decisions (the test suite does after each test, whose
+    patches they may have captured; a change of environment or registry
+    needs none: ``dispatch.environment()`` is in every key)."""
     for c in _CACHES:
         c.plans.clear()
     dispatch.forget_decisions()
