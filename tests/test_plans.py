@@ -63,6 +63,40 @@ def test_aligned_and_offset_views_get_their_own_plans(backend):
     assert {k[0][0][4] for k in keys} == {0, 4}  # x's alignment is what tells them apart
 
 
+def test_cached_triton_plans_of_every_conv_op_compute_new_data_right():
+    """The second call of a signature runs the cached plan from its
+    arguments (``triton_conv``, no validation, no problem object): for the
+    plain, projection and prologue ops alike, on new input data, against
+    float64 (outputs are poisoned by the suite), with the Triton kernels
+    really running (the interpreter here)."""
+    from resfuse._backends import interpreting
+    from resfuse.models import randomize_bn
+    import torchvision
+    if not interpreting():
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1) on CPU")
+    torch.manual_seed(4)
+    down = nn.Sequential(nn.Conv2d(6, 12, 1, 2, bias=False), nn.BatchNorm2d(12))
+    plain = randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+        torchvision.models.resnet.Bottleneck(6, 3, 2, downsample=down),
+        nn.Sequential(nn.BatchNorm2d(12), nn.ReLU(), nn.Conv2d(12, 5, 3, padding=1)))).eval()
+    fused = resfuse.convert(plain, backend="triton")
+    from resfuse.ops import bn_act_conv as pre_op, conv_bn_proj_act as proj_op
+    caches = (conv_op._PLANS, proj_op._PLANS, pre_op._PLANS)
+    ref = copy.deepcopy(plain).double()
+    with torch.no_grad():
+        for i in range(3):
+            x = torch.randn(2, 3, 7, 9)
+            y = fused(x)
+            assert_matches(y, ref(x.double()), plain(x), torch.float32, f"call {i}")
+            if i == 0:
+                sizes = [len(c.plans) for c in caches]
+                assert all(sizes), sizes  # each op made its plan
+    assert [len(c.plans) for c in caches] == sizes  # later calls hit them
+    decisions = list(fused[3].last_decisions.values()) + [fused[4][2].last_decision]
+    assert all(d.backend == "triton" for d in decisions), decisions
+
+
 def test_a_plan_never_outlives_the_metadata_it_was_made_for():
     """Shapes, dtypes and devices are part of the key: a call that differs
     in any of them is validated afresh (a bad one raises its own error),
