@@ -108,6 +108,15 @@ def _cast(t, dtype):
     return t if t is None or dtype is None else t.to(dtype)
 
 
+def eager_for_sure(ops, backend: str, x: torch.Tensor):
+    """``dispatch.eager_for_sure`` for x's device and dtype, outside
+    torch.compile (which must trace the ops): the fused HorNet modules'
+    question whether to run their original forward."""
+    if torch.compiler.is_compiling():
+        return None
+    return dispatch.eager_for_sure(ops, backend, x.device, x.dtype)
+
+
 def conv_geometry(conv: nn.Conv2d):
     """(stride, padding, dilation) of `conv` as the ops take them (padding
     'same'/'valid' resolved)."""

@@ -46,7 +46,7 @@ from ..ops.horblock_mlp import OP_GELU_CONV1X1, gelu_conv1x1_impl
 from ..ops.plans import call
 from .guards import conv_reason, hooks_reason
 from ..reference import gnconv_dims
-from ._call import FusedModuleMixin, _cast, _compute_dtype, adopt
+from ._call import FusedModuleMixin, _cast, _compute_dtype, adopt, eager_for_sure
 from ._provers import prove
 
 # ----------------------------------------------------------------------------
@@ -235,7 +235,7 @@ class GnConv(FusedModuleMixin, nn.Module):
     def forward(self, x, mask=None, dummy=False):
         # Both ops would run eager: that is the original forward, which an
         # unfusable gnconv runs too (so no need to ask unfused_reason first).
-        eager = _eager_for_sure(_GNCONV_OPS, self._backend, x)
+        eager = eager_for_sure(_GNCONV_OPS, self._backend, x)
         if eager is not None:
             self.last_decisions.update(proj_in=eager[OP_PROJ], chain=eager[OP_CHAIN])
             return self._original_forward(x, mask, dummy)
@@ -296,14 +296,6 @@ class GnConv(FusedModuleMixin, nn.Module):
 
 _GNCONV_OPS = (OP_PROJ, OP_CHAIN)
 _HORBLOCK_OPS = (OP_PROJ, OP_CHAIN, OP_GELU_CONV1X1)
-
-
-def _eager_for_sure(ops, backend: str, x: torch.Tensor):
-    """``dispatch.eager_for_sure`` for x, outside torch.compile (which
-    traces the ops)."""
-    if torch.compiler.is_compiling():
-        return None
-    return dispatch.eager_for_sure(ops, backend, x.device, x.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -415,7 +407,7 @@ class FusedHorBlock(nn.Module):
     def forward(self, x):
         # Every part would run eager: that is the original forward (its
         # gnconv records its own decisions), which an unfusable block runs too.
-        eager = _eager_for_sure(_HORBLOCK_OPS, self.backend, x)
+        eager = eager_for_sure(_HORBLOCK_OPS, self.backend, x)
         if eager is not None:
             self.__dict__["_mlp_decisions"] = {"pwconv1": eager[OP_PROJ], "pwconv2": eager[OP_GELU_CONV1X1]}
             return self._source_cls.forward(self, x)

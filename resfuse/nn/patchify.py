@@ -30,7 +30,7 @@ import torch.nn as nn
 from .. import dispatch
 from ..ops.patchify import OP, patchify_conv_impl
 from ..ops.plans import call
-from ._call import InPlaceBackendMixin, _cast, _compute_dtype
+from ._call import InPlaceBackendMixin, _cast, _compute_dtype, eager_for_sure
 from .guards import hooks_reason
 
 
@@ -106,8 +106,7 @@ class PatchifyConv(InPlaceBackendMixin, nn.Conv2d):
         if not patchify_fuses(self):
             return nn.Conv2d.forward(self, x)
         d = self.__dict__
-        eager = None if torch.compiler.is_compiling() else dispatch.eager_for_sure((OP,), d["_backend"], x.device,
-                                                                                   x.dtype)
+        eager = eager_for_sure((OP,), d["_backend"], x)
         if eager is not None:  # the op would run eager: run the original LayerNorm(s) and conv instead
             d["last_decision"] = eager[OP]
             return self._original_forward(x)
